@@ -153,3 +153,41 @@ def test_load_texts_path_errors(tmp_path):
 def test_load_model_missing_path():
     with pytest.raises(FileNotFoundError, match="no model at"):
         load_model("./definitely/not/here")
+
+
+def test_perplexity_clamps_window_to_model_context():
+    m = tiny_model("gpt2", n_positions=32)
+    text = ["x" * 100 + " some more text to cross the window"]
+    assert perplexity(m, TOK, text, max_length=256) == perplexity(m, TOK, text, max_length=32)
+
+
+def test_target_accuracy_matches_argmax(llama):
+    from model_ops.eval import target_accuracy
+    p, t = "Hello", " world"
+    f = encode(TOK, p + t)
+    with torch.no_grad():
+        am = llama(torch.tensor([f])).logits[0].argmax(-1)
+    want = sum(int(am[i - 1]) == f[i] for i in range(5, len(f))) / (len(f) - 5)
+    assert target_accuracy(llama, TOK, p, t) == want
+    assert target_accuracy(llama, TOK, p, t, exact=True) == float(want == 1.0)
+
+
+def test_prediction_flips_counts():
+    from model_ops.eval import prediction_flips
+    r = prediction_flips([0, 1, 1, 0, 1], [1, 1, 0, 0, 0], labels=[1, 1, 1, 1, 0])
+    assert r["acc_before"] == 0.4 and r["acc_after"] == 0.6
+    assert r["negative_flips"] == 0.2 and r["positive_flips"] == 0.4 and r["changed"] == 0.6
+    assert r["acc_after"] - r["acc_before"] == pytest.approx(r["positive_flips"] - r["negative_flips"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 300), st.integers(1, 64), st.data())
+def test_windows_score_every_token_once(n, max_length, data):
+    from model_ops.eval import _windows
+    stride = data.draw(st.integers(1, max_length))
+    ids = list(range(n))
+    scored = []
+    for w, k in _windows(ids, max_length, stride):
+        assert 0 < len(w) <= max_length and 0 < k <= len(w)
+        scored += w[len(w) - k:]
+    assert scored == ids          # in order, each exactly once (position 0 is skipped later: it has no context)
