@@ -1,0 +1,103 @@
+"""Benchmark magnitude / Wanda / SparseGPT on SmolLM2 with one calibration set: time, peak memory and held-out perplexity.
+
+    flock /tmp/heavy.lock python bench/prune_bench.py                  # SmolLM2-135M on CPU, 50% and 2:4
+    python bench/prune_bench.py --device cuda --nsamples 128 --seqlen 512
+
+Peak memory is the peak resident set size *above* the level before pruning (sampled every 5 ms from /proc) on CPU, and
+`torch.cuda.max_memory_allocated` above the starting allocation on CUDA. Targets from issue 6: Wanda within 2x of
+magnitude's time, SparseGPT within 10x of Wanda's.
+"""
+import argparse, json, threading, time
+
+import torch
+
+from model_ops.eval import default_texts, perplexity
+from model_ops.nn import load_model
+from model_ops.prune import PRUNERS, calib_ids, calibrated_prune, sparsity_report
+
+
+def _rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"): return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    "Peak memory above the starting level while the block runs (CUDA allocator or sampled process RSS)."
+    def __init__(self, device): self.cuda = torch.device(device).type == "cuda"
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = _rss(); self.stop = False
+            def sample():
+                while not self.stop:
+                    self.peak = max(self.peak, _rss()); time.sleep(0.005)
+            self.t = threading.Thread(target=sample, daemon=True); self.t.start()
+        return self
+    def __exit__(self, *a):
+        if self.cuda: torch.cuda.synchronize(); self.extra = torch.cuda.max_memory_allocated() - self.base
+        else: self.stop = True; self.t.join(); self.peak = max(self.peak, _rss()); self.extra = self.peak - self.base
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--eval", type=int, default=60, help="held-out paragraphs for perplexity (0: skip)")
+    ap.add_argument("--settings", default="0.5,2:4", help="comma list of sparsities / N:M patterns")
+    ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model, device=a.device)
+    texts = default_texts(None)
+    calib = calib_ids(tok, texts[:400], a.nsamples, a.seqlen)            # the same calibration ids for every method
+    held = texts[-a.eval:] if a.eval else None                             # disjoint from the calibration paragraphs
+    dense_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rows = []
+    if held:
+        rows.append(dict(method="dense", setting="-", seconds=0.0, peak_mb=0.0, sparsity=0.0, ppl=perplexity(model, tok, held)))
+        print(f"dense ppl {rows[-1]['ppl']:.2f}", flush=True)
+    for gram in (False, True):    # the calibration passes alone (no-op pruning): the floor for any calibrated method
+        with PeakMemory(a.device) as pm:
+            t0 = time.perf_counter()
+            calibrated_prune(model, calib, lambda *_: None, gram=gram, progress=False)
+            dt = time.perf_counter() - t0
+        rows.append(dict(method="calib-only", setting="X^TX" if gram else "|X|", seconds=dt, peak_mb=pm.extra / 2**20, sparsity=0.0, ppl=None))
+        print(json.dumps(rows[-1]), flush=True)
+    for setting in a.settings.split(","):
+        kw = dict(pattern=setting) if ":" in setting else dict(sparsity=float(setting))
+        for method in a.methods.split(","):
+            model.load_state_dict(dense_sd)
+            if a.device.startswith("cuda"): torch.cuda.synchronize()
+            with PeakMemory(a.device) as pm:
+                t0 = time.perf_counter()
+                PRUNERS[method](model, tok, calib=calib, progress=False, **kw)
+                if a.device.startswith("cuda"): torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+            rep = sparsity_report(model)
+            row = dict(method=method, setting=setting, seconds=dt, peak_mb=pm.extra / 2**20, sparsity=rep["overall"],
+                       ppl=perplexity(model, tok, held) if held else None)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{a.model} on {a.device}; calibration {tuple(calib.shape)} tokens; held-out {len(held or [])} paragraphs")
+    print(f"{'method':10s} {'setting':8s} {'time s':>8s} {'peak MB':>8s} {'sparsity':>8s} {'ppl':>9s}")
+    for r in rows:
+        ppl = f"{r['ppl']:9.2f}" if r["ppl"] is not None else "        -"
+        print(f"{r['method']:10s} {r['setting']:8s} {r['seconds']:8.2f} {r['peak_mb']:8.1f} {r['sparsity']:8.3f} {ppl}")
+    for s in a.settings.split(","):
+        t = {r["method"]: r["seconds"] for r in rows if r["setting"] == s}
+        if {"magnitude", "wanda", "sparsegpt"} <= set(t):
+            print(f"{s}: wanda/magnitude time {t['wanda'] / max(t['magnitude'], 1e-9):.1f}x (target <= 2x; magnitude needs no "
+                  f"calibration pass), sparsegpt/wanda {t['sparsegpt'] / t['wanda']:.1f}x (target <= 10x)")
+    if a.json:
+        with open(a.json, "w") as f: json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"Tests for model_ops.prune and model_ops.distill on tiny models (fast)."
+import tempfile
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from model_ops.nn import tiny_model, tiny_tokenizer, weight_2d
+from model_ops.prune import (magnitude, wanda, sparsegpt, prune, prunable, sparsity_report, sparsegpt_prune, magnitude_mask,
+                             nm_mask, unstructured_mask, importance, prune_width, prune_depth, share_blocks, count_params,
+                             save_pruned, skip_blocks, depth_importance, demo_step)
+from model_ops.distill import recover, sparsity_masks, kl_loss
+
+IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+X = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+def _naive_sparsegpt(W, H, s, blocksize, percdamp=0.01):
+    "OBS column by column with immediate (non-lazy) updates, float64, H^-1 by plain inversion."
+    W, H = W.double().clone(), H.double().clone()
+    H = H + percdamp * torch.diag(H).mean() * torch.eye(len(H), dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    keep = torch.ones(W.shape, dtype=torch.bool)
+    for j in range(W.shape[1]):
+        if j % blocksize == 0:
+            b = slice(j, min(j + blocksize, W.shape[1]))
+            sal = (W[:, b] ** 2 / torch.diag(U)[b] ** 2).flatten()
+            kb = torch.ones_like(sal, dtype=torch.bool)
+            kb[sal.argsort()[:int(sal.numel() * s)]] = False
+            keep[:, b] = kb.reshape(W.shape[0], -1)
+        q = W[:, j] * keep[:, j]
+        err = (W[:, j] - q) / U[j, j]
+        W[:, j:] -= err[:, None] * U[j, j:][None]
+        W[:, j] = q
+    return W, keep
+
+
+@pytest.mark.parametrize("s,bs", [(0.5, 16), (0.25, 64)])
+def test_sparsegpt_matches_naive(s, bs):
+    g = torch.Generator().manual_seed(1)
+    Xc = torch.randn(300, 64, generator=g, dtype=torch.float64) @ torch.randn(64, 64, generator=g, dtype=torch.float64)
+    W = torch.randn(20, 64, generator=g, dtype=torch.float64)
+    Q, keep = sparsegpt_prune(W, Xc.T @ Xc, s, blocksize=bs, dtype=torch.float64)
+    Qr, keepr = _naive_sparsegpt(W, Xc.T @ Xc, s, bs)
+    assert torch.equal(keep, keepr)
+    assert torch.allclose(Q, Qr, atol=1e-9)
+    assert int((Q == 0).sum()) == int(W.numel() * s)
+
+
+def test_masks_exact():
+    sc = torch.rand(8, 32, generator=torch.Generator().manual_seed(0))
+    assert int((~unstructured_mask(sc, 0.375)).sum()) == int(256 * 0.375)
+    m = nm_mask(sc, 4, 8)
+    assert ((~m).reshape(8, 4, 8).sum(-1) == 4).all()
+    with pytest.raises(ValueError, match="multiple of 8"): nm_mask(sc[:, :30], 4, 8)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(pattern="2:4")])
+def test_pruners_exact_and_reload(method, kw):
+    m = prune(tiny_model(), method=method, calib=IDS, progress=False, **kw)
+    rep = sparsity_report(m)
+    assert rep["overall"] == 0.5
+    for n, mod in prunable(m).items():
+        W = weight_2d(mod)
+        assert float((W == 0).float().mean()) == 0.5
+        if "pattern" in kw: assert ((W == 0).reshape(W.shape[0], -1, 4).sum(-1) == 2).all()
+    with tempfile.TemporaryDirectory() as d:
+        save_pruned(m, f"{d}/m", tiny_tokenizer())
+        r = AutoModelForCausalLM.from_pretrained(f"{d}/m", attn_implementation="eager").eval()
+    with torch.no_grad(): assert torch.allclose(r(X).logits, m(X).logits, atol=1e-6)
+
+
+def test_errors_leave_model_unchanged():
+    m = tiny_model()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    for f, msg in [(lambda: wanda(m, sparsity=1.0, calib=IDS), r"\[0, 1\)"),
+                   (lambda: sparsegpt(m, pattern="3:5", calib=IDS), "does not divide"),
+                   (lambda: magnitude(m, sparsity=0.6, pattern="2:4"), "means sparsity 0.5"),
+                   (lambda: prune_width(m, calib=IDS, heads=3), "multiple of the 2 key/value heads"),
+                   (lambda: prune_width(m, calib=IDS, intermediate=500), "1..128"),
+                   (lambda: prune_depth(m, n=2), "1..1"),
+                   (lambda: importance(tiny_model("gpt2"), calib=IDS), "Llama-family")]:
+        with pytest.raises(ValueError, match=msg): f()
+    assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_width_depth_reload_same_logits(arch):
+    m = tiny_model(arch, num_hidden_layers=4)
+    small = prune_depth(prune_width(m, calib=IDS, hidden=48, intermediate=64, heads=2), calib=IDS, n=1)
+    assert (small.config.hidden_size, small.config.intermediate_size, small.config.num_attention_heads,
+            small.config.num_hidden_layers) == (48, 64, 2, 3)
+    with tempfile.TemporaryDirectory() as d:
+        save_pruned(small, f"{d}/s")
+        r = AutoModelForCausalLM.from_pretrained(f"{d}/s", attn_implementation="eager").eval()
+    assert count_params(r) == count_params(small) < count_params(m)
+    assert r.model.layers[0].mlp.down_proj.weight.shape == (48, 64)
+    assert r.model.layers[0].self_attn.q_proj.weight.shape == (2 * small.config.head_dim, 48)
+    with torch.no_grad(): assert torch.allclose(r(X).logits, small(X).logits, atol=1e-6)
+
+
+def test_depth_equals_skipping():
+    m = tiny_model(num_hidden_layers=4)
+    d = prune_depth(m, drop=[0, 3])
+    with skip_blocks(m, [0, 3]), torch.no_grad(): assert torch.allclose(d(X).logits, m(X).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["norms_biases", "lora", "all"])
+def test_masks_survive_recovery(mode):
+    dense = tiny_model(arch="qwen2", initializer_range=0.1)          # qwen2: q/k/v biases, tied embeddings
+    pruned = sparsegpt(tiny_model(arch="qwen2", initializer_range=0.1), calib=IDS, pattern="2:4", progress=False)
+    masks = sparsity_masks(pruned)
+    w0 = {n: p.detach().clone() for n, p in pruned.named_parameters()}
+    res = recover(pruned, dense, IDS, mode=mode, steps=4, lr=1e-3, batch_size=4, progress=False)
+    assert len(res.losses) == 4
+    ps = dict(pruned.named_parameters())
+    for n, mk in masks.items(): assert (ps[n].detach()[~mk] == 0).all(), n
+    assert sparsity_report(pruned)["overall"] == 0.5
+    assert any(not torch.equal(p.detach(), w0[n]) for n, p in ps.items())   # something was trained
+
+
+def test_share_blocks_counts_and_reload():
+    m = tiny_model(num_hidden_layers=4)
+    before = count_params(m)
+    share_blocks(m, groups=[[1, 2, 3]])
+    per_block = sum(p.numel() for n, p in m.model.layers[0].named_parameters() if "proj" in n)
+    assert before - count_params(m) == 2 * per_block
+    with tempfile.TemporaryDirectory() as d:
+        save_pruned(m, f"{d}/s")
+        r = AutoModelForCausalLM.from_pretrained(f"{d}/s", attn_implementation="eager").eval()
+    with torch.no_grad(): assert torch.allclose(r(X).logits, m(X).logits, atol=1e-6)
+
+
+def test_demo_step_leaves_model_unchanged():
+    m, tok = tiny_model(), tiny_tokenizer()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    out = demo_step(m, tok, log=lambda *a: None)
+    assert out["sparsity"] == 0.5 and out["ppl_pruned"] > 0
+    assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
