@@ -1,0 +1,148 @@
+"""Benchmark: model_ops.merge vs `mergekit-yaml` (same YAML, same run) and the plain-safetensors I/O floor.
+
+Three Llama-shaped float32 models (hidden 1024, intermediate 2816, 12 layers, 16 heads, 32k vocabulary, untied
+embeddings; 219.7M parameters, 0.88 GB each) are generated once under --root. For each method, every tool runs as a
+fresh process; we report whole-process wall time, peak RSS (VmHWM of the child, sampled every 50 ms from /proc) and the peak RssAnon / RssFile
+split sampled from /proc (mergekit's RSS includes the memory-mapped input pages).
+
+    flock /tmp/heavy.lock python bench/merge_bench.py [--methods ties,dare_ties,linear,task_arithmetic] [--root /tmp/merge_bench]
+"""
+import argparse, json, os, resource, shutil, subprocess, sys, threading, time
+from pathlib import Path
+
+ARCH = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16,
+            vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048, rms_norm_eps=1e-5)
+
+def make_models(root:Path):
+    import torch
+    from safetensors.torch import save_file
+    names = ["base", "ft1", "ft2"]
+    if all((root / n / "model.safetensors").is_file() for n in names): return [root / n for n in names]
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(**ARCH, architectures=["LlamaForCausalLM"]).to_dict()
+    h, f, v, L = ARCH["hidden_size"], ARCH["intermediate_size"], ARCH["vocab_size"], ARCH["num_hidden_layers"]
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (h, h), p + "self_attn.v_proj.weight": (h, h),
+                       p + "self_attn.o_proj.weight": (h, h), p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                       p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+    g = torch.Generator().manual_seed(0)
+    base = {k: (torch.ones(s) if len(s) == 1 else 0.02 * torch.randn(s, generator=g)) for k, s in shapes.items()}
+    for n in names:
+        d = root / n; d.mkdir(parents=True, exist_ok=True)
+        sd = base if n == "base" else {k: t + 0.002 * torch.randn(t.shape, generator=g) for k, t in base.items()}
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(cfg))
+        del sd
+    return [root / n for n in names]
+
+def yaml_for(method, base, ft1, ft2):
+    if method == "linear":
+        return f"merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5}}\ndtype: float32\n"
+    dens = "" if method == "task_arithmetic" else ", density: 0.5"
+    return (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5{dens}}}\n"
+            f"  - model: {ft2}\n    parameters: {{weight: 0.5{dens}}}\ndtype: float32\n")
+
+FLOOR = r'''
+import sys, time
+from safetensors.torch import load_file, save_file
+ins, out = sys.argv[1:-1], sys.argv[-1]
+res = None
+for p in ins:
+    sd = load_file(p)
+    res = {k: v.clone() for k, v in sd.items()} if res is None else res
+    del sd
+save_file(res, out)
+'''
+
+OURS = r'''
+import sys
+from model_ops.merge import merge_config
+merge_config(sys.argv[1], sys.argv[2], seed=42, workers=int(sys.argv[3]), progress=False)
+'''
+
+def run(cmd, label):
+    "Run `cmd` as a child; return wall seconds, peak RSS (MB) and peak RssAnon/RssFile (MB) sampled from /proc."
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}
+    def sample():
+        while True:
+            try:
+                for line in open(f"/proc/{p.pid}/status"):
+                    k = line.split(":")[0]
+                    if k in peaks: peaks[k] = max(peaks[k], int(line.split()[1]) // 1024)
+            except OSError: return
+            if p.poll() is not None: return
+            time.sleep(0.05)
+    th = threading.Thread(target=sample, daemon=True); th.start()
+    th.join()
+    status = p.wait()
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode()
+    if status != 0: raise RuntimeError(f"{label} failed ({status}): {err[-2000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_mb": peaks["VmHWM"], "peak_anon_mb": peaks["RssAnon"], "peak_file_mb": peaks["RssFile"]}
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default="/tmp/merge_bench")
+    ap.add_argument("--methods", default="ties,dare_ties,linear,task_arithmetic")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool (the fastest is compared)")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.make_only: make_models(Path(a.root)); return
+    root = Path(a.root); root.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    # generate in a child process, so that this process stays small
+    subprocess.run([sys.executable, __file__, "--make-only", "--root", str(root)], check=True)
+    base, ft1, ft2 = make_models(root); print(f"models ready in {time.time() - t:.1f}s under {root}", flush=True)
+    mk = shutil.which("mergekit-yaml")
+    results = {}
+    for method in a.methods.split(","):
+        cfgp = root / f"{method}.yml"; cfgp.write_text(yaml_for(method, base, ft1, ft2))
+        ins = [str(x / "model.safetensors") for x in ([ft1, ft2] if method == "linear" else [base, ft1, ft2])]
+        r = {}
+        outs = {"model_ops": root / "out_model_ops", "mergekit": root / "out_mergekit"}
+        for label, cmd in [("io_floor", [sys.executable, "-c", FLOOR, *ins, str(root / "floor.safetensors")]),
+                           ("model_ops", [sys.executable, "-c", OURS, str(cfgp), str(outs["model_ops"]), str(a.workers)]),
+                           ("mergekit", [mk, str(cfgp), str(outs["mergekit"]), "--no-copy-tokenizer", "--quiet", "--random-seed", "42"])]:
+            if label == "mergekit" and (a.skip_mergekit or mk is None): continue
+            for o in outs.values():
+                if label in outs and o == outs[label]: shutil.rmtree(o, ignore_errors=True)
+            (root / "floor.safetensors").unlink(missing_ok=True)
+            runs = []
+            for rep in range(a.repeat):
+                if label in outs: shutil.rmtree(outs[label], ignore_errors=True)
+                (root / "floor.safetensors").unlink(missing_ok=True)
+                runs.append(run(cmd, f"{method}/{label}"))
+                print(f"{method:16s} {label:10s} wall {runs[-1]['wall_s']:7.2f} s   peak RSS {runs[-1]['peak_rss_mb']:5d} MB "
+                      f"(anon {runs[-1]['peak_anon_mb']} MB, file-backed {runs[-1]['peak_file_mb']} MB)", flush=True)
+            r[label] = dict(min(runs, key=lambda x: x["wall_s"]), runs=runs)
+        if "mergekit" in r:   # how close are the two outputs? (random methods draw different masks)
+            from model_ops.io import WeightStore
+            x, y = WeightStore.open(outs["model_ops"]), WeightStore.open(outs["mergekit"])
+            diffs = {k: (x[k].float() - y[k].float()).abs() for k in y.keys()}
+            r["max_abs_diff"] = max(float(d.max()) for d in diffs.values())
+            r["entries_differing"] = sum(int((d > 1e-6).sum()) for d in diffs.values())
+            del diffs
+            print(f"{method:16s} max |model_ops - mergekit| = {r['max_abs_diff']:.3g}; entries differing by > 1e-6: "
+                  f"{r['entries_differing']} of {sum(x.shape(k).numel() for k in y.keys())}", flush=True)
+        for o in outs.values(): shutil.rmtree(o, ignore_errors=True)
+        (root / "floor.safetensors").unlink(missing_ok=True)
+        o, f = r["model_ops"], r["io_floor"]
+        line = f"{method:16s} model_ops/floor wall {o['wall_s'] / f['wall_s']:.2f}x"
+        if "mergekit" in r:
+            m = r["mergekit"]
+            line += (f" | speed-up vs mergekit {m['wall_s'] / o['wall_s']:.2f}x | peak RSS model_ops/mergekit {o['peak_rss_mb'] / m['peak_rss_mb']:.2f}"
+                     f" | mergekit/floor {m['wall_s'] / f['wall_s']:.2f}x")
+        print(line, flush=True)
+        results[method] = r
+    if a.json: Path(a.json).write_text(json.dumps(results, indent=2))
+    return results
+
+if __name__ == "__main__": main()

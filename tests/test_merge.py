@@ -1,0 +1,243 @@
+"Oracle tests of model_ops.merge against mergekit 0.1.5, statistical tests of the random methods, definitions of PCB and layer swapping."
+import json, random
+import pytest, torch, yaml
+from model_ops.io import WeightStore, save_model
+from model_ops.nn import tiny_model
+from model_ops import merge as M
+
+N_LAYERS = 4
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    base = tiny_model("llama", num_hidden_layers=N_LAYERS)
+    cfg = base.config.to_dict() | {"architectures": ["LlamaForCausalLM"]}
+    sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    paths = {"base": str(save_model(sd, root / "base", config=cfg))}
+    for i, name in enumerate("abc"):
+        g = torch.Generator().manual_seed(100 + i)
+        paths[name] = str(save_model({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()},
+                                     root / name, config=cfg))
+    paths["root"] = root
+    return paths
+
+def _load(path):
+    s = WeightStore.open(path)
+    return {k: s[k] for k in s.keys()}
+
+def oracle(cfg, out):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    run_merge(MergeConfiguration.model_validate(cfg), str(out), options=MergeOptions(copy_tokenizer=False, quiet=True))
+    return _load(out)
+
+def CONFIGS(P):
+    ab = lambda **kw: [{"model": P["a"], "parameters": dict(weight=0.6, **kw)}, {"model": P["b"], "parameters": dict(weight=0.4, **kw)}]
+    return {
+        "linear": dict(merge_method="linear", models=[{"model": P["a"], "parameters": {"weight": 0.3}}, {"model": P["b"], "parameters": {"weight": 0.9}},
+                                                      {"model": P["c"], "parameters": {"weight": 0.2}}]),
+        "linear_filters_gradients": dict(merge_method="linear", models=[
+            {"model": P["a"], "parameters": {"weight": [{"filter": "self_attn", "value": [0.1, 0.9]}, {"filter": "mlp", "value": [1, 0.2, 0.6]}, {"value": 1.0}]}},
+            {"model": P["b"], "parameters": {"weight": 0.5}}]),
+        "linear_no_normalize_negative": dict(merge_method="linear", models=[{"model": P["a"], "parameters": {"weight": 1.5}}, {"model": P["b"], "parameters": {"weight": -0.5}}],
+                                             parameters={"normalize": False}),
+        "task_arithmetic_negative_lambda": dict(merge_method="task_arithmetic", base_model=P["base"], models=[
+            {"model": P["a"], "parameters": {"weight": 1.0}}, {"model": P["b"], "parameters": {"weight": -0.7}}], parameters={"lambda": 0.8}),
+        "ties": dict(merge_method="ties", base_model=P["base"], models=[
+            {"model": P["a"], "parameters": {"weight": 0.7, "density": [1, 0.5, 0.2]}},
+            {"model": P["b"], "parameters": {"weight": [{"filter": "self_attn", "value": 0.3}, {"value": 0.6}], "density": 0.4}},
+            {"model": P["c"], "parameters": {"weight": 0.5, "density": 0.6}}], dtype="float32"),
+        "ties_negative_no_normalize_rescale": dict(merge_method="ties", base_model=P["base"], models=[
+            {"model": P["a"], "parameters": {"weight": 1.0, "density": 0.5}}, {"model": P["b"], "parameters": {"weight": -0.5, "density": 0.3}}],
+            parameters={"normalize": False, "rescale": True, "lambda": 1.2}),
+        "breadcrumbs": dict(merge_method="breadcrumbs", base_model=P["base"], models=ab(density=0.7, gamma=0.05)),
+        "breadcrumbs_ties": dict(merge_method="breadcrumbs_ties", base_model=P["base"], models=ab(density=[0.9, 0.5])),
+        "slerp_gradient_filters": dict(merge_method="slerp", base_model=P["a"], slices=[{"sources": [
+            {"model": P["a"], "layer_range": [0, N_LAYERS]}, {"model": P["b"], "layer_range": [0, N_LAYERS]}]}],
+            parameters={"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}),
+        "nuslerp_base_rowwise": dict(merge_method="nuslerp", base_model=P["base"], models=ab(), parameters={"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+        "nuslerp_nobase": dict(merge_method="nuslerp", models=ab()),
+        "model_stock": dict(merge_method="model_stock", base_model=P["base"], models=[{"model": P[k]} for k in "abc"]),
+        "model_stock_filter_wise": dict(merge_method="model_stock", base_model=P["base"], models=[{"model": P[k]} for k in "ab"], parameters={"filter_wise": True}),
+        "passthrough_frankenmerge": dict(merge_method="passthrough", slices=[
+            {"sources": [{"model": P["a"], "layer_range": [0, 3]}]},
+            {"sources": [{"model": P["b"], "layer_range": [1, 4], "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]}]),
+        "ties_slices_precedence": dict(merge_method="ties", base_model=P["base"], parameters={"weight": 0.3, "density": 0.8}, slices=[
+            {"sources": [{"model": P["a"], "layer_range": [0, 2], "parameters": {"weight": 0.5}}, {"model": P["base"], "layer_range": [0, 2]}],
+             "parameters": {"normalize": False, "density": 0.5}},
+            {"sources": [{"model": P["b"], "layer_range": [2, 4], "parameters": {"weight": [1, 0.2], "density": 0.6}}, {"model": P["base"], "layer_range": [2, 4]}]}]),
+        "task_arithmetic_out_dtype": dict(merge_method="task_arithmetic", base_model=P["base"], models=ab(), out_dtype="bfloat16"),
+    }
+
+@pytest.fixture(scope="module")
+def configs(models): return CONFIGS(models)
+
+@pytest.mark.parametrize("name", list(CONFIGS({k: "x" for k in ("a", "b", "c", "base")})))
+def test_oracle_mergekit(models, configs, name):
+    cfg = configs[name]
+    ref = oracle(cfg, models["root"] / f"mk_{name}")
+    out = M.merge_config(cfg, models["root"] / f"mo_{name}")
+    ours = _load(out)
+    assert list(ours) == list(ours) and sorted(ours) == sorted(ref)
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape, k
+        assert (ours[k].float() - ref[k].float()).abs().max().item() <= 1e-6, (name, k)
+    if "slices" in cfg:
+        n = sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in cfg["slices"])
+        assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == n
+
+def test_yaml_file_and_cli(models, configs):
+    p = models["root"] / "ties.yml"
+    p.write_text(yaml.safe_dump(configs["ties"]))
+    out = M.cli_merge(str(p), str(models["root"] / "cli_ties"), seed=1)
+    ref = _load(models["root"] / "mk_ties") if (models["root"] / "mk_ties").exists() else oracle(configs["ties"], models["root"] / "mk_ties2")
+    ours = _load(out)
+    assert max((ours[k] - ref[k]).abs().max().item() for k in ref) <= 1e-6
+    assert yaml.safe_load((out / "mergekit_config.yml").read_text()) == configs["ties"]
+    from model_ops.io import verify_store
+    assert verify_store(out) == len(ref)                       # checksums written by the streaming writer are right
+    small = M.merge_config(configs["ties"], models["root"] / "ties_sharded", max_shard_size="50KB")
+    assert len(list(small.glob("model-*.safetensors"))) > 3 and verify_store(small) == len(ref)
+    assert all(torch.equal(WeightStore.open(small)[k], ours[k]) for k in ref)
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_random_kernels_equal_mergekit_with_same_rng(method):
+    from mergekit.merge_methods import merge_tensors
+    torch.manual_seed(0)
+    b = torch.randn(50, 40); xs = [b + 0.01 * torch.randn_like(b) for _ in range(3)]
+    prm = {"weight": [0.5, -0.3, 0.8], "density": [0.4, 0.6, 0.5]}
+    torch.manual_seed(11); ref = merge_tensors([b] + xs, method, base_index=0, parameters=prm)
+    torch.manual_seed(11); got = M.METHODS[method](xs, b, **prm)     # seed=None: the global RNG, like mergekit
+    assert torch.equal(ref, got)
+
+def _delta(out, base):
+    return {k: out[k] - base[k] for k in base}
+
+def test_dare_kept_fraction_rescale_seed_order(models):
+    cfg = dict(merge_method="dare_linear", base_model=models["base"], models=[{"model": models["a"], "parameters": {"weight": 1.0, "density": 0.3}}])
+    plan = M.plan_merge(cfg)
+    base, a = _load(models["base"]), _load(models["a"])
+    r1 = dict(M.stream_merge(plan, seed=5, workers=2))
+    kept = sum(int((r1[k] != base[k]).sum()) for k in base) / sum(v.numel() for v in base.values())
+    assert abs(kept - 0.3) < 0.01
+    for k in [k for k in base if base[k].numel() >= 1000]:   # L1 rescale: every tensor's task vector keeps its L1 norm exactly (mergekit), not 1/p per entry
+        d, d0 = (r1[k] - base[k]), (a[k] - base[k])
+        assert abs(d.abs().sum() / d0.abs().sum() - 1) < 1e-4
+        m = d != 0
+        scale = d.abs().sum() / d0[m].abs().sum()                       # one scalar per tensor
+        assert torch.allclose(d[m], scale * d0[m], atol=1e-6)
+        assert abs(scale - 1 / 0.3) < (0.25 if d.numel() >= 8000 else 0.6)          # ≈ 1/p, up to sampling noise
+    # same seed -> same bits, whatever the order and the number of workers
+    rev = M.MergePlan(**{**plan.__dict__, "jobs": list(reversed(plan.jobs))})
+    r2 = dict(M.stream_merge(rev, seed=5, workers=1))
+    shuffled = list(plan.jobs); random.Random(0).shuffle(shuffled)
+    r3 = dict(M.stream_merge(M.MergePlan(**{**plan.__dict__, "jobs": shuffled}), seed=5, workers=3))
+    assert all(torch.equal(r1[k], r2[k]) and torch.equal(r1[k], r3[k]) for k in r1)
+    r4 = dict(M.stream_merge(plan, seed=6, workers=2))
+    assert not torch.equal(r1["model.embed_tokens.weight"], r4["model.embed_tokens.weight"])
+
+def test_dare_paper_rescale():
+    x = torch.randn(300, 300)
+    y = M.sparsify_random(x, 0.25, rescale=True, gen=M.tensor_generator(0, "x"), rescale_mode="inverse")
+    m = y != 0
+    assert abs(m.float().mean() - 0.25) < 0.01 and torch.allclose(y[m], x[m] / 0.25)
+
+def test_della_rank_dependent_keep_probability():
+    x = torch.randn(400, 1000)
+    d, eps = 0.5, 0.1
+    y = M.sparsify_della(x, d, eps, rescale=False, gen=M.tensor_generator(1, "x"))
+    ranks = x.abs().argsort(1).argsort(1)
+    low, high = (y != 0)[ranks < 100].float().mean(), (y != 0)[ranks >= 900].float().mean()
+    # expected keep probability: d - eps + 2 eps * rank/999, averaged over each decile
+    assert abs(low - (d - eps + 2 * eps * 49.5 / 999)) < 0.01 and abs(high - (d - eps + 2 * eps * 949.5 / 999)) < 0.01
+    assert torch.equal(y[y != 0], x[y != 0])
+    yr = M.sparsify_della(x, d, eps, rescale=True, gen=M.tensor_generator(1, "x"))
+    assert torch.equal(yr != 0, y != 0) and abs(yr.abs().sum() / x.abs().sum() - 1) < 1e-4
+
+def test_della_via_executor_seeded(models):
+    cfg = dict(merge_method="della", base_model=models["base"], models=[
+        {"model": models["a"], "parameters": {"weight": 1.0, "density": 0.4, "epsilon": 0.1}},
+        {"model": models["b"], "parameters": {"weight": 1.0, "density": 0.4, "epsilon": 0.1}}])
+    plan = M.plan_merge(cfg)
+    r1, r2 = dict(M.stream_merge(plan, seed=3, workers=1)), dict(M.stream_merge(plan, seed=3, workers=2))
+    assert all(torch.equal(r1[k], r2[k]) for k in r1)
+
+def _pcb_reference(deltas, ratio, clamp_ratio):
+    "PCB-merging straight from the paper's definition, with full sorts."
+    n, d = deltas.shape
+    a = deltas.abs().clone()
+    if clamp_ratio > 0:
+        srt = a.sort(dim=1).values
+        a = torch.maximum(torch.minimum(a, srt[:, int(d * (1 - clamp_ratio)) - 1:int(d * (1 - clamp_ratio))]), srt[:, int(d * clamp_ratio):int(d * clamp_ratio) + 1])
+    clamped = deltas.sign() * a
+    norm = lambda v: (v - v.min(1, keepdim=True).values) / (v.max(1, keepdim=True).values - v.min(1, keepdim=True).values)
+    intra = torch.exp(n * norm(a) ** 2)
+    inter = torch.tanh(deltas * deltas.sum(0))
+    beta = intra * inter
+    thr = beta.sort(dim=1).values[:, int(d * (1 - ratio))].unsqueeze(1)
+    score = norm(torch.where(beta < thr, thr, beta))
+    return (clamped * score).sum(0) / score.sum(0).clamp(min=1e-12)
+
+@pytest.mark.parametrize("ratio,clamp", [(0.1, 1e-4), (0.3, 0.0), (0.5, 0.01)])
+def test_pcb_matches_definition(ratio, clamp):
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(60, 70, generator=g)
+    xs = [b + 0.02 * torch.randn(b.shape, generator=g) for _ in range(3)]
+    got = M.pcb(xs, b, ratio=ratio, clamp_ratio=clamp, lambda_=0.7)
+    ref = b + 0.7 * _pcb_reference(torch.stack([(x - b).reshape(-1) for x in xs]), ratio, clamp).reshape(b.shape)
+    assert (got - ref).abs().max() <= 1e-6
+
+def test_layer_swap_definition(models):
+    a, b = _load(models["a"]), _load(models["b"])
+    st = M.merge([models["a"], models["b"]], "layer_swap", out=models["root"] / "swap", bottom=1, top=1)
+    out = {k: st[k] for k in st.keys()}
+    assert sorted(out) == sorted(a)
+    for k in out:
+        layer = int(k.split(".")[2]) if k.startswith("model.layers.") else None
+        src = b if layer is not None and 1 <= layer < N_LAYERS - 1 else a
+        assert torch.equal(out[k], src[k]), k
+    # a transition blends the edge of the middle
+    st2 = M.merge([models["a"], models["b"]], "layer_swap", bottom=0.25, top=0.0, transition=1)
+    k = "model.layers.1.mlp.up_proj.weight"
+    assert torch.allclose(st2[k], 0.5 * a[k] + 0.5 * b[k])
+    assert torch.equal(st2["model.layers.3.mlp.up_proj.weight"], b["model.layers.3.mlp.up_proj.weight"])
+
+def test_pcb_via_config_runs_and_needs_base(models):
+    with pytest.raises(ValueError, match="needs a base_model"):
+        M.plan_merge(dict(merge_method="pcb", models=[{"model": models["a"]}, {"model": models["b"]}]))
+    st = M.merge([models["a"], models["b"]], "pcb", base=models["base"], ratio=0.2)
+    base = _load(models["base"])
+    k = "model.layers.0.self_attn.q_proj.weight"
+    ref = base[k] + _pcb_reference(torch.stack([(_load(models[m])[k] - base[k]).reshape(-1) for m in "ab"]), 0.2, 1e-4).reshape(base[k].shape)
+    assert (st[k] - ref).abs().max() <= 1e-6
+
+def test_validation_happens_before_writing(models):
+    root = models["root"]
+    cases = [
+        (dict(merge_method="ties", models=[{"model": models["a"], "parameters": {"weight": 1}}]), "needs a base_model"),
+        (dict(merge_method="dare_ties", base_model=models["base"], models=[{"model": models["a"], "parameters": {"weight": 1, "density": -0.1}}]), "out of range"),
+        (dict(merge_method="della", base_model=models["base"], models=[{"model": models["a"], "parameters": {"weight": 1, "density": 0.9, "epsilon": 0.2}}]), "density ± epsilon"),
+        (dict(merge_method="slerp", base_model=models["a"], models=[{"model": models["b"]}], parameters={"t": -0.2}), "out of range"),
+        (dict(merge_method="passthrough", models=[{"model": models["a"]}, {"model": models["b"]}]), "exactly 1 model"),
+        (dict(merge_method="model_stock", base_model=models["base"], models=[{"model": models["a"]}]), "at least 2 model"),
+        (dict(merge_method="not_a_method", models=[{"model": models["a"]}]), "unknown merge method"),
+        (dict(merge_method="linear", models=[{"model": models["a"], "parameters": {"weight": 1}}, {"model": str(root / "missing")}]), "no such file"),
+        (dict(merge_method="linear", slices=[{"sources": [{"model": models["a"], "layer_range": [0, 2]}, {"model": models["b"], "layer_range": [0, 3]}]}], parameters={"weight": 1}), "same number of layers"),
+        (dict(merge_method="linear", models=[{"model": models["a"]}], parameters={"weight": float("nan")}), "must be finite"),
+    ]
+    for i, (cfg, msg) in enumerate(cases):
+        with pytest.raises(ValueError, match=msg):
+            M.merge_config(cfg, root / f"bad{i}")
+        assert not (root / f"bad{i}").exists()
+
+def test_architecture_mismatch(models, tmp_path):
+    g = tiny_model("gpt2")
+    p = save_model(WeightStore.open(g), tmp_path / "gpt2", config=g.config.to_dict())
+    with pytest.raises(ValueError, match="different numbers of layers|missing from|different shapes"):
+        M.plan_merge(dict(merge_method="linear", models=[{"model": models["a"]}, {"model": str(p)}], parameters={"weight": 1}))
+
+def test_device_and_dtype_params(models):
+    st = M.merge([models["a"], models["b"]], "ties", base=models["base"], weight=[0.5, 0.5], density=0.5, device="cpu", dtype="float32",
+                 out_dtype="float16", out=models["root"] / "f16")
+    assert st.dtype("model.embed_tokens.weight") == torch.float16
