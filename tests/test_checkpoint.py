@@ -1,0 +1,293 @@
+"Multi-process DCP jobs under torchrun (gloo, CPU) and fault-injection tests for model_ops.checkpoint."
+import os, sys, json, time, random, signal, shutil, subprocess, textwrap, warnings
+from pathlib import Path
+import pytest
+import torch
+
+from model_ops.checkpoint import (save, load, verify, dcp_load, dcp_save, dcp_to_hf, CheckpointError, Checkpointer,
+                                  list_checkpoints, latest, tensor_byte_range, read_manifest, clean_tmp)
+from model_ops.nn import tiny_model
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+
+# --------------------------------------------------------------------------- torchrun jobs
+
+WORKER = textwrap.dedent('''
+    import os, sys, warnings, torch, torch.distributed as dist
+    warnings.simplefilter("ignore")
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
+    from model_ops.checkpoint import dcp_save, dcp_load, save, verify
+    from model_ops.nn import tiny_model
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mode, d = sys.argv[1], sys.argv[2]
+    m = tiny_model(seed=0).train()
+    for layer in m.model.layers: fully_shard(layer)
+    fully_shard(m)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    if mode == "save":
+        torch.manual_seed(rank)                       # data-parallel: different data per rank
+        for _ in range(3):
+            x = torch.randint(0, 256, (2, 16)); m(input_ids=x, labels=x).loss.backward(); opt.step(); opt.zero_grad()
+        w = m.model.layers[0].mlp.up_proj.weight
+        assert isinstance(w, DTensor) and w.to_local().shape[0] == w.shape[0] // world, w.to_local().shape
+        dcp_save(d + "/dcp", m, opt, extra={"lr": 0.01, "note": "fsdp2"}, step=3)
+    else:
+        dcp_load(d + "/dcp", m, opt)
+        w = m.model.layers[0].mlp.up_proj.weight
+        assert isinstance(w, DTensor) and w.to_local().shape[0] == len(torch.arange(w.shape[0]).chunk(world)[rank]), w.to_local().shape   # 43/43/42 rows
+    msd, osd = get_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        save(d + f"/full_{mode}_{world}", model=msd, extra={"optim": osd}, rng=False)
+    dist.barrier(); dist.destroy_process_group()
+''')
+
+def _torchrun(tmp, n, *args, timeout=120):
+    script = tmp/"worker.py"; script.write_text(WORKER)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script), *args],
+                       env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+
+def _same_optim(a, b):
+    assert set(a["state"]) == set(b["state"]) and len(a["state"]) > 0
+    for k in a["state"]:
+        for s in a["state"][k]: assert torch.equal(torch.as_tensor(a["state"][k][s]), torch.as_tensor(b["state"][k][s])), (k, s)
+
+@pytest.fixture(scope="module")
+def fsdp_ckpt(tmp_path_factory):
+    "An FSDP2 model + AdamW trained 3 steps on 2 gloo ranks and saved with dcp_save; plus its full state (rank 0)."
+    tmp = tmp_path_factory.mktemp("fsdp")
+    _torchrun(tmp, 2, "save", str(tmp))
+    return tmp
+
+def test_fsdp2_dcp_save_is_sharded_and_verified(fsdp_ckpt):
+    m = read_manifest(fsdp_ckpt/"dcp")
+    assert m["kind"] == "dcp" and m["step"] == 3
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(m["files"])            # each rank wrote its own shard file
+    assert verify(fsdp_ckpt/"dcp") == []
+    assert not [p for p in fsdp_ckpt.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+def test_fsdp2_dcp_load_one_process(fsdp_ckpt):
+    "The 2-rank FSDP2 checkpoint loads into a plain module + optimizer in one process, equal to the full state."
+    ref = load(fsdp_ckpt/"full_save_2", rng=False)
+    m = tiny_model(seed=1).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore"); r = dcp_load(fsdp_ckpt/"dcp", m, opt)
+    assert r["step"] == 3 and r["extra"]["note"] == "fsdp2" and r["extra"]["lr"] == 0.01
+    sd = m.state_dict()
+    assert set(ref["model"]) == set(sd)
+    for k, v in ref["model"].items(): assert torch.equal(sd[k], v), k
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore"); _, osd = get_state_dict(m, opt)
+    _same_optim(osd, ref["extra"]["optim"])
+
+def test_fsdp2_dcp_load_three_processes(fsdp_ckpt):
+    "The same checkpoint resharded onto 3 FSDP2 ranks: the gathered full model and optimizer state are identical."
+    _torchrun(fsdp_ckpt, 3, "load", str(fsdp_ckpt))
+    ref, got = load(fsdp_ckpt/"full_save_2", rng=False), load(fsdp_ckpt/"full_load_3", rng=False)
+    for k, v in ref["model"].items(): assert torch.equal(got["model"][k], v), k
+    _same_optim(got["extra"]["optim"], ref["extra"]["optim"])
+
+def test_fsdp2_dcp_to_hf_streaming(fsdp_ckpt, tmp_path):
+    import transformers
+    ref = load(fsdp_ckpt/"full_save_2", rng=False)["model"]
+    out = dcp_to_hf(fsdp_ckpt/"dcp", tmp_path/"hf", max_shard_size="64KB", config=tiny_model().config)
+    idx = json.loads((out/"model.safetensors.index.json").read_text())
+    assert len(set(idx["weight_map"].values())) > 2
+    m = transformers.AutoModelForCausalLM.from_pretrained(out)
+    for k, v in m.state_dict().items(): assert torch.equal(v, ref[k]), k
+
+# --------------------------------------------------------------------------- kill -9 while saving
+# Savers run in forked children (torch is already imported here, so each trial costs only the save itself);
+# the parent kills them with SIGKILL at random moments.
+
+def _fork(fn):
+    pid = os.fork()
+    if pid == 0:
+        try: fn()
+        finally: os._exit(0)
+    return pid
+
+def _kill_after(pid, delay):
+    time.sleep(delay); os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
+
+# tensors are made in the parent: torch's OpenMP pool does not survive fork, so children do no torch compute
+SD = {f"w{i}": torch.randn(256, 1024, generator=torch.Generator().manual_seed(i)) for i in range(8)}   # 8 MB
+
+def _saver(root, start):
+    ck = Checkpointer(root, keep=2)
+    for step in range(start, start + 10**6):
+        for v in SD.values(): v.numpy()[0, 0] = step
+        ck.save(step, model=SD, extra={"step": step})
+
+def test_kill9_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
+    root = tmp_path/"ckpts"
+    save(root/"step-00000000", model={"w": torch.ones(3)}, step=0)
+    rng, start, steps_seen = random.Random(0), 1, set()
+    for trial in range(16):
+        _kill_after(_fork(lambda: _saver(root, start)), rng.uniform(0.0, 1.0))
+        cs = list_checkpoints(root)
+        assert cs, "the previous checkpoint disappeared"
+        for c in cs: assert verify(c, strict=False) == [], f"complete-looking but broken checkpoint {c}"
+        good = latest(root)
+        info = load(good, rng=False)
+        assert info["step"] == int(good.name.split("-")[1])
+        if info["step"]: assert info["extra"]["step"] == info["step"]
+        steps_seen.add(info["step"]); start = info["step"] + 1
+    clean_tmp(root)
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    assert len(steps_seen) > 4                                               # saves did complete between kills
+
+def _overwriter(target):
+    for s in range(10**6): save(target, model=SD, step=s, overwrite=True)
+
+def test_kill9_overwrite_in_place(tmp_path):
+    "Killing a save that replaces an existing folder never loses it: clean_tmp restores the set-aside copy."
+    target = tmp_path/"ck"
+    save(target, model={"w": torch.ones(3)}, step=-1)
+    rng = random.Random(1)
+    for trial in range(12):
+        _kill_after(_fork(lambda: _overwriter(target)), rng.uniform(0.0, 0.8))
+        clean_tmp(tmp_path)
+        assert verify(target, strict=False) == []
+        assert not [q for q in tmp_path.iterdir() if q.name.startswith(".")]
+
+# --------------------------------------------------------------------------- corruption
+
+@pytest.fixture
+def ckpt(tmp_path):
+    m = tiny_model().train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    x = torch.randint(0, 256, (2, 8)); m(input_ids=x, labels=x).loss.backward(); opt.step()
+    return save(tmp_path/"ck", model=m, optimizer=opt, step=1), m
+
+def _flip(path, pos):
+    with open(path, "r+b") as f: f.seek(pos); b = f.read(1); f.seek(pos); f.write(bytes([b[0] ^ 0x01]))
+
+@pytest.mark.parametrize("fname,tensor", [("model.safetensors", "model.embed_tokens.weight"),
+                                          ("model.safetensors", "model.layers.1.self_attn.k_proj.weight"),
+                                          ("model.safetensors", "model.norm.weight"),
+                                          ("state.safetensors", "/optimizer/state/3/exp_avg_sq")])
+def test_flipped_byte_names_file_and_tensor(ckpt, fname, tensor):
+    d, m = ckpt
+    a, b = tensor_byte_range(d, fname, tensor)
+    for pos in (a, (a + b)//2, b - 1):
+        shutil.copy(d/fname, d/"orig")
+        _flip(d/fname, pos)
+        iss = verify(d, strict=False)
+        assert [(i.file, i.tensor) for i in iss] == [(fname, tensor)], iss
+        with pytest.raises(CheckpointError, match=tensor.replace("/", ".")):
+            load(d, model=tiny_model())
+        shutil.move(d/"orig", d/fname)
+    assert verify(d) == []
+
+def test_flipped_header_byte_names_tensor(ckpt):
+    d, m = ckpt
+    raw = (d/"model.safetensors").read_bytes()
+    i = raw.index(b'"model.layers.0.mlp.down_proj.weight":{"dtype":"F32","shape":[64,128]')
+    j = i + len(b'"model.layers.0.mlp.down_proj.weight":{"dtype":"F32","shape":[6')
+    (d/"model.safetensors").write_bytes(raw[:j] + b"5" + raw[j+1:])             # shape [64,128] -> [65,128]
+    iss = verify(d, strict=False)
+    assert iss and iss[0].file == "model.safetensors" and iss[0].tensor == "model.layers.0.mlp.down_proj.weight"
+
+@pytest.mark.parametrize("cut", [1, 1000, 200_000])
+def test_truncated_file_names_file_and_tensor(ckpt, cut):
+    d, _ = ckpt
+    size = (d/"model.safetensors").stat().st_size
+    os.truncate(d/"model.safetensors", size - cut)
+    iss = verify(d, strict=False)
+    assert iss[0].file == "model.safetensors" and "truncated" in iss[0].problem and iss[0].tensor
+    hdr = read_manifest(d)["files"]["model.safetensors"]
+    _, hb, start = __import__("model_ops.checkpoint", fromlist=["read_header"]).read_header(d/"model.safetensors")
+    a, b = hdr["tensors"][iss[0].tensor]["data_offsets"]
+    assert start + b > size - cut >= start + a or start + a >= size - cut     # the named tensor really is cut
+    with pytest.raises(CheckpointError, match="truncated"): load(d)
+
+def test_state_json_and_manifest_tampering(ckpt):
+    d, _ = ckpt
+    s = (d/"state.json").read_text(); (d/"state.json").write_text(s.replace('"lr": 0.001', '"lr": 0.002'))
+    assert [(i.file, i.tensor) for i in verify(d, strict=False)] == [("state.json", None)]
+    (d/"state.json").write_text(s)
+    m = json.loads((d/"manifest.json").read_text()); m["step"] = 7; (d/"manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="manifest.json was modified"): verify(d)
+
+def test_missing_file_and_incomplete_folder(ckpt, tmp_path):
+    d, _ = ckpt
+    (d/"state.safetensors").unlink()
+    assert [(i.file, i.problem) for i in verify(d, strict=False)] == [("state.safetensors", "missing")]
+    inc = tmp_path/"inc"; inc.mkdir(); (inc/"model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="no manifest.json"): load(inc)
+
+# --------------------------------------------------------------------------- full disk
+
+@pytest.mark.parametrize("limit", [0, 100, 1_000_000, 4_190_000])
+def test_failing_writes_give_clean_error_and_keep_previous(tmp_path, limit):
+    d = tmp_path/"ck"
+    save(d, model={"w": torch.ones(4)}, step=1)
+    W = torch.randn(1024, 1024)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import resource
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+            try: save(d, model={"w": W}, step=2, overwrite=True); code = 0
+            except CheckpointError as e: os.write(w, str(e).encode()[:4000]); code = 3
+            except BaseException as e: os.write(w, repr(e).encode()[:4000]); code = 4
+        finally: os._exit(locals().get("code", 5))
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    out = os.read(r, 8192).decode(); os.close(r)
+    assert os.WEXITSTATUS(status) == 3 and "File too large" in out and "earlier checkpoints are untouched" in out, out
+    assert verify(d) == [] and load(d, rng=False)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]                 # no temp folder left
+
+def test_enospc_in_process(tmp_path, monkeypatch):
+    import errno, model_ops.checkpoint as C
+    d = tmp_path/"ck"; save(d, model={"w": torch.ones(4)}, step=1)
+    real = C.write_safetensors
+    def failing(path, tensors, metadata=None, file_sha256=False):
+        real(path, tensors, metadata, file_sha256); raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(C, "write_safetensors", failing)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save(d, model={"w": torch.zeros(4)}, step=2, overwrite=True)
+    monkeypatch.undo()
+    assert load(d, rng=False)["step"] == 1 and torch.equal(load(d, rng=False)["model"]["w"], torch.ones(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+def test_background_save_error_surfaces(tmp_path):
+    fut = save(tmp_path/"a", model={"w": torch.ones(2)}, background=True)
+    assert fut.result() == tmp_path/"a"
+    fut = save(tmp_path/"a", model={"w": torch.ones(2)}, background=True)      # exists, no overwrite
+    with pytest.raises(CheckpointError, match="already exists"): fut.result()
+
+def test_background_snapshot_is_isolated_from_training(tmp_path):
+    "Training may change the weights right after save(background=True) returns: the checkpoint has the old values."
+    w = torch.zeros(2048, 1024)
+    fut = save(tmp_path/"a", model={"w": w}, background=True)
+    w.add_(1.0)
+    fut.result()
+    assert torch.equal(load(tmp_path/"a", rng=False)["model"]["w"], torch.zeros(2048, 1024))
+
+def test_crash_between_rename_aside_and_rename_in(tmp_path):
+    "The one window where an overwrite has no folder under the final name: clean_tmp puts the old one back."
+    save(tmp_path/"ck", model={"w": torch.ones(3)}, step=5)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"]); dead.wait()         # a pid that no longer runs
+    os.rename(tmp_path/"ck", tmp_path/f".ck.old-{dead.pid}-abcd1234")
+    (tmp_path/f".ck.tmp-{dead.pid}-abcd1234").mkdir()                               # the unfinished new one
+    clean_tmp(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"] and load(tmp_path/"ck", rng=False)["step"] == 5
+
+def test_cli_ckpt_through_model_ops_command(ckpt, tmp_path, capsys):
+    cli = pytest.importorskip("model_ops.cli")
+    d, _ = ckpt
+    assert cli.run_cli(["ckpt", "verify", str(d)]) is True
+    assert "all SHA-256 match" in capsys.readouterr().out
+    _flip(d/"model.safetensors", tensor_byte_range(d, "model.safetensors", "lm_head.weight")[0])
+    with pytest.raises(CheckpointError, match="lm_head.weight"): cli.run_cli(["ckpt", "verify", str(d)])
