@@ -65,6 +65,7 @@ merge_config(sys.argv[1], sys.argv[2], seed=42, workers=int(sys.argv[3]), progre
 
 def run(cmd, label):
     "Run `cmd` as a child; return wall seconds, peak RSS (MB) and peak RssAnon/RssFile (MB) sampled from /proc."
+    os.sync()   # every tool starts with no dirty pages left by the previous one (write throttling otherwise lands on whoever runs next)
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}

@@ -241,3 +241,26 @@ def test_device_and_dtype_params(models):
     st = M.merge([models["a"], models["b"]], "ties", base=models["base"], weight=[0.5, 0.5], density=0.5, device="cpu", dtype="float32",
                  out_dtype="float16", out=models["root"] / "f16")
     assert st.dtype("model.embed_tokens.weight") == torch.float16
+
+def test_torchrun_two_processes_equal_one(models, tmp_path):
+    "`model-ops merge` started by torchrun on 2 CPU processes writes the same tensors as one process (DARE-TIES, seeded per name)."
+    import subprocess, sys, os, shutil
+    exe = shutil.which("model-ops")
+    if exe is None: pytest.skip("the model-ops console script is not installed")
+    cfg = {"merge_method": "dare_ties", "base_model": models["base"], "dtype": "float32",
+           "models": [{"model": models["a"], "parameters": {"weight": 0.6, "density": 0.5}},
+                      {"model": models["b"], "parameters": {"weight": 0.4, "density": 0.5}}]}
+    p = tmp_path / "dare.yml"; p.write_text(yaml.safe_dump(cfg))
+    one = M.merge_config(cfg, tmp_path / "one", seed=7)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+                        exe, "merge", str(p), str(tmp_path / "two"), "--seed", "7", "--max_shard_size", "60KB"],
+                       env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    a, b = WeightStore.open(one), WeightStore.open(tmp_path / "two")
+    assert sorted(a.keys()) == sorted(b.keys()) and len(b.shards) > 2
+    assert all(torch.equal(a[k], b[k]) for k in a.keys())
+    from model_ops.io import verify_store
+    assert verify_store(tmp_path / "two") == len(a.keys())
+    prov = json.loads((tmp_path / "two" / "merge_provenance.json").read_text())
+    assert prov["world_size"] == 2 and not list(tmp_path.glob(".two.*"))
