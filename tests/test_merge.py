@@ -264,3 +264,37 @@ def test_torchrun_two_processes_equal_one(models, tmp_path):
     assert verify_store(tmp_path / "two") == len(a.keys())
     prov = json.loads((tmp_path / "two" / "merge_provenance.json").read_text())
     assert prov["world_size"] == 2 and not list(tmp_path.glob(".two.*"))
+
+def test_ties_chunked_trim_equals_full_topk(quantum=1e-3):
+    "The chunked TIES trim (sampled bracket, threshold, tie positions) equals a whole-tensor exact top-k, ties included."
+    g = torch.Generator().manual_seed(0)
+    n = 4 * M.CHUNK + 12345                       # large enough for the sampled bracket, not a multiple of the chunk
+    base = torch.randn(n, generator=g)
+    xs = [base + 0.01 * torch.randn(n, generator=g) for _ in range(2)]
+    xs = [base + torch.round((x - base) / quantum) * quantum for x in xs]   # many exactly equal magnitudes at the threshold
+    for rescale in (False, True):
+        got = M.generalized_task_arithmetic(xs, base, weight=[0.7, 0.4], density=[0.3, 0.45], sparsify="magnitude",
+                                            consensus=True, normalize=True, rescale=rescale)
+        ds = [M.sparsify_magnitude(x - base, d, rescale=rescale) for x, d in zip(xs, [0.3, 0.45])]
+        D = torch.stack(ds) * torch.tensor([0.7, 0.4]).unsqueeze(1)
+        mask = (D.sign() == ((D.sum(0) >= 0).float() * 2 - 1)).float()
+        div = (torch.tensor([0.7, 0.4]).unsqueeze(1) * mask).sum(0); div[div == 0] = 1
+        ref = base + (D * mask).sum(0) / div
+        assert (got - ref).abs().max().item() <= 1e-6
+
+def test_nonfinite_found_from_the_output(models, tmp_path):
+    "Propagating methods check the output once; a NaN input is still named, an overflow gets its own message, nothing is written."
+    sd = _load(models["a"]); k = "model.layers.1.mlp.up_proj.weight"
+    sd[k][3, 4] = float("nan")
+    bad = save_model(sd, tmp_path / "nan", config=json.loads((models["root"] / "base" / "config.json").read_text()))
+    for method in ("linear", "task_arithmetic"):
+        cfg = {"merge_method": method,
+               "models": [{"model": str(bad), "parameters": {"weight": 0.5}}, {"model": models["b"], "parameters": {"weight": 0.5}}]}
+        if method != "linear": cfg["base_model"] = models["base"]
+        with pytest.raises(ValueError, match=r"up_proj.*NaN or inf"): M.merge_config(cfg, tmp_path / f"o_{method}")
+        assert not (tmp_path / f"o_{method}").exists()
+    cfg = {"merge_method": "linear", "out_dtype": "float16",
+           "models": [{"model": models["a"], "parameters": {"weight": 1e5}}, {"model": models["b"], "parameters": {"weight": 1e5}}],
+           "parameters": {"normalize": False}}
+    with pytest.raises(ValueError, match="overflowed to inf in torch.float16"): M.merge_config(cfg, tmp_path / "ovf")
+    assert not (tmp_path / "ovf").exists()
