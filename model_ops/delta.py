@@ -12,9 +12,9 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['LAYER_RE', 'FORMAT', 'module_tensors', 'TensorDict', 'open_weights', 'tensor_fingerprints', 'combine_fingerprints',
-           'fingerprint', 'Packed', 'Sparse', 'Quantized', 'LowRank', 'Delta', 'layer_of', 'select_names', 'Snapshot',
-           'snapshot', 'name_seed', 'keep_count', 'magnitude', 'dare', 'quantize', 'low_rank', 'CompressionReport',
-           'module_of', 'layer_grid', 'plot_layers', 'demo_step']
+           'content_fingerprint', 'Packed', 'Sparse', 'Quantized', 'LowRank', 'Delta', 'layer_of', 'select_names',
+           'Snapshot', 'snapshot', 'name_seed', 'keep_count', 'magnitude', 'dare', 'quantize', 'low_rank',
+           'CompressionReport', 'module_of', 'layer_grid', 'plot_layers', 'demo_step']
 
 # %% ../nbs/02_delta.ipynb #c24c5771
 def module_tensors(model:nn.Module, # any torch module
@@ -85,8 +85,8 @@ def combine_fingerprints(fps:dict) -> str:
     for n in sorted(fps): h.update(f"{n}={fps[n]};".encode())
     return h.hexdigest()
 
-def fingerprint(src, names=None) -> str:
-    "A hex string identifying the weights of `src` (restricted to `names`)"
+def content_fingerprint(src, names=None) -> str:
+    "A hex string identifying the weights of `src` (restricted to `names`), whatever their storage dtype (bf16-rounded samples; `io.fingerprint` is the exact one)"
     return combine_fingerprints(tensor_fingerprints(src, names))
 
 # %% ../nbs/02_delta.ipynb #fa60f6cd
@@ -141,7 +141,7 @@ class Delta:
     def __init__(self,
                  tensors:dict|None=None, # name -> Tensor (or a `Packed` tensor)
                  meta:dict|None=None, # provenance: operation, inputs, parameters (JSON-able)
-                 base_fingerprint:str|dict|None=None, # `fingerprint(base)`, or per-tensor `{name: fp}`
+                 base_fingerprint:str|dict|None=None, # `content_fingerprint(base)`, or per-tensor `{name: fp}`
                 ):
         self.tensors, self.meta = dict(tensors or {}), dict(meta or {})
         self.base_fps = base_fingerprint if isinstance(base_fingerprint, dict) else None
@@ -711,7 +711,7 @@ def demo_step(model:nn.Module, tok=None, log=print) -> dict:
     t0 = time.time()
     ts, _ = module_tensors(model)
     names = [n for n in ts if ts[n].dim() == 2 and layer_of(n) is not None][-2:]
-    fp0 = fingerprint(model, names)
+    fp0 = content_fingerprint(model, names)
     snap = snapshot(model, names)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():   # a rank-2 change to two matrices of the last layer, like an edit
@@ -725,11 +725,11 @@ def demo_step(model:nn.Module, tok=None, log=print) -> dict:
     for label, c in [('top-10%', d.sparsify(0.1)), ('int8', d.quantize(8)), ('rank 2', d.low_rank(rank=2))]:
         log(f"[delta]   {label:8s} {c.report}"); reps[label] = c.report
     snap.revert()
-    exact = not snap.changed() and fingerprint(model, names) == fp0
+    exact = not snap.changed() and content_fingerprint(model, names) == fp0
     h = d.low_rank(rank=2).apply(model, alpha=0.5)
     log(f"[delta] applied the rank-2 delta at alpha=0.5 (changed {len(h.changed())} tensors), then reverted")
     h.revert()
-    exact = exact and not snap.changed() and fingerprint(model, names) == fp0
+    exact = exact and not snap.changed() and content_fingerprint(model, names) == fp0
     log(f"[delta] model restored bit for bit: {exact} ({time.time() - t0:.1f}s)")
     return dict(tensors=len(d), norm=d.norm(), int8_ratio=reps['int8'].ratio, int8_rel_error=reps['int8'].rel_error,
                 rank2_rel_error=reps['rank 2'].rel_error, top10_rel_error=reps['top-10%'].rel_error, restored=exact)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn, Tensor
 from fastcore.script import call_parse, store_true
-from .delta import (Delta, open_weights, select_names, layer_of, module_of, plot_layers, fingerprint, snapshot,
+from .delta import (Delta, open_weights, select_names, layer_of, module_of, plot_layers, content_fingerprint, snapshot,
                              tensor_fingerprints)
 
 # %% auto #0
@@ -232,7 +232,7 @@ def transfer(src_base, # the model the fine-tune started from (anything `WeightS
     if grown: cfg['vocab_size'] = rows
     copy_from = (T.path if grown else G.path) or G.path
     meta = dict(operation='transfer', alpha=str(alpha), vocab=json.dumps(vocab if not isinstance(vocab, dict) else mapping),
-                src_base=fingerprint(B), src_tuned=fingerprint(T), tgt_base=fingerprint(G),
+                src_base=content_fingerprint(B), src_tuned=content_fingerprint(T), tgt_base=content_fingerprint(G),
                 transferred=str(sum(a[0] != 'copy' for a in plan.values())))
     return save_model(pairs, out, config=cfg, copy_from=copy_from, metadata=meta, max_shard_size=max_shard_size,
                       overwrite=overwrite, progress=progress)
@@ -453,7 +453,7 @@ def demo_step(model:nn.Module, tok, log=print) -> dict:
     items = synthetic_skill(4, seed=1)
     names = [n for n, p in model.named_parameters() if re.search(r'layers\.\d+\.mlp\.(down_proj|c_proj)|h\.\d+\.mlp\.c_proj', n)]
     names = names[-4:] or [n for n, _ in model.named_parameters()][-2:]
-    fp0 = fingerprint(model)
+    fp0 = content_fingerprint(model)
     snap = snapshot(model, names)
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
@@ -475,7 +475,7 @@ def demo_step(model:nn.Module, tok, log=print) -> dict:
     finally:
         snap.revert()
         for n, p in model.named_parameters(): p.requires_grad_(grads[n])
-    exact = not snap.changed() and fingerprint(model) == fp0
+    exact = not snap.changed() and content_fingerprint(model) == fp0
     log(f"[transfer] model restored bit for bit: {exact} ({time.time() - t0:.1f}s)")
     return dict(logprob_before=before['logprob'], logprob_after=after['logprob'], logprob_alpha_half=curve[0.5],
                 int8_ratio=q.report.ratio, int8_rel_error=q.report.rel_error, restored=exact)

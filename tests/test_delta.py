@@ -1,7 +1,7 @@
 "Tests for model_ops.delta and model_ops.transfer (plain pytest; no fastcore star-import)."
 import copy, json, math
 import pytest, torch
-from model_ops.delta import Delta, snapshot, fingerprint, module_tensors
+from model_ops.delta import Delta, snapshot, content_fingerprint, module_tensors
 from model_ops.nn import tiny_model
 from model_ops.io import WeightStore, save_model
 
