@@ -23,9 +23,9 @@ __all__ = ['log', 'REQUIRED', 'METHODS', 'CHUNK', 'task_arithmetic', 'ties', 'da
            'sparsify_magnitude', 'sparsify_outliers', 'sparsify_random', 'sparsify_della',
            'generalized_task_arithmetic', 'linear', 'slerp_tensors', 'slerp', 'nuslerp_tensors', 'nuslerp',
            'model_stock', 'passthrough', 'pcb_scores', 'pcb', 'layer_swap', 'evaluate_setting', 'Layout', 'layout',
-           'TensorJob', 'MergePlan', 'plan_merge', 'read_tensor', 'compute_job', 'stream_merge', 'PlannedWriter',
-           'provenance', 'merge_config', 'merge', 'split_jobs', 'cli_merge', 'sign_conflicts', 'per_layer',
-           'plot_sign_conflicts', 'demo_step', 'merge_widget']
+           'TensorJob', 'MergePlan', 'plan_merge', 'read_tensor', 'check_device', 'compute_job', 'stream_merge',
+           'PlannedWriter', 'provenance', 'merge_config', 'merge', 'split_jobs', 'cli_merge', 'sign_conflicts',
+           'per_layer', 'plot_sign_conflicts', 'demo_step', 'merge_widget']
 
 # %% ../nbs/10_merge.ipynb #c70292e5
 REQUIRED = "<required>"
@@ -778,6 +778,18 @@ def _out_dtype(plan):
     i, n = (j.base or j.inputs[0])
     return plan.models[i].store.dtype(n)
 
+def check_device(device)->torch.device:
+    "`device` as a `torch.device`, or a clear error when this machine does not have it."
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError) as e: raise ValueError(f"device {device!r} is not a device name ({e})") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available(): raise ValueError(f"device {device!r} asked for, but CUDA is not available here (torch {torch.__version__})")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here")
+    return d
+
 PROPAGATE_NONFINITE = {"linear", "task_arithmetic", "slerp", "nuslerp", "model_stock", "passthrough"}
 
 def _finite(x)->bool:
@@ -995,6 +1007,7 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
                 )->Path:
     "Run a mergekit-style merge config, streaming tensor by tensor into an HF folder with config, tokenizer, the config used and provenance."
     import sys
+    check_device(device)
     plan = config if isinstance(config, MergePlan) else plan_merge(config)
     seed = 0 if seed is None else int(seed)
     if progress is None: progress = sys.stderr.isatty()
@@ -1029,6 +1042,7 @@ def merge(models:list, # models: HF folders, files, `nn.Module`s, state dicts or
           **params): # method parameters; a list as long as `models` for a per-model parameter gives one value per model
     "Merge `models` with `method`; returns a new `nn.Module` (when a module was given), a state dict, or a `WeightStore` of `out`."
     m = get_method(method)
+    check_device(device)
     params = {("weight" if k == "weights" else _ALIASES.get(k, k)): v for k, v in params.items()}
     known = set(m.model_params) | set(m.shared_params)
     bad = sorted(set(params) - known)
