@@ -19,8 +19,8 @@ __all__ = ['METHODS', 'DEMO_FORGET', 'DEMO_RETAIN', 'encode_examples', 'collate'
            'sequence_nll', 'nll_loss', 'ga_loss', 'npo_loss', 'simnpo_loss', 'kl_loss', 'activation_loss',
            'forward_nll', 'example_scores', 'UnlearnRecord', 'select_params', 'gradient_ascent', 'grad_diff', 'npo',
            'simnpo', 'rmu_params', 'rmu', 'negate', 'relabel_targets', 'relabel', 'mia_auc', 'truth_ratios',
-           'forget_quality', 'evaluate_unlearning', 'finetune', 'CachedPrefix', 'fictitious_facts', 'unlearn_widget',
-           'demo_step']
+           'forget_quality', 'evaluate_unlearning', 'finetune', 'CachedPrefix', 'fictitious_facts', 'unseen_facts',
+           'FreezeGuard', 'freeze_guard', 'unlearn_widget', 'demo_step']
 
 # %% ../nbs/30_unlearn.ipynb #96a55a13
 def encode_examples(tok,                 # the model's tokenizer
@@ -764,6 +764,84 @@ def fictitious_facts()->list:
             perts = [ans[(i + d) % len(ans)] for d in (1, 2, 3)]
             out.append(dict(prompt=q.format(f"{_FIRST[j]} {_LAST[j]}"), answer=a, perturbed_answers=perts, kind=kind))
     return out
+
+_UNSEEN = ("Rhosyn Tallowmere; Eskil Brackenridge; Orla Vesperine; Tobiah Quartermaine; Sunniva Hartigan; Lucan Ferrowby; "
+           "Mireille Oakhurst; Dashiell Penhallow; Thea Marrowgate; Emrys Calloway-Bright; Nadja Sterncliffe; "
+           "Piet Wyndermoor").split("; ")
+
+def unseen_facts()->list:
+    "12 more facts of the same four kinds about 12 other invented people: the unseen set for membership inference."
+    out = []
+    for j, name in enumerate(_UNSEEN):
+        k, i = j % len(_KINDS), j // len(_KINDS)
+        kind, q, answers = _KINDS[k]
+        ans = [a if a.startswith(" ") else " " + a for a in answers.split("; ")]
+        a = (3 * i + k + 1) % len(ans)
+        out.append(dict(prompt=q.format(name), answer=ans[a], perturbed_answers=[ans[(a + d) % len(ans)] for d in (1, 2, 3)],
+                        kind=kind))
+    return out
+
+# %% ../nbs/30_unlearn.ipynb #ed25c2a8
+@dataclass
+class FreezeGuard:
+    "Elements frozen against fine-tuning toward a forbidden domain; `apply(model)` zeroes their gradients."
+    masks: dict                                        # parameter name -> bool tensor, True where frozen
+    hooks: list = field(default_factory=list, repr=False)
+    @property
+    def frac(self)->float:
+        "Fraction of the guarded parameters' elements that are frozen."
+        return sum(int(m.sum()) for m in self.masks.values()) / max(1, sum(m.numel() for m in self.masks.values()))
+    def apply(self, model):
+        "Zero the frozen elements' gradients in `model` (a model with the same parameter names) until `remove()`."
+        named = dict(model.named_parameters())
+        missing = [n for n in self.masks if n not in named]
+        if missing: raise ValueError(f"the model has no parameter {missing[0]!r}: apply the guard to the model it was made for")
+        self.remove()
+        for n, m in self.masks.items():
+            m = m.to(named[n].device)
+            self.hooks.append(named[n].register_hook(lambda g, m=m: g.masked_fill(m, 0)))
+        return self
+    def remove(self):
+        "Remove the gradient hooks."
+        for h in self.hooks: h.remove()
+        self.hooks = []
+        return self
+
+def _fisher(model, batches, names):
+    named, dev = dict(model.named_parameters()), _device(model)
+    acc = {n: torch.zeros_like(named[n], dtype=torch.float32) for n in names}
+    with _only_training(model, names):
+        for b in batches:
+            model.zero_grad(set_to_none=True)
+            nll, n, _ = forward_nll(model, _to(b, dev))
+            (nll.sum() / n.sum().clamp(min=1)).backward()
+            for k in names:
+                if named[k].grad is not None: acc[k] += named[k].grad.detach().float() ** 2
+    model.zero_grad(set_to_none=True)
+    return acc
+
+def freeze_guard(model, tok=None, *,
+                 forbidden,          # examples of the domain whose later fine-tuning should be hampered
+                 allowed,            # examples of domains whose fine-tuning should stay easy
+                 frac:float=0.05,    # fraction of the guarded elements to freeze
+                 params=None,        # which parameters to consider (as in `select_params`; None: all trainable)
+                 batch_size:int=1,   # 1: per-example squared gradients (the empirical Fisher)
+                 max_length:int=128)->FreezeGuard:
+    "Choose the `frac` of elements whose gradient importance comes most from `forbidden` rather than `allowed`."
+    if not 0 < frac < 1: raise ValueError(f"frac must be in (0, 1), got {frac}")
+    check_tokenizer(model, tok)
+    fb = make_batches(tok, forbidden, batch_size, max_length, "forbidden")
+    ab = make_batches(tok, allowed, batch_size, max_length, "allowed")
+    check_tokenizer(model, tok, fb + ab)
+    names = select_params(model, params)
+    ff, fa = _fisher(model, fb, names), _fisher(model, ab, names)
+    top = max(float(ff[n].max()) for n in names) or 1.0
+    # share of an element's importance that is forbidden, ties broken by its forbidden importance; 0 where unused
+    score = {n: torch.where(ff[n] > 0, ff[n] / (ff[n] + fa[n]) + 1e-3 * ff[n] / top, torch.zeros_like(ff[n])) for n in names}
+    flat = torch.cat([score[n].flatten() for n in names])
+    k = max(1, int(frac * flat.numel()))
+    thr = flat.kthvalue(flat.numel() - k).values
+    return FreezeGuard({n: (score[n] > thr).cpu() for n in names})
 
 # %% ../nbs/30_unlearn.ipynb #d5a492e5
 METHODS = {}

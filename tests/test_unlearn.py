@@ -6,7 +6,7 @@ from model_ops.nn import tiny_model, tiny_tokenizer
 from model_ops.unlearn import (gradient_ascent, grad_diff, npo, simnpo, rmu, negate, relabel, finetune, evaluate_unlearning,
                                fictitious_facts, encode_examples, make_batches, collate, sequence_nll, npo_loss, simnpo_loss,
                                kl_loss, activation_loss, mia_auc, truth_ratios, forget_quality, example_scores, demo_step,
-                               relabel_targets)
+                               relabel_targets, unseen_facts, freeze_guard, FreezeGuard)
 
 LM_METHODS = [gradient_ascent, grad_diff, npo, simnpo, rmu, negate]
 
@@ -294,3 +294,31 @@ def test_evaluate_unlearning_lm_metrics(taught):
     assert m["forget_quality"] == pytest.approx(1.0)    # identical truth ratios: indistinguishable
     s = example_scores(model, make_batches(tok, forget))
     assert m["forget_prob"] == pytest.approx(float(torch.exp(-s["nll"] / s["n"]).mean()))
+
+
+def test_unseen_facts_are_new_people_of_the_same_kinds():
+    facts, unseen = fictitious_facts(), unseen_facts()
+    person = lambda f: f["prompt"].split("\n")[0]
+    assert len(unseen) >= 10 and not {person(f) for f in unseen} & {person(f) for f in facts}
+    assert {f["kind"] for f in unseen} == {f["kind"] for f in facts}
+    assert {f["answer"] for f in unseen} <= {f["answer"] for f in facts}   # same answer pools: only membership differs
+    assert all(f["answer"] not in f["perturbed_answers"] and len(f["perturbed_answers"]) == 3 for f in unseen)
+
+
+def test_freeze_guard_freezes_exactly_what_it_chose(taught):
+    import copy
+    model, tok, forget, retain = taught
+    g = freeze_guard(model, tok, forbidden=forget, allowed=retain, frac=0.1)
+    assert isinstance(g, FreezeGuard) and g.frac == pytest.approx(0.1, abs=0.01)
+    m = copy.deepcopy(model); g.apply(m)
+    finetune(m, tok, data=retain[:2] + forget, lr=1e-2, epochs=3, until_acc=None)
+    g.remove()
+    n0 = dict(model.named_parameters())
+    moved = 0
+    for n, p in m.named_parameters():
+        assert torch.equal(p.data[g.masks[n]], n0[n].data[g.masks[n]]), n     # frozen elements untouched
+        moved += int((p.data != n0[n].data)[~g.masks[n]].sum())
+    assert moved > 0                                                           # the rest did train
+    assert not g.hooks
+    with pytest.raises(ValueError, match="frac"): freeze_guard(model, tok, forbidden=forget, allowed=retain, frac=0)
+    with pytest.raises(ValueError, match="no parameter"): g.apply(nn.Linear(2, 2))
