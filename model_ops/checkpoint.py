@@ -4,20 +4,21 @@
 
 # %% ../nbs/60_checkpoint.ipynb #7ee60025
 from __future__ import annotations
-import os, io, re, json, mmap, time, errno, shutil, struct, random, hashlib, secrets, tempfile, threading, warnings
+import os, io, re, json, mmap, time, errno, ctypes, shutil, struct, random, hashlib, secrets, tempfile, threading, warnings
 from pathlib import Path
 from dataclasses import dataclass, field
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor, Future
 import numpy as np
+import xxhash
 import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['Issue', 'FORMAT', 'CheckpointError', 'tree_sha256', 'write_safetensors', 'read_header', 'read_safetensors', 'pack',
-           'unpack', 'rng_state', 'set_rng_state', 'clean_tmp', 'remove_dir', 'atomic_dir', 'save', 'read_manifest',
-           'verify', 'load', 'tensor_byte_range', 'list_checkpoints', 'latest', 'rotate', 'Checkpointer', 'dcp_save',
-           'dcp_load', 'dcp_to_hf', 'hf_to_dcp', 'TPLayout', 'llama_layout', 'tp_split', 'tp_merge', 'to_universal',
+__all__ = ['Issue', 'FORMAT', 'CheckpointError', 'write_safetensors', 'read_header', 'read_safetensors', 'pack', 'unpack',
+           'rng_state', 'set_rng_state', 'atomic_dir', 'save', 'read_manifest', 'tree_sha256', 'verify', 'load',
+           'tensor_byte_range', 'list_checkpoints', 'latest', 'rotate', 'Checkpointer', 'dcp_save', 'dcp_load',
+           'dcp_to_hf', 'hf_to_dcp', 'TPLayout', 'llama_layout', 'tp_split', 'tp_merge', 'to_universal',
            'from_universal', 'save_universal', 'load_universal', 'save_tp', 'load_tp', 'reshard',
            'load_deepspeed_universal', 'stage_grad_norms', 'recover_stage', 'pipeline_stages', 'checkfree_demo',
            'plot_curves', 'cli_ckpt', 'demo_step']
@@ -36,6 +37,7 @@ def _fmt_issue(i):
     return f"  {i.file}" + (f": tensor {i.tensor!r}" if i.tensor else "") + f": {i.problem}"
 
 def _sha256(b) -> str: return hashlib.sha256(b).hexdigest()
+def _xxh3(b) -> str: return xxhash.xxh3_64_hexdigest(b)
 
 # %% ../nbs/60_checkpoint.ipynb #deee4fa5
 _DT2ST = {torch.float64:"F64", torch.float32:"F32", torch.float16:"F16", torch.bfloat16:"BF16", torch.int64:"I64",
@@ -57,17 +59,26 @@ def _as_bytes(t:torch.Tensor):
     if t.numel() == 0: return np.empty(0, np.uint8)
     return t.reshape(-1).view(torch.uint8).numpy()
 
-def _hash_tensors(bufs:list) -> list:
-    "SHA-256 hex digests of `bufs`, computed on the hashing threads (hashlib releases the GIL)."
-    return [f.result() for f in [_pool("hash", 2).submit(_sha256, b) for b in bufs]]
+_PIECE = 1 << 26          # 64 MiB: write / writeback granularity
+_RPIECE = 1 << 20         # 1 MiB: read granularity (each piece is hashed while still in cache)
+_NCPU = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
-def tree_sha256(header_sha256:str, tensor_sha256s:list) -> str:
-    "SHA-256 over a safetensors file's header digest and its tensors' digests (in data order): covers every byte."
-    return _sha256((header_sha256 + "".join(tensor_sha256s)).encode())
+try:
+    _sfr = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sfr.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+except (OSError, AttributeError): _sfr = None
 
-def write_safetensors(path, tensors:dict, metadata:dict=None,
-                      file_sha256:bool=False) -> dict:   # also compute the plain whole-file SHA-256 (`sha256sum`), a second pass
-    "Write `tensors` to `path` in safetensors format, fsync it, and return its manifest entry (sizes and SHA-256s)."
+def _writeback(fd:int, off:int, n:int):
+    "Ask the kernel to start writing bytes [off, off+n) of `fd` to disk now, without waiting (Linux only; else nothing)."
+    if _sfr is not None: _sfr(fd, off, n, 2)     # SYNC_FILE_RANGE_WRITE
+
+def _sha256_of(chunks) -> str:
+    h = hashlib.sha256()
+    for c in chunks: h.update(c)              # hashlib releases the GIL on large buffers
+    return h.hexdigest()
+
+def _write_st(path, tensors:dict, metadata:dict=None, durable:bool=True) -> tuple:
+    "Write one safetensors file; returns (manifest entry without `sha256`, Future of the file's SHA-256 computed meanwhile)."
     for k,t in tensors.items():
         if t.dtype not in _DT2ST: raise CheckpointError(f"tensor {k!r} has dtype {t.dtype}, which safetensors cannot store")
     # widest dtypes first keeps every tensor aligned to its element size, as the safetensors library does
@@ -80,99 +91,138 @@ def write_safetensors(path, tensors:dict, metadata:dict=None,
     if metadata: header["__metadata__"] = {str(k):str(v) for k,v in metadata.items()}
     hb = json.dumps(header, separators=(",",":")).encode()
     hb += b" " * (-len(hb) % 8)
-    chunks = [struct.pack("<Q", len(hb)), hb, *bufs]
-    if file_sha256:
-        fh = hashlib.sha256()
-        ffut = _pool("filehash", 1).submit(lambda: [fh.update(c) for c in chunks])
-    futs = [_pool("hash", 2).submit(_sha256, b) for b in bufs]     # per-tensor hashes run while we write
-    with open(path, "wb") as f:
-        for c in chunks: f.write(c)
-        f.flush(); os.fsync(f.fileno())
-    th = [x.result() for x in futs]
-    ent = {"size": 8+len(hb)+off, "header_sha256": _sha256(hb), "sha256_tree": tree_sha256(_sha256(hb), th),
+    pre = struct.pack("<Q", len(hb)) + hb
+    sha = _pool("sha256", _NCPU).submit(_sha256_of, [pre, *bufs])      # the file's SHA-256, from memory, while we write
+    xx = {}
+    try:
+        with open(path, "wb") as f:
+            fd = f.fileno(); f.write(pre); pos = len(pre)
+            for k,b in zip(names, bufs):
+                h = xxhash.xxh3_64()
+                for i in range(0, b.nbytes, _PIECE):
+                    p = b[i:i+_PIECE]; f.write(p); h.update(p)
+                    if durable: f.flush(); _writeback(fd, pos, p.nbytes)
+                    pos += p.nbytes
+                xx[k] = h.hexdigest()
+            f.flush()
+            if durable: os.fsync(fd)
+    except BaseException:
+        sha.cancel(); raise
+    ent = {"size": pos, "header_xxh3": _xxh3(hb),
            "tensors": {k: {"dtype": header[k]["dtype"], "shape": header[k]["shape"],
-                           "data_offsets": header[k]["data_offsets"], "sha256": h} for k,h in zip(names, th)}}
-    if file_sha256: ffut.result(); ent["sha256"] = fh.hexdigest()
+                           "data_offsets": header[k]["data_offsets"], "xxh3": xx[k]} for k in names}}
+    return ent, sha
+
+def write_safetensors(path, tensors:dict, metadata:dict=None,
+                      durable:bool=True) -> dict:   # fsync before returning
+    "Write `tensors` to `path` in safetensors format and return its manifest entry (size, SHA-256, per-tensor xxh3)."
+    ent, sha = _write_st(path, tensors, metadata, durable)
+    ent["sha256"] = sha.result()
     return ent
 
 # %% ../nbs/60_checkpoint.ipynb #c6162de2
+from .io import parse_header, header_problems
+
 def read_header(path) -> tuple:
     "Parse a safetensors header: (header dict, header bytes, data start offset); raises `CheckpointError` if unreadable."
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8: raise CheckpointError(f"{path.name}: file is {size} bytes, too short for a safetensors header")
-        n = struct.unpack("<Q", raw)[0]
-        if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(f"{path.name}: header length field says {n} bytes but the file has {size} bytes (corrupt or truncated)")
-        hb = f.read(n)
-    try: header = json.loads(hb)
-    except Exception as e: raise CheckpointError(f"{path.name}: header is not valid JSON ({e}); the header bytes are corrupt") from None
-    if not isinstance(header, dict): raise CheckpointError(f"{path.name}: header is not a JSON object")
-    return header, hb, 8+n
+    header, hb, start, _, _ = parse_header(path, error=CheckpointError)
+    return header, hb, start
+
+def _header_changed(hb:bytes, entry:dict) -> bool:
+    "Do the header bytes differ from the digest in the manifest entry? (xxh3; SHA-256 in version-1 manifests)"
+    if "header_xxh3" in entry: return _xxh3(hb) != entry["header_xxh3"]
+    if "header_sha256" in entry: return _sha256(hb) != entry["header_sha256"]
+    return False
 
 def _check_header(fname, header, hb, entry, size) -> list:
     "Issues found comparing a parsed header with its manifest entry and the file size."
     iss = []
-    if entry is not None and _sha256(hb) != entry.get("header_sha256", _sha256(hb)):
+    if entry is not None and _header_changed(hb, entry):
         want = entry["tensors"]
         for k in sorted(set(want) | set(k for k in header if k != "__metadata__")):
             h, w = header.get(k), want.get(k)
             if h is None: iss.append(Issue(fname, k, "missing from the safetensors header"))
             elif w is None: iss.append(Issue(fname, k, "in the safetensors header but not in the manifest"))
-            elif [h.get("dtype"), h.get("shape"), h.get("data_offsets")] != [w["dtype"], w["shape"], w["data_offsets"]]:
+            elif not isinstance(h, dict) or [h.get("dtype"), h.get("shape"), h.get("data_offsets")] != [w["dtype"], w["shape"], w["data_offsets"]]:
                 iss.append(Issue(fname, k, f"header entry changed: {h} (manifest: dtype {w['dtype']}, shape {w['shape']}, offsets {w['data_offsets']})"))
         if not iss: iss.append(Issue(fname, None, "header bytes differ from the manifest (metadata or padding changed)"))
-    ents = sorted(((v["data_offsets"], k) for k,v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v))
-    end = 0
-    for (a,b),k in ents:
-        v = header[k]
-        if v.get("dtype") not in _ST2DT: iss.append(Issue(fname, k, f"unknown dtype {v.get('dtype')!r}")); continue
-        nb = int(np.prod(v["shape"], dtype=np.int64)) * _ST2DT[v["dtype"]].itemsize
-        if a != end or b - a != nb: iss.append(Issue(fname, k, f"data_offsets {[a,b]} inconsistent with dtype/shape ({nb} bytes from {end})"))
-        end = b
-    data_len = size - 8 - len(hb)
-    if end != data_len:
-        if data_len < end:
-            cut = [k for (a,b),k in ents if b > data_len]
-            iss.append(Issue(fname, cut[0] if cut else None,
-                             f"file truncated: {data_len} data bytes but the header needs {end}; {len(cut)} tensor(s) cut, first {cut[0]!r}" if cut else f"file truncated"))
-        else: iss.append(Issue(fname, None, f"{data_len - end} unexpected bytes after the last tensor"))
+    iss += [Issue(fname, k, p) for k,p in header_problems(header, size, 8 + len(hb))]   # shared with model_ops.io
     return iss
 
-def read_safetensors(path, entry:dict=None, verify:bool=True) -> dict:
-    "Read a safetensors file into CPU tensors; with `entry` (its manifest entry) and `verify`, check header and per-tensor SHA-256."
+def _tensor_digest(ent:dict):
+    "(hash function, expected digest) for one tensor's manifest entry: xxh3, or SHA-256 in version-1 manifests."
+    return (_xxh3, ent["xxh3"]) if "xxh3" in ent else (_sha256, ent["sha256"])
+
+def _pread_into(fd:int, off:int, dst, check:bool):
+    "Read len(dst) bytes at `off` into the writable buffer `dst` piece by piece; xxh3 of the bytes when `check`."
+    h = xxhash.xxh3_64() if check else None
+    n = len(dst)
+    for i in range(0, n, _RPIECE):
+        mv = dst[i:i+_RPIECE]
+        got = os.preadv(fd, [mv], off + i)
+        while got < len(mv):                     # short read: retry the rest, stop at end of file
+            more = os.preadv(fd, [mv[got:]], off + i + got)
+            if more == 0: raise EOFError(f"file ends {n - i - got} bytes early")
+            got += more
+        if h is not None: h.update(mv)
+    return h.hexdigest() if h is not None else None
+
+def read_safetensors(path, entry:dict=None, verify:bool=True,
+                     into:dict=None) -> dict:   # name -> CPU tensor to read into in place (same dtype/shape, contiguous)
+    "Read a safetensors file into CPU tensors; with `entry` (its manifest entry) and `verify`, check header, size and per-tensor hashes."
     path = Path(path)
     size = path.stat().st_size
     header, hb, start = read_header(path)
-    if verify and entry is not None:
-        if size != entry["size"] or _sha256(hb) != entry["header_sha256"]:
-            iss = _check_header(path.name, header, hb, entry, size)
-            if size != entry["size"] and not any("truncated" in i.problem for i in iss):
-                iss.append(Issue(path.name, None, f"size {size} bytes, manifest says {entry['size']}"))
-            raise CheckpointError(f"checkpoint file {path} is corrupt", iss)
-    names = [k for k in header if k != "__metadata__"]
-    cut = [k for k in names if header[k]["data_offsets"][1] > size - start]
-    if cut: raise CheckpointError(f"{path} is truncated", [Issue(path.name, cut[0], f"file truncated; {len(cut)} tensor(s) cut")])
     check = verify and entry is not None
-    if size == start: buf = torch.empty(0, dtype=torch.uint8)
+    if check and (size != entry["size"] or _header_changed(hb, entry)):
+        iss = _check_header(path.name, header, hb, entry, size)
+        if size != entry["size"] and not any("truncated" in i.problem for i in iss):
+            iss.append(Issue(path.name, None, f"size {size} bytes, manifest says {entry['size']}"))
+        raise CheckpointError(f"checkpoint file {path} is corrupt", iss)
+    probs = header_problems(header, size, start)
+    if probs: raise CheckpointError(f"checkpoint file {path} is corrupt", [Issue(path.name, k, p) for k,p in probs])
+    names = [k for k in header if k != "__metadata__"]
+    want = {k: _tensor_digest(entry["tensors"][k]) for k in names} if check else {}
+    out, bad = {}, []
+    if into:                                     # positional reads straight into the destination tensors
+        jobs = []
+        for k in names:
+            v = header[k]; dt = _ST2DT[v["dtype"]]; d = into.get(k)
+            if not (isinstance(d, torch.Tensor) and d.device.type == "cpu" and d.dtype == dt and list(d.shape) == v["shape"] and d.is_contiguous()):
+                d = torch.empty(v["shape"], dtype=dt)
+            out[k] = d
+            if d.numel(): jobs.append((k, d.detach().reshape(-1).view(torch.uint8).numpy(), start + v["data_offsets"][0]))
+        jobs.sort(key=lambda j: -len(j[1]))      # biggest first balances the two threads
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fast = check and all(w[0] is _xxh3 for w in want.values())
+            futs = {k: _pool("read", _NCPU).submit(_pread_into, fd, off, memoryview(buf), fast) for k,buf,off in jobs}
+            got = {k: f.result() for k,f in futs.items()}
+        except EOFError as e: raise CheckpointError(f"{path} is truncated ({e})") from None
+        finally: os.close(fd)
+        if check:
+            for k,buf,_ in jobs:
+                fn, w = want[k]
+                if (got[k] if fast else fn(buf)) != w: bad.append(k)
     else:
-        with open(path, "rb") as f:      # private copy-on-write map: zero-copy tensors that never write to the file
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        buf = torch.from_numpy(np.frombuffer(mm, dtype=np.uint8, offset=start))
-    mv = memoryview(buf.numpy())
-    futs = {k: _pool("hash", 2).submit(_sha256, mv[slice(*header[k]["data_offsets"])]) for k in names} if check else {}
-    if check:
-        bad = [Issue(path.name, k, "SHA-256 of its bytes differs from the manifest (data corrupted)")
-               for k in names if futs[k].result() != entry["tensors"][k]["sha256"]]
-        if bad: raise CheckpointError(f"checkpoint file {path} is corrupt", bad)
-    out = {}
-    for k in names:
-        v = header[k]; dt = _ST2DT[v["dtype"]]; a,b = v["data_offsets"]
-        if b == a: out[k] = torch.empty(v["shape"], dtype=dt); continue
-        piece = buf[a:b] if a % dt.itemsize == 0 else buf[a:b].clone()
-        out[k] = piece.view(dt).reshape(v["shape"])
+        if size == start: buf = torch.empty(0, dtype=torch.uint8)
+        else:
+            with open(path, "rb") as f:      # private copy-on-write map: zero-copy tensors that never write to the file
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            buf = torch.from_numpy(np.frombuffer(mm, dtype=np.uint8, offset=start))
+        mv = memoryview(buf.numpy())
+        if check:
+            futs = {k: _pool("read", _NCPU).submit(want[k][0], mv[slice(*header[k]["data_offsets"])]) for k in names}
+            bad = [k for k in names if futs[k].result() != want[k][1]]
+        for k in names:
+            v = header[k]; dt = _ST2DT[v["dtype"]]; a,b = v["data_offsets"]
+            if b == a: out[k] = torch.empty(v["shape"], dtype=dt); continue
+            piece = buf[a:b] if a % dt.itemsize == 0 else buf[a:b].clone()
+            out[k] = piece.view(dt).reshape(v["shape"])
+    if bad:
+        hname = "xxh3" if "xxh3" in entry["tensors"][bad[0]] else "SHA-256"
+        raise CheckpointError(f"checkpoint file {path} is corrupt",
+                              [Issue(path.name, k, f"{hname} of its bytes differs from the manifest (data corrupted)") for k in bad])
     return out
 
 # %% ../nbs/60_checkpoint.ipynb #e6cfb0a2
@@ -226,66 +276,11 @@ def set_rng_state(s:dict):
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.clone() for t in s["cuda"]])
 
 # %% ../nbs/60_checkpoint.ipynb #a9cb738d
-def _fsync_dir(p):
-    try:
-        fd = os.open(p, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass
+from .io import atomic_dir as _io_atomic_dir, clean_tmp, remove_dir, _fsync_dir
 
-def _pid_alive(pid:int) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
-
-_TMP_RE = re.compile(r"^\.(.+)\.(tmp|old|del)-(\d+)-[0-9a-f]+$")
-
-def clean_tmp(root) -> list:
-    "Remove folders under `root` left by saves/deletions whose process died (restoring a set-aside checkpoint whose replacement never arrived)."
-    root, gone = Path(root), []
-    if not root.is_dir(): return gone
-    for p in sorted(root.iterdir()):
-        m = _TMP_RE.match(p.name)
-        if not (m and p.is_dir() and not _pid_alive(int(m.group(3)))): continue
-        if m.group(2) == "old" and not (root/m.group(1)).exists():
-            os.rename(p, root/m.group(1)); continue       # killed between rename-aside and rename-in
-        shutil.rmtree(p, ignore_errors=True); gone.append(p)
-    return gone
-
-def remove_dir(p):
-    "Delete a checkpoint folder atomically: rename it to a hidden name first, so a crash never leaves half of it."
-    p = Path(p)
-    tmp = p.parent/f".{p.name}.del-{os.getpid()}-{secrets.token_hex(4)}"
-    os.rename(p, tmp); _fsync_dir(p.parent); shutil.rmtree(tmp, ignore_errors=True)
-
-class atomic_dir:
-    "Context manager: a temporary sibling folder that is fsynced and renamed to `path` on clean exit."
-    def __init__(self, path, overwrite:bool=False):
-        self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise CheckpointError(f"{self.path} already exists; pass overwrite=True to replace it")
-        self.overwrite = overwrite
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        self.tmp.mkdir()
-        return self.tmp
-    def __exit__(self, typ, val, tb):
-        if typ is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True); return False
-        _fsync_dir(self.tmp)
-        old = None
-        if self.path.exists():
-            if not self.overwrite:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise CheckpointError(f"{self.path} appeared while writing; not replacing it")
-            old = self.path.parent / f".{self.path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
-        if old is not None: shutil.rmtree(old, ignore_errors=True)
-        return False
+class atomic_dir(_io_atomic_dir):
+    "`model_ops.io.atomic_dir` raising `CheckpointError`: a temporary sibling folder renamed to `path` on clean exit."
+    error = CheckpointError
 
 # %% ../nbs/60_checkpoint.ipynb #d3004162
 FORMAT = "model_ops.checkpoint"
@@ -319,20 +314,52 @@ def _snapshot(model, optimizer, scheduler, extra, rng, copy:bool):
         st = {k: v.detach().to("cpu", copy=True) for k,v in st.items()}
     return mt, tied, tree, st
 
-def _write(path, mt, tied, tree, st, step, metadata, overwrite, file_sha256=False) -> Path:
+def _plan_shards(sizes:dict, budget:int) -> list:
+    "Greedy groups of names (in order) whose sizes add up to at most `budget` (a bigger item gets a group of its own)."
+    groups, cur, n = [], [], 0
+    for k,b in sizes.items():
+        if cur and n + b > budget: groups.append(cur); cur, n = [], 0
+        cur.append(k); n += b
+    if cur: groups.append(cur)
+    return groups
+
+_MIN_SHARD = 64 * 2**20
+
+def _shards(stem:str, tensors:dict, max_shard_size) -> list:
+    "[(file name, tensors)]: HF-style shards of at most `max_shard_size`, and (above 64 MiB each) enough of them that every core hashes one."
+    if not tensors: return []
+    from model_ops.io import parse_size
+    sizes = {k: t.numel() * t.element_size() for k,t in tensors.items()}
+    budget = min(parse_size(max_shard_size), max(_MIN_SHARD, -(-sum(sizes.values()) // _NCPU)))
+    gs = _plan_shards(sizes, budget); n = len(gs)
+    return [(f"{stem}.safetensors" if n == 1 else f"{stem}-{i+1:05d}-of-{n:05d}.safetensors", {k: tensors[k] for k in g})
+            for i,g in enumerate(gs)]
+
+def _write_small(path, b:bytes, durable:bool) -> dict:
+    with open(path, "wb") as f:
+        f.write(b); f.flush()
+        if durable: os.fsync(f.fileno())
+    return {"size": len(b), "sha256": _sha256(b)}
+
+def _write(path, mt, tied, tree, st, step, metadata, overwrite, max_shard_size="512MB", durable=True) -> Path:
     path = Path(path)
     try:
-        with atomic_dir(path, overwrite=overwrite) as tmp:
-            files = {}
-            if mt: files["model.safetensors"] = write_safetensors(tmp/"model.safetensors", mt, {"format": "pt"}, file_sha256)
-            if st: files["state.safetensors"] = write_safetensors(tmp/"state.safetensors", st, None, file_sha256)
-            sj = json.dumps(tree).encode()
-            with open(tmp/"state.json", "wb") as f: f.write(sj); f.flush(); os.fsync(f.fileno())
-            files["state.json"] = {"size": len(sj), "sha256": _sha256(sj)}
-            m = {"format": FORMAT, "version": 1, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "torch": torch.__version__, "tied": tied, "contents": sorted(tree), "metadata": metadata or {}, "files": files}
+        with atomic_dir(path, overwrite=overwrite, durable=durable) as tmp:
+            files, shas, lists = {}, {}, {}
+            for stem, ts, meta in (("model", mt, {"format": "pt"}), ("state", st, None)):
+                parts = _shards(stem, ts, max_shard_size); lists[stem] = [fn for fn,_ in parts]
+                for fn, part in parts: files[fn], shas[fn] = _write_st(tmp/fn, part, meta, durable)
+            if len(lists["model"]) > 1:                 # HF index, so the folder also reads as a sharded HF model
+                idx = {"metadata": {"total_size": sum(t.numel()*t.element_size() for t in mt.values())},
+                       "weight_map": {k: fn for fn in lists["model"] for k in files[fn]["tensors"]}}
+                files["model.safetensors.index.json"] = _write_small(tmp/"model.safetensors.index.json", json.dumps(idx, indent=2).encode(), durable)
+            files["state.json"] = _write_small(tmp/"state.json", json.dumps(tree).encode(), durable)
+            for fn, fut in shas.items(): files[fn]["sha256"] = fut.result()      # the background SHA-256s
+            m = {"format": FORMAT, "version": 2, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "torch": torch.__version__, "tied": tied, "contents": sorted(tree), "metadata": metadata or {},
+                 "model_files": lists["model"], "state_files": lists["state"], "files": files}
             m["manifest_sha256"] = _manifest_hash(m)
-            with open(tmp/"manifest.json", "w") as f: json.dump(m, f, indent=1); f.flush(); os.fsync(f.fileno())
+            _write_small(tmp/"manifest.json", json.dumps(m, indent=1).encode(), durable)
     except CheckpointError: raise
     except OSError as e:
         raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e} (errno {e.errno}); "
@@ -350,11 +377,12 @@ def save(dir,                       # checkpoint folder to create (atomically)
          background:bool=False,     # snapshot now, write in a background thread; returns a Future
          overwrite:bool=False,      # replace an existing checkpoint at `dir`
          metadata:dict=None,        # free-form provenance stored in the manifest
-         file_sha256:bool=False):   # also record each file's plain `sha256sum` (one more hashing pass)
+         max_shard_size="512MB",    # largest safetensors file; big states are split so every core hashes a file
+         durable:bool=True):        # fsync every file and the folder (survives power loss, not only a killed process)
     "Save a verified, atomic training checkpoint to `dir`; returns the Path (or a Future of it with `background=True`)."
     snap = _snapshot(model, optimizer, scheduler, extra, rng, copy=background)
-    if not background: return _write(dir, *snap, step, metadata, overwrite, file_sha256)
-    return _pool("writer", 1).submit(_write, dir, *snap, step, metadata, overwrite, file_sha256)
+    if not background: return _write(dir, *snap, step, metadata, overwrite, max_shard_size, durable)
+    return _pool("writer", 1).submit(_write, dir, *snap, step, metadata, overwrite, max_shard_size, durable)
 
 # %% ../nbs/60_checkpoint.ipynb #0521ee57
 def read_manifest(dir) -> dict:
@@ -371,8 +399,14 @@ def read_manifest(dir) -> dict:
         raise CheckpointError(f"{dir}: manifest.json was modified", [Issue("manifest.json", None, "its own SHA-256 does not match")])
     return m
 
-def _verify_file(dir, fname, ent) -> list:
-    "Issues for one file: existence, size, header, per-tensor and whole-file SHA-256, read in tensor-sized pieces."
+def tree_sha256(header_sha256:str, tensor_sha256s:list) -> str:
+    "Version-1 manifests: SHA-256 over a file's header digest and its tensors' SHA-256s (in data order)."
+    return _sha256((header_sha256 + "".join(tensor_sha256s)).encode())
+
+_VPIECE = 1 << 23
+
+def _verify_file(dir, fname, ent, full:bool=True) -> list:
+    "Issues for one file: existence, size, header, every tensor's hash, and (`full`) the file's SHA-256, in one sequential read."
     if "chunks" in ent: return _verify_dcp_file(dir, fname, ent)
     p = Path(dir)/fname
     if not p.exists(): return [Issue(fname, None, "missing")]
@@ -386,61 +420,107 @@ def _verify_file(dir, fname, ent) -> list:
     iss = _check_header(fname, header, hb, ent, size)
     if size != ent["size"] and not any("truncated" in i.problem for i in iss):
         iss.append(Issue(fname, None, f"size {size} bytes, manifest says {ent['size']}"))
-    fh = hashlib.sha256(); fh.update(struct.pack("<Q", len(hb))); fh.update(hb)
-    ths = []
-    with open(p, "rb") as f:
-        f.seek(start)
-        for k,v in sorted(ent["tensors"].items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            a,b = v["data_offsets"]
-            f.seek(start + a); data = f.read(b - a)
-            if "sha256" in ent: fh.update(data)
-            if len(data) < b - a: break            # truncation already reported
-            h = _sha256(data); ths.append(h)
-            if h != v["sha256"]: iss.append(Issue(fname, k, "SHA-256 of its bytes differs from the manifest (data corrupted)"))
-        if "sha256" in ent: fh.update(f.read())
-    if not iss and tree_sha256(ent["header_sha256"], ths) != ent["sha256_tree"]:
+    fh = hashlib.sha256() if full and "sha256" in ent else None
+    spans = sorted((start + v["data_offsets"][0], start + v["data_offsets"][1], k) for k,v in ent["tensors"].items())
+    hs = {k: xxhash.xxh3_64() if "xxh3" in v else hashlib.sha256() for k,v in ent["tensors"].items()}
+    buf = bytearray(_VPIECE); mv = memoryview(buf); pos = j = 0
+    with open(p, "rb", buffering=0) as f:
+        while n := f.readinto(mv):
+            blk = mv[:n]
+            if fh is not None: fh.update(blk)
+            i = j
+            while i < len(spans) and spans[i][0] < pos + n:
+                a, b, k = spans[i]; lo, hi = max(a, pos), min(b, pos + n)
+                if hi > lo: hs[k].update(blk[lo-pos:hi-pos])
+                i += 1
+            pos += n
+            while j < len(spans) and spans[j][1] <= pos: j += 1
+    for a,b,k in spans:
+        if b > size: continue                          # truncation already reported
+        want = ent["tensors"][k]
+        if hs[k].hexdigest() != want.get("xxh3", want.get("sha256")):
+            iss.append(Issue(fname, k, f"{'xxh3' if 'xxh3' in want else 'SHA-256'} of its bytes differs from the manifest (data corrupted)"))
+    if not iss and "sha256_tree" in ent and tree_sha256(ent["header_sha256"], [hs[k].hexdigest() for _,_,k in spans]) != ent["sha256_tree"]:
         iss.append(Issue(fname, None, "tree SHA-256 differs from the manifest"))
-    if not iss and "sha256" in ent and fh.hexdigest() != ent["sha256"]: iss.append(Issue(fname, None, "whole-file SHA-256 differs from the manifest"))
+    if not iss and fh is not None and fh.hexdigest() != ent["sha256"]:
+        iss.append(Issue(fname, None, "whole-file SHA-256 differs from the manifest"))
     return iss
 
 def verify(dir,                 # checkpoint folder
-           strict:bool=True):   # raise `CheckpointError` listing the issues; else return them
-    "Check manifest, file hashes, safetensors headers and every tensor's SHA-256; names the bad file and tensor."
+           strict:bool=True,    # raise `CheckpointError` listing the issues; else return them
+           full:bool=True):     # also recompute every file's SHA-256 (False: sizes, headers and per-tensor xxh3 only)
+    "Check manifest, file SHA-256s, safetensors headers and every tensor's hash; names the bad file and tensor."
     try: m = read_manifest(dir)
     except CheckpointError as e:
         if strict: raise
         return e.issues
-    iss = [i for f,ent in m["files"].items() for i in _verify_file(dir, f, ent)]
+    fs = list(m["files"].items())
+    res = list(_pool("verify", _NCPU).map(lambda fe: _verify_file(dir, fe[0], fe[1], full), fs)) if len(fs) > 1 else \
+          [_verify_file(dir, f, e, full) for f,e in fs]
+    iss = [i for r in res for i in r]
     if iss and strict: raise CheckpointError(f"checkpoint {dir} failed verification", iss)
     return iss
 
+_verify_dir = verify
+
 # %% ../nbs/60_checkpoint.ipynb #99b4e96c
+def _files_of(m:dict, stem:str) -> list:
+    if f"{stem}_files" in m: return m[f"{stem}_files"]
+    return [f"{stem}.safetensors"] if f"{stem}.safetensors" in m["files"] else []     # version-1 manifests
+
+def _inplace_targets(model, names:set, tied:dict) -> dict:
+    "Tensors of `model` that `load` may fill in place: a dict's entries, or a module's state when nothing custom happens on load."
+    if model is None: return {}
+    if isinstance(model, nn.Module):
+        for mod in model.modules():
+            if (type(mod)._load_from_state_dict is not nn.Module._load_from_state_dict
+                or mod._load_state_dict_pre_hooks or mod._load_state_dict_post_hooks): return {}
+        sd = model.state_dict()
+        if set(sd) != set(names) | set(tied): return {}        # a key mismatch: let load_state_dict handle and report it
+    else: sd = model
+    ptrs = [sd[k].data_ptr() for k in names if isinstance(sd.get(k), torch.Tensor) and sd[k].numel()]
+    return sd if len(ptrs) == len(set(ptrs)) else {}           # two stored tensors sharing memory: no parallel in-place reads
+
 def load(dir,                      # checkpoint folder written by `save`
-         model=None,               # nn.Module to load into (in place), or None
+         model=None,               # nn.Module or dict of tensors to load into (in place), or None
          optimizer=None,           # optimizer to restore
          scheduler=None,           # scheduler to restore
          *, rng:bool=True,         # restore RNG states
-         verify:bool=True,         # check every hash before touching anything
+         verify=True,              # True/"fast": sizes, headers and every tensor's xxh3 while reading; "full": also every file's SHA-256 first; False: none
          strict:bool=True,         # model keys must match exactly
-         map_location=None):       # device for returned tensors (model/optimizer loads follow the module's device)
+         map_location=None):       # device for returned tensors when no module is given (a module's tensors stay where they are)
     "Load checkpoint `dir` into the given objects; returns a dict with `step`, `extra`, `model` (tensors) and the manifest."
+    if verify not in (True, False, "fast", "full"): raise ValueError(f"verify must be True, False, 'fast' or 'full', not {verify!r}")
+    dir = Path(dir)
     m = read_manifest(dir)
     files = m["files"]
     if verify:
         for f in files:
-            if not (Path(dir)/f).exists(): raise CheckpointError(f"checkpoint {dir} is incomplete", [Issue(f, None, "missing")])
-    mt = read_safetensors(Path(dir)/"model.safetensors", files["model.safetensors"], verify) if "model.safetensors" in files else {}
-    st = read_safetensors(Path(dir)/"state.safetensors", files["state.safetensors"], verify) if "state.safetensors" in files else {}
-    sj = (Path(dir)/"state.json").read_bytes()
-    if verify and _sha256(sj) != files["state.json"]["sha256"]:
+            if not (dir/f).exists(): raise CheckpointError(f"checkpoint {dir} is incomplete", [Issue(f, None, "missing")])
+    if verify == "full": _verify_dir(dir, full=True)
+    chk = bool(verify)
+    mfiles, tied = _files_of(m, "model"), m.get("tied", {})
+    names = {k for f in mfiles for k in files[f]["tensors"]}
+    targets = _inplace_targets(model, names, tied) if map_location is None or isinstance(model, nn.Module) else {}
+    mt, st = {}, {}
+    for f in mfiles: mt.update(read_safetensors(dir/f, files[f], chk, into=targets or None))
+    for f in _files_of(m, "state"): st.update(read_safetensors(dir/f, files[f], chk))
+    sj = (dir/"state.json").read_bytes()
+    if chk and _sha256(sj) != files["state.json"]["sha256"]:
         raise CheckpointError(f"checkpoint file {dir}/state.json is corrupt", [Issue("state.json", None, "SHA-256 differs from the manifest")])
     state = unpack(json.loads(sj), st)
-    for a,src in m.get("tied", {}).items(): mt[a] = mt[src]
-    if map_location is not None: mt = {k: v.to(map_location) for k,v in mt.items()}
-    if model is not None:
-        if isinstance(model, nn.Module):
-            res = model.load_state_dict(mt, strict=strict)
-        else: model.update(mt)
+    if isinstance(model, nn.Module) and targets and all(mt[k] is targets[k] for k in names):
+        with torch.no_grad():                       # filled in place; re-tie aliases the module keeps separately
+            for a,src in tied.items():
+                if targets[a].data_ptr() != targets[src].data_ptr(): targets[a].copy_(targets[src])
+                mt[a] = targets[a]
+    else:
+        for a,src in tied.items(): mt[a] = mt[src]
+        if map_location is not None and not isinstance(model, nn.Module): mt = {k: v.to(map_location) for k,v in mt.items()}
+        if isinstance(model, nn.Module): model.load_state_dict(mt, strict=strict)
+        elif model is not None:
+            for k,v in mt.items():
+                if model.get(k) is not v: model[k] = v
     if optimizer is not None:
         if "optimizer" not in state: raise CheckpointError(f"checkpoint {dir} has no optimizer state")
         optimizer.load_state_dict(state["optimizer"])
@@ -572,25 +652,21 @@ def dcp_save(dir,                   # folder to create
         sd["model"], sd["optim"] = get_state_dict(model, optimizer)
     elif model is not None: sd["model"] = get_model_state_dict(model)
     if extra: sd["extra"] = dict(extra)
-    err = None
+    err, ad = None, None
     if rank == 0:
-        if dir.exists() and not overwrite: err = f"{dir} already exists; pass overwrite=True to replace it"
         dir.parent.mkdir(parents=True, exist_ok=True); clean_tmp(dir.parent)
+        try: ad = atomic_dir(dir, overwrite=overwrite)
+        except CheckpointError as e: err = str(e)
     err = _bcast(err)
     if err: raise CheckpointError(err)
-    tmp = _bcast(dir.parent/f".{dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = _bcast(ad.__enter__() if rank == 0 else None)
     try:
         dcp.save(sd, checkpoint_id=str(tmp), no_dist=not on)
         if on: dist.barrier()
         if rank == 0:
-            _dcp_manifest(tmp, step, metadata); _fsync_dir(tmp)
-            old = None
-            if dir.exists():
-                old = dir.parent/f".{dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"; os.rename(dir, old)
-            os.rename(tmp, dir); _fsync_dir(dir.parent)
-            if old: shutil.rmtree(old, ignore_errors=True)
+            _dcp_manifest(tmp, step, metadata); ad.commit()
     except BaseException as e:          # DCP's CheckpointException is a BaseException
-        if rank == 0: shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0: ad.abort()
         if isinstance(e, (KeyboardInterrupt, SystemExit)): raise
         raise CheckpointError(f"could not write DCP checkpoint {dir}: {e}") from e
     if on: dist.barrier()
@@ -668,44 +744,82 @@ def _dcp_tensor_keys(md, prefix):
     return {k[len(prefix):]: (k, v) for k,v in md.state_dict_metadata.items()
             if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
 
-def _plan_shards(sizes:dict, budget:int) -> list:
-    groups, cur, n = [], [], 0
-    for k,b in sizes.items():
-        if cur and n + b > budget: groups.append(cur); cur, n = [], 0
-        cur.append(k); n += b
-    if cur: groups.append(cur)
-    return groups
+class _FileSlice(io.RawIOBase):
+    "Bytes [off, off+n) of an open file as a seekable, read-only stream (positioned reads; `readinto` fills torch's buffers directly)."
+    def __init__(self, fd:int, off:int, n:int): self.fd, self.off, self.n, self.pos = fd, off, n, 0
+    def readable(self): return True
+    def seekable(self): return True
+    def tell(self): return self.pos
+    def seek(self, p, whence=0):
+        self.pos = p if whence == 0 else self.pos + p if whence == 1 else self.n + p
+        return self.pos
+    def readinto(self, b):
+        m = min(len(b), self.n - self.pos)
+        if m <= 0: return 0
+        got = os.preadv(self.fd, [memoryview(b).cast("B")[:m]], self.off + self.pos)
+        self.pos += got; return got
+
+def _dcp_chunk(src:Path, info, fds:dict, numel:int, dtype) -> torch.Tensor:
+    "One stored DCP tensor chunk, read from its file slice into a single fresh allocation."
+    if getattr(info, "transform_descriptors", None):
+        raise CheckpointError(f"{src}: chunk in {info.relative_path} uses DCP extensions {info.transform_descriptors}; not supported by dcp_to_hf")
+    fd = fds.get(info.relative_path)
+    if fd is None: fd = fds[info.relative_path] = os.open(Path(src)/info.relative_path, os.O_RDONLY)
+    head = os.pread(fd, 4, info.offset)
+    if head != b"PK\x03\x04":
+        raise CheckpointError(f"{src}: the chunk at byte {info.offset} of {info.relative_path} is not in torch.save format "
+                              "(the FileSystemWriter default); dcp_to_hf reads only that format")
+    t = torch.load(_FileSlice(fd, info.offset, info.length), map_location="cpu", weights_only=True)
+    if not isinstance(t, torch.Tensor) or t.numel() != numel or t.dtype != dtype:
+        raise CheckpointError(f"{src}: the chunk at byte {info.offset} of {info.relative_path} does not hold the {numel} {dtype} values the metadata promise")
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size(): t = t.clone()   # a view of a bigger saved storage
+    return t
+
+def _dcp_tensor(src:Path, md, fqn:str, tmd, fds:dict) -> torch.Tensor:
+    "The full tensor `fqn` from its stored chunks: the chunk itself when saved whole, else assembled piece by piece."
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    size, dt = list(tmd.size), tmd.properties.dtype
+    if len(tmd.chunks) == 1 and list(tmd.chunks[0].sizes) == size:
+        c = tmd.chunks[0]
+        return _dcp_chunk(src, md.storage_data[MetadataIndex(fqn, c.offsets)], fds, int(np.prod(size, dtype=np.int64)), dt).reshape(size)
+    out = torch.empty(size, dtype=dt)
+    for c in tmd.chunks:
+        piece = _dcp_chunk(src, md.storage_data[MetadataIndex(fqn, c.offsets)], fds, int(np.prod(list(c.sizes), dtype=np.int64)), dt)
+        view = out
+        for d,(o,n) in enumerate(zip(c.offsets, c.sizes)): view = view.narrow(d, o, n)
+        view.copy_(piece.reshape(list(c.sizes))); del piece
+    return out
 
 def dcp_to_hf(src,                          # DCP folder
               out,                          # HF folder to create
               *, prefix:str="model.",       # DCP key prefix of the model tensors (stripped)
-              max_shard_size="2GB",         # shard budget; also the peak-memory budget
+              max_shard_size="2GB",         # shard size; peak memory is about this plus the largest tensor
               dtype=None,                   # cast to this dtype (e.g. torch.bfloat16)
               config=None,                  # dict, PretrainedConfig or HF folder whose config.json to copy
               overwrite:bool=False) -> Path:
     "Convert a DCP checkpoint's model tensors to a sharded HF safetensors folder with bounded memory."
-    import torch.distributed.checkpoint as dcp
-    from model_ops.io import parse_size
+    from model_ops.io import ShardWriter
+    src = Path(src)
     md = _dcp_metadata(src)
     keys = _dcp_tensor_keys(md, prefix)
     if not keys: raise CheckpointError(f"{src}: no tensors under prefix {prefix!r}; keys look like {list(md.state_dict_metadata)[:3]}")
-    nbytes = lambda v: int(np.prod(list(v.size), dtype=np.int64)) * (dtype or v.properties.dtype).itemsize
-    groups = _plan_shards({k: nbytes(v) for k,(_,v) in keys.items()}, parse_size(max_shard_size))
-    n, wmap, total = len(groups), {}, 0
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        for i,g in enumerate(groups):
-            buf = {keys[k][0]: torch.empty(list(keys[k][1].size), dtype=keys[k][1].properties.dtype) for k in g}
-            dcp.load(buf, checkpoint_id=str(src), no_dist=True)
-            shard = {k: (buf[keys[k][0]].to(dtype) if dtype else buf[keys[k][0]]) for k in g}
-            fn = f"model-{i+1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
-            ent = write_safetensors(tmp/fn, shard, {"format": "pt"})
-            total += sum(int(np.prod(v["shape"], dtype=np.int64)) * _ST2DT[v["dtype"]].itemsize for v in ent["tensors"].values())
-            wmap.update({k: fn for k in g}); del buf, shard
-        if n > 1:
-            (tmp/"model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}, indent=2))
-        if config is not None:
-            if isinstance(config, (str, Path)): shutil.copy(Path(config)/"config.json", tmp/"config.json")
-            else: (tmp/"config.json").write_text(json.dumps(config if isinstance(config, dict) else config.to_dict(), indent=2))
+    if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} already exists; pass overwrite=True to replace it")
+    fds = {}
+    try:
+        with ShardWriter(out, max_shard_size=max_shard_size, overwrite=overwrite, dtype=dtype,
+                         metadata={"operation": "dcp_to_hf", "source": str(src), "prefix": prefix}) as w:
+            for name,(fqn,tmd) in keys.items():
+                out_dt = dtype if dtype is not None and tmd.properties.dtype.is_floating_point else tmd.properties.dtype
+                w.make_room(int(np.prod(list(tmd.size), dtype=np.int64)) * out_dt.itemsize)   # write the shard before reading a tensor that would not fit
+                t = _dcp_tensor(src, md, fqn, tmd, fds)
+                if dtype is not None and t.is_floating_point(): t = t.to(dtype)    # drop the source before the next read
+                w.add(name, t); del t
+            if config is not None:
+                if isinstance(config, (str, Path)): w.copy_file(Path(config)/"config.json")
+                else: w.write_json("config.json", config if isinstance(config, dict) else config.to_dict())
+    finally:
+        for fd in fds.values(): os.close(fd)
     return Path(out)
 
 # %% ../nbs/60_checkpoint.ipynb #f14f5dff

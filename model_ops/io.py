@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_io.ipynb #851c9796
 from __future__ import annotations
-import json, os, re, shutil, struct, tempfile, hashlib, math, uuid
+import json, os, re, shutil, struct, hashlib, math, secrets
 from pathlib import Path
 from collections.abc import Mapping, Iterable
 import torch
@@ -12,8 +12,9 @@ from torch import nn
 import xxhash
 
 # %% auto #0
-__all__ = ['ModelIOError', 'read_header', 'WeightStore', 'fingerprint', 'parse_size', 'write_safetensors', 'ShardWriter',
-           'finalize_parts', 'save_model', 'save_pretrained_atomic', 'verify_store', 'summary', 'format_summary']
+__all__ = ['ModelIOError', 'parse_header', 'header_problems', 'read_header', 'WeightStore', 'fingerprint', 'clean_tmp',
+           'remove_dir', 'atomic_dir', 'parse_size', 'write_safetensors', 'ShardWriter', 'finalize_parts', 'save_model',
+           'save_pretrained_atomic', 'verify_store', 'summary', 'format_summary']
 
 # %% ../nbs/00_io.ipynb #c0a0cee3
 class ModelIOError(ValueError):
@@ -29,44 +30,68 @@ _MAX_HEADER = 100_000_000
 
 def _dtype_size(dt:torch.dtype)->int: return torch.empty((), dtype=dt).element_size()
 
-def read_header(path, # a `.safetensors` file
-               )->tuple: # (tensor entries by name, metadata dict, byte offset where data starts)
-    "Parse and validate the header of the safetensors file at `path`."
+def parse_header(path, # a `.safetensors` file
+                 error=ModelIOError, # exception class raised when the header cannot be read at all
+                 digest=None, # optional function of the raw header bytes (a hash), returned as the last item
+                )->tuple: # (header dict incl. `__metadata__`, raw header bytes, data start offset, file size, digest or None)
+    "Read the JSON header of a safetensors file without judging its entries (see `header_problems`)."
     path = Path(path)
-    if not path.is_file(): raise ModelIOError(f"{path}: no such file")
+    if not path.is_file(): raise error(f"{path}: no such file")
     size = path.stat().st_size
-    if size < 8: raise ModelIOError(f"{path}: truncated safetensors file ({size} bytes, shorter than the 8-byte header length)")
+    if size < 8: raise error(f"{path}: truncated safetensors file ({size} bytes, shorter than the 8-byte header length)")
     with open(path, 'rb') as f:
         n = struct.unpack('<Q', f.read(8))[0]
-        if n > min(size - 8, _MAX_HEADER): raise ModelIOError(f"{path}: corrupt or truncated safetensors header (header length {n} but file has {size} bytes)")
+        if n > min(size - 8, _MAX_HEADER): raise error(f"{path}: corrupt or truncated safetensors header (header length {n} but file has {size} bytes)")
         raw = f.read(n)
     try: hdr = json.loads(raw.decode('utf-8'))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e: raise ModelIOError(f"{path}: corrupt safetensors header ({e.__class__.__name__}: {e})") from None
-    if not isinstance(hdr, dict): raise ModelIOError(f"{path}: corrupt safetensors header (not a JSON object)")
-    meta = hdr.pop('__metadata__', None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise ModelIOError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
-    start, spans = 8 + n, []
+    except (UnicodeDecodeError, json.JSONDecodeError) as e: raise error(f"{path}: corrupt safetensors header ({e.__class__.__name__}: {e})") from None
+    if not isinstance(hdr, dict): raise error(f"{path}: corrupt safetensors header (not a JSON object)")
+    return hdr, raw, 8 + n, size, (digest(raw) if digest is not None else None)
+
+def header_problems(hdr:dict, # a parsed header (from `parse_header`)
+                    size:int, # the file's size in bytes
+                    start:int, # where the data start (8 + header length)
+                   )->list: # [(tensor name or None, problem)], empty when the header is sound
+    "Every inconsistency of a safetensors header: malformed entries, unknown dtypes, offsets that do not match shape and dtype, gaps, truncation."
+    out, spans = [], []
+    meta = hdr.get('__metadata__')
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
+        out.append((None, "corrupt safetensors header (__metadata__ must map strings to strings)"))
     for name, e in hdr.items():
-        if not isinstance(e, dict) or set(e) != {'dtype', 'shape', 'data_offsets'}:
-            raise ModelIOError(f"{path}: corrupt header entry for tensor {name!r}")
+        if name == '__metadata__': continue
+        if not isinstance(e, dict) or set(e) != {'dtype', 'shape', 'data_offsets'}: out.append((name, "corrupt header entry")); continue
         dt, shape, offs = e['dtype'], e['shape'], e['data_offsets']
-        if dt not in _ST_DTYPES: raise ModelIOError(f"{path}: tensor {name!r} has unknown dtype {dt!r}")
+        if dt not in _ST_DTYPES: out.append((name, f"unknown dtype {dt!r}")); continue
         if (not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
             or not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-            raise ModelIOError(f"{path}: corrupt shape or offsets for tensor {name!r}")
+            out.append((name, "corrupt shape or offsets")); continue
         b, en = offs
         if not (0 <= b <= en) or en - b != math.prod(shape) * _dtype_size(_ST_DTYPES[dt]):
-            raise ModelIOError(f"{path}: tensor {name!r} has offsets {offs} that do not match its shape {shape} and dtype {dt}")
+            out.append((name, f"offsets {offs} do not match its shape {shape} and dtype {dt}")); continue
         spans.append((b, en, name))
     spans.sort()
     pos = 0
     for b, en, name in spans:
-        if b != pos: raise ModelIOError(f"{path}: tensor {name!r} starts at byte {b}, expected {pos} (overlapping or gapped data)")
-        pos = en
+        if b != pos: out.append((name, f"starts at byte {b}, expected {pos} (overlapping or gapped data)"))
+        pos = max(pos, en)
     if start + pos != size:
-        raise ModelIOError(f"{path}: file is {size} bytes but its header describes {start + pos}: "
-                           f"{'truncated' if size < start + pos else 'trailing bytes'}")
+        if size < start + pos:
+            cut = [n for b, en, n in spans if start + en > size]
+            out.append((cut[0] if cut else None, f"file truncated: file is {size} bytes but its header describes {start + pos}; "
+                                                 f"{len(cut)} tensor(s) cut" + (f", first {cut[0]!r}" if cut else "")))
+        else: out.append((None, f"trailing bytes: file is {size} bytes but its header describes {start + pos}"))
+    return out
+
+def read_header(path, # a `.safetensors` file
+               )->tuple: # (tensor entries by name, metadata dict, byte offset where data starts)
+    "Parse and validate the header of the safetensors file at `path`."
+    path = Path(path)
+    hdr, _, start, size, _ = parse_header(path)
+    probs = header_problems(hdr, size, start)
+    if probs:
+        name, p = probs[0]
+        raise ModelIOError(f"{path}: " + (f"tensor {name!r}: " if name is not None else "") + p)
+    meta = hdr.pop('__metadata__', None) or {}
     return hdr, meta, start
 
 # %% ../nbs/00_io.ipynb #e8f3f55e
@@ -290,6 +315,85 @@ def fingerprint(src, # anything `WeightStore.open` accepts
 def _fp_store(self:WeightStore)->str: return fingerprint(self)
 WeightStore.fingerprint = _fp_store
 
+# %% ../nbs/00_io.ipynb #80ff1ea2
+def _fsync_dir(d):
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+    except OSError: pass
+
+def _pid_alive(pid:int)->bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+_TMP_RE = re.compile(r"^\.(.+)\.(tmp|old|del)-(\d+)-[0-9a-f]+$")
+
+def _hidden(p:Path, kind:str)->Path: return p.parent / f".{p.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+def _occupied(p:Path)->bool: return p.exists() and (not p.is_dir() or any(p.iterdir()))
+
+def clean_tmp(root, # folder whose hidden leftovers to clean
+             )->list: # the folders removed
+    "Remove temporary folders under `root` left by writers that died; restore a set-aside folder whose replacement never arrived."
+    root, gone = Path(root), []
+    if not root.is_dir(): return gone
+    for p in sorted(root.iterdir()):
+        m = _TMP_RE.match(p.name)
+        if not (m and p.is_dir() and not _pid_alive(int(m.group(3)))): continue
+        if m.group(2) == "old" and not (root/m.group(1)).exists():
+            os.rename(p, root/m.group(1)); continue       # killed between rename-aside and rename-in
+        shutil.rmtree(p, ignore_errors=True); gone.append(p)
+    return gone
+
+def remove_dir(p):
+    "Delete folder `p` atomically: rename it to a hidden name first, so a crash never leaves half of it."
+    p = Path(p); tmp = _hidden(p, "del")
+    os.rename(p, tmp); _fsync_dir(p.parent); shutil.rmtree(tmp, ignore_errors=True)
+
+class atomic_dir:
+    "Context manager yielding a temporary sibling of `path` that is renamed to `path` when the block exits cleanly."
+    error = ModelIOError        # the exception class raised (subclasses raise their own)
+    def __init__(self, path, # the folder to create
+                 overwrite:bool=False, # replace an existing non-empty folder
+                 durable:bool=True, # fsync the folder and its parent around the rename
+                 keep_existing:bool=False): # if `path` exists or appears meanwhile, keep it and drop ours (no error)
+        self.path, self.overwrite, self.durable, self.keep = Path(path).expanduser(), overwrite, durable, keep_existing
+        self.tmp, self.kept = None, False
+        if _occupied(self.path) and not (overwrite or keep_existing):
+            raise self.error(f"{self.path} already exists; pass overwrite=True to replace it")
+    def __enter__(self)->Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _hidden(self.path, "tmp"); self.tmp.mkdir()
+        return self.tmp
+    def abort(self):
+        "Delete the temporary folder."
+        if self.tmp is not None: shutil.rmtree(self.tmp, ignore_errors=True); self.tmp = None
+    def commit(self)->Path:
+        "Rename the temporary folder to `path` (setting an existing one aside first when allowed)."
+        if self.durable: _fsync_dir(self.tmp)
+        old = None
+        if _occupied(self.path) and not self.overwrite:
+            self.abort()
+            if self.keep: self.kept = True; return self.path
+            raise self.error(f"{self.path} appeared while writing; not replacing it")
+        if self.path.exists(): old = _hidden(self.path, "old"); os.rename(self.path, old)
+        try: os.rename(self.tmp, self.path)
+        except OSError:
+            if old is not None: os.rename(old, self.path)       # put the previous folder back
+            raise
+        self.tmp = None
+        if self.durable: _fsync_dir(self.path.parent)
+        if old is not None: shutil.rmtree(old, ignore_errors=True)
+        return self.path
+    def __exit__(self, typ, val, tb):
+        if typ is not None: self.abort(); return False
+        try: self.commit()
+        except BaseException: self.abort(); raise
+        return False
+
 # %% ../nbs/00_io.ipynb #de90d334
 def parse_size(s)->int:
     "Bytes in a size like `2GB`, `500MiB` or `1e9`."
@@ -336,32 +440,19 @@ def write_safetensors(path, # file to write
         f.flush()
         if durable: os.fsync(f.fileno())
 
-def _fsync_dir(d):
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass
-
 def _parts_dir(out:Path)->Path: return out.parent / f'.{out.name}.parts'
 
-def _place(out:Path, tmp:Path, shards:list, total:int, overwrite:bool, durable:bool):
-    "Give the shards in `tmp` their final names, write the index, and rename `tmp` to `out`."
+def _name_shards(tmp:Path, shards:list, total:int, durable:bool):
+    "Give the shards in `tmp` their final Hugging Face names and write the index (the folder is committed by `atomic_dir`)."
     n, wm = len(shards), {}
     for i, (fn, names) in enumerate(shards):
         final = 'model.safetensors' if n == 1 else f'model-{i + 1:05d}-of-{n:05d}.safetensors'
         os.replace(fn, tmp / final)
         for k in names: wm[k] = final
-    if n > 1: (tmp/'model.safetensors.index.json').write_text(json.dumps({'metadata': {'total_size': total}, 'weight_map': wm}, indent=2))
-    if durable: _fsync_dir(tmp)
-    old = None
-    if out.exists():
-        if any(out.iterdir()) and not overwrite: raise ModelIOError(f"{out}: appeared while writing; not replacing it")
-        old = out.parent / f'.{out.name}.old-{uuid.uuid4().hex[:8]}'
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if durable: _fsync_dir(out.parent)
-    if old is not None: shutil.rmtree(old, ignore_errors=True)
+    if n > 1:
+        with open(tmp/'model.safetensors.index.json', 'w') as f:
+            f.write(json.dumps({'metadata': {'total_size': total}, 'weight_map': wm}, indent=2)); f.flush()
+            if durable: os.fsync(f.fileno())
 
 class ShardWriter:
     "Stream named tensors into an HF-compatible sharded safetensors folder, committed atomically."
@@ -384,7 +475,7 @@ class ShardWriter:
             raise ModelIOError(f"{self.out}: folder exists and is not empty; pass overwrite=True to replace it")
         if not 0 <= rank < world_size: raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         self.rank, self.world_size = rank, world_size
-        self.tmp, self._buf, self._bufsize, self._shards, self._names, self.total = None, {}, 0, [], set(), 0
+        self.tmp, self._ad, self._buf, self._bufsize, self._shards, self._names, self.total = None, None, {}, 0, [], set(), 0
         from concurrent.futures import ThreadPoolExecutor
         self._pool, self._sums = ThreadPoolExecutor(1), {}
 
@@ -394,7 +485,9 @@ class ShardWriter:
             self.tmp = _parts_dir(self.out) / f'rank{self.rank:05d}'
             if self.tmp.exists(): shutil.rmtree(self.tmp)
             self.tmp.mkdir(parents=True)
-        else: self.tmp = Path(tempfile.mkdtemp(prefix=f'.{self.out.name}.tmp-', dir=self.out.parent))
+        else:
+            self._ad = atomic_dir(self.out, overwrite=self.overwrite, durable=self.durable)
+            self.tmp = self._ad.__enter__()
         return self
 
     def add(self, name:str, t:torch.Tensor):
@@ -410,6 +503,10 @@ class ShardWriter:
         if self._buf and self._bufsize + nb > self.max: self._flush()
         self._names.add(name); self._buf[name] = t; self._bufsize += nb; self.total += nb
         if self.checksums: self._sums[name] = self._pool.submit(_crc, t)   # hashed in the background while the next tensor is read
+
+    def make_room(self, nbytes:int):
+        "Write the current shard now if a tensor of `nbytes` would not fit in it, so a streaming caller reads that tensor only after the shard left memory."
+        if self._buf and self._bufsize + nbytes > self.max: self._flush()
 
     def _flush(self):
         if not self._buf: return
@@ -442,14 +539,16 @@ class ShardWriter:
             self.tmp = None
             return
         if not self._shards: raise ModelIOError(f"{self.out}: nothing to write (no tensors were added)")
-        _place(self.out, self.tmp, [(fn, names) for fn, names in self._shards], self.total, self.overwrite, self.durable)
+        _name_shards(self.tmp, [(fn, names) for fn, names in self._shards], self.total, self.durable)
+        self._ad.commit(); self.tmp = None
 
     def __exit__(self, typ, val, tb):
         try:
             if typ is None: self._commit()
         finally:
             self._pool.shutdown(wait=True)
-            if self.tmp is not None and self.tmp.exists(): shutil.rmtree(self.tmp, ignore_errors=True)
+            if self._ad is not None: self._ad.abort()
+            elif self.tmp is not None and self.tmp.exists(): shutil.rmtree(self.tmp, ignore_errors=True)
         return False
 
 # %% ../nbs/00_io.ipynb #d878be78
@@ -472,8 +571,7 @@ def finalize_parts(out_dir, # the folder the parts were written for
                 owner[k] = r
             shards.append((d/fn, names))
     if not shards: raise ModelIOError(f"{out}: nothing to write (no part holds a tensor)")
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=overwrite, durable=durable) as tmp:
         for r in reversed(range(world_size)):   # auxiliary files (config, tokenizer): rank 0's win
             d = parts / f'rank{r:05d}'
             for f in d.iterdir():
@@ -481,9 +579,7 @@ def finalize_parts(out_dir, # the folder the parts were written for
         moved = []
         for fn, names in shards:
             dst = tmp / fn.name; os.replace(fn, dst); moved.append((dst, names))
-        _place(out, tmp, moved, total, overwrite, durable)
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+        _name_shards(tmp, moved, total, durable)
     shutil.rmtree(parts, ignore_errors=True)
     return out
 

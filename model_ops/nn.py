@@ -279,21 +279,12 @@ def atomic_dir(dest:Path,  # folder to create; an existing one is replaced only 
                write,      # function writing the content into the temporary folder it is given
                replace:bool=False):
     "Create folder `dest` atomically: `write` fills a temporary sibling that is renamed into place when it succeeds."
+    from model_ops.io import atomic_dir as _atomic_dir, clean_tmp
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        write(tmp)
-        for f in [tmp, *tmp.rglob("*")]: f.chmod(0o755 if f.is_dir() else 0o644)   # mkdtemp makes it private
-        if replace and dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old/"x"); shutil.rmtree(old, ignore_errors=True)
-        try: os.replace(tmp, dest)
-        except OSError:
-            if not dest.is_dir() or not any(dest.iterdir()): raise
-            # another process finished first: keep its (complete) folder, drop ours
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+    if dest.parent.is_dir(): clean_tmp(dest.parent)       # leftovers of killed conversions
+    if not replace and dest.exists() and (not dest.is_dir() or any(dest.iterdir())): return dest   # already there: keep it
+    with _atomic_dir(dest, overwrite=replace, durable=False, keep_existing=not replace) as tmp:
+        write(tmp)                                          # if another process finishes first, its folder is kept
     return dest
 
 def _gguf_id(gg:Path): return {"gguf": gg.name, "size": gg.stat().st_size}

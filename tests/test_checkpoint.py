@@ -251,10 +251,10 @@ def test_failing_writes_give_clean_error_and_keep_previous(tmp_path, limit):
 def test_enospc_in_process(tmp_path, monkeypatch):
     import errno, model_ops.checkpoint as C
     d = tmp_path/"ck"; save(d, model={"w": torch.ones(4)}, step=1)
-    real = C.write_safetensors
-    def failing(path, tensors, metadata=None, file_sha256=False):
-        real(path, tensors, metadata, file_sha256); raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(C, "write_safetensors", failing)
+    real = C._write_st
+    def failing(path, tensors, metadata=None, durable=True):
+        real(path, tensors, metadata, durable); raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(C, "_write_st", failing)
     with pytest.raises(CheckpointError, match="No space left on device"):
         save(d, model={"w": torch.zeros(4)}, step=2, overwrite=True)
     monkeypatch.undo()
@@ -291,3 +291,62 @@ def test_cli_ckpt_through_model_ops_command(ckpt, tmp_path, capsys):
     assert "all SHA-256 match" in capsys.readouterr().out
     _flip(d/"model.safetensors", tensor_byte_range(d, "model.safetensors", "lm_head.weight")[0])
     with pytest.raises(CheckpointError, match="lm_head.weight"): cli.run_cli(["ckpt", "verify", str(d)])
+
+# --------------------------------------------------------------------------- sharded files, fast and full verification, in-place loads
+
+@pytest.fixture
+def sharded(tmp_path):
+    sd = {f"layer{i}.w": torch.randn(64, 256, generator=torch.Generator().manual_seed(i)) for i in range(6)}   # 6 x 64 KB
+    d = save(tmp_path/"ck", model=sd, step=7, max_shard_size="150KB", rng=False)
+    return d, sd
+
+def test_sharded_save_layout_and_plain_sha256(sharded):
+    import hashlib
+    d, sd = sharded
+    m = read_manifest(d)
+    assert len(m["model_files"]) == 3 and m["model_files"][0] == "model-00001-of-00003.safetensors"
+    idx = json.loads((d/"model.safetensors.index.json").read_text())
+    assert set(idx["weight_map"]) == set(sd) and set(idx["weight_map"].values()) == set(m["model_files"])
+    for f, ent in m["files"].items():                                       # every file: its plain sha256sum
+        assert ent["sha256"] == hashlib.sha256((d/f).read_bytes()).hexdigest(), f
+    from safetensors.torch import load_file
+    for f in m["model_files"]:
+        for k, v in load_file(d/f).items(): assert torch.equal(v, sd[k])
+
+def test_load_fills_existing_tensors_in_place(sharded):
+    d, sd = sharded
+    dst = {k: torch.zeros_like(v) for k, v in sd.items()}; ids = {k: id(v) for k, v in dst.items()}
+    load(d, model=dst, rng=False)
+    assert all(id(dst[k]) == ids[k] and torch.equal(dst[k], sd[k]) for k in sd)
+    m, m2 = tiny_model(seed=0), tiny_model(seed=1)
+    p = save(d.parent/"m", model=m, rng=False)
+    ptr = m2.model.layers[0].mlp.up_proj.weight.data_ptr()
+    load(p, model=m2)
+    assert m2.model.layers[0].mlp.up_proj.weight.data_ptr() == ptr                # same memory, new values
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()): assert torch.equal(a, b), k
+
+@pytest.mark.parametrize("mode", [True, "full"])
+def test_flipped_byte_in_second_shard(sharded, mode):
+    d, sd = sharded
+    f = read_manifest(d)["model_files"][1]
+    name = sorted(read_manifest(d)["files"][f]["tensors"])[0]
+    a, b = tensor_byte_range(d, f, name)
+    _flip(d/f, (a + b)//2)
+    assert [(i.file, i.tensor) for i in verify(d, strict=False)] == [(f, name)]               # full: SHA-256 + xxh3
+    assert [(i.file, i.tensor) for i in verify(d, strict=False, full=False)] == [(f, name)]   # fast: xxh3 only
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        load(d, model={k: torch.zeros_like(v) for k, v in sd.items()}, verify=mode)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")): load(d)            # mmap path
+
+def test_full_verify_catches_what_sizes_and_headers_miss(sharded):
+    "A byte changed in padding of the header is not a tensor: the header digest (fast) and the file SHA-256 (full) catch it."
+    d, _ = sharded
+    f = read_manifest(d)["model_files"][0]
+    raw = bytearray((d/f).read_bytes()); n = int.from_bytes(raw[:8], "little")
+    hdr = raw[8:8+n]
+    assert hdr.rstrip(b" ") != hdr or b'"format":"pt"' in hdr
+    i = hdr.index(b'"format":"pt"') + len(b'"format":"')
+    raw[8+i:8+i+2] = b"PT"; (d/f).write_bytes(bytes(raw))
+    for full in (False, True):
+        iss = verify(d, strict=False, full=full)
+        assert [(i.file, i.tensor) for i in iss] == [(f, None)] and "header" in iss[0].problem, iss
