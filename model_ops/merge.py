@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 import torch
 from fastcore.script import call_parse
-from .io import WeightStore, ShardWriter, ModelIOError, read_header, finalize_parts
+from .io import WeightStore, ShardWriter, ModelIOError, read_header, finalize_parts, atomic_dir
 
 log = logging.getLogger("model_ops.merge")
 
@@ -903,9 +903,8 @@ class PlannedWriter:
         hb = json.dumps(hdr, separators=(",", ":")).encode()
         return hb + b" " * (-len(hb) % 8)
     def __enter__(self):
-        import tempfile
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self._dir = atomic_dir(self.out, overwrite=self.overwrite, durable=False)   # io's temp-sibling-then-rename folder
+        self.tmp = self._dir.__enter__()
         self._f, self._sums = None, {}
         return self
     def add(self, name:str, t:torch.Tensor):
@@ -937,7 +936,6 @@ class PlannedWriter:
         import shutil
         shutil.copy2(src, self.tmp / (rel or Path(src).name))
     def __exit__(self, typ, val, tb):
-        import shutil, uuid
         try:
             if self._f is not None: self._f.close()
             if typ is None:
@@ -945,14 +943,8 @@ class PlannedWriter:
                 if len(self.shards) > 1:
                     wm = {e[0]: self.files[i] for i, s in enumerate(self.shards) for e in s}
                     self.write_json("model.safetensors.index.json", {"metadata": {"total_size": self.total}, "weight_map": wm})
-                old = None
-                if self.out.exists():
-                    if any(self.out.iterdir()) and not self.overwrite: raise ModelIOError(f"{self.out}: appeared while writing; not replacing it")
-                    old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"; os.replace(self.out, old)
-                os.replace(self.tmp, self.out)
-                if old is not None: shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if self.tmp is not None and self.tmp.exists(): shutil.rmtree(self.tmp, ignore_errors=True)
+                self._dir.commit()
+        finally: self._dir.abort()   # a no-op after the commit
         return False
 
 # %% ../nbs/10_merge.ipynb #2e468dd1
