@@ -18,7 +18,8 @@ __all__ = ['EDITORS', 'EditRequest', 'as_request', 'as_requests', 'n_layers', 'd
            'context_templates', 'optimize_values', 'rome_solve', 'memit_solve', 'emmet_solve', 'nullspace_projector',
            'alphaedit_solve', 'EditRecord', 'rome', 'memit', 'emmet', 'AlphaEditCache', 'alphaedit', 'ft',
            'score_targets', 'greedy', 'as_case', 'evaluate_edits', 'get_editor', 'counterfact_candidates',
-           'known_cases', 'invented_facts', 'demo_step', 'edit_widget', 'ultraedit', 'grace', 'sequential_edit']
+           'known_cases', 'neighbor_pool', 'outside_neighbors', 'invented_facts', 'demo_step', 'edit_widget',
+           'ultraedit', 'grace', 'sequential_edit']
 
 # %% ../nbs/20_edit.ipynb #a3864c02
 @dataclass
@@ -735,6 +736,62 @@ def known_cases(model, tok, cases, margin: float = 0.0) -> list[dict]:
     sc = score_targets(model, tok, [c["request"].prompt for c in cs] * 2, [c["request"].target_new for c in cs] + [c["target_true"] for c in cs])
     n = len(cs)
     return [c for i, c in enumerate(cases) if gens[i].strip().startswith(cs[i]["target_true"].strip()) and sc[n + i]["nll"] + margin < sc[i]["nll"]]
+
+# Extra same-relation facts that are never edited by `counterfact_candidates`: neighbours for batch edits,
+# whose own neighbours are mostly edited in the same batch.
+_POOL = {
+ "capital": {"Mexico": " Mexico City", "India": " New Delhi", "Kenya": " Nairobi", "Argentina": " Buenos Aires",
+             "Netherlands": " Amsterdam", "Belgium": " Brussels", "Denmark": " Copenhagen", "Finland": " Helsinki",
+             "South Korea": " Seoul", "Peru": " Lima", "Cuba": " Havana", "Iran": " Tehran", "Czech Republic": " Prague"},
+ "landmark": {"Empire State Building": " New York", "Buckingham Palace": " London", "Trevi Fountain": " Rome",
+              "Sydney Opera House": " Sydney", "Taj Mahal": " Agra", "Burj Khalifa": " Dubai", "Forbidden City": " Beijing",
+              "Hagia Sophia": " Istanbul", "Space Needle": " Seattle", "Parthenon": " Athens", "Red Square": " Moscow"},
+ "language": {"Mexico": " Spanish", "Argentina": " Spanish", "Netherlands": " Dutch", "Denmark": " Danish",
+              "Finland": " Finnish", "South Korea": " Korean", "Iran": " Persian", "Portugal": " Portuguese", "Egypt": " Arabic",
+              "Hungary": " Hungarian"},
+ "maker": {"Kindle": " Amazon", "Walkman": " Sony", "Pixel smartphone": " Google", "MacBook": " Apple",
+           "Surface tablet": " Microsoft", "ThinkPad": " Lenovo", "Mustang": " Ford"},
+}
+
+# %% ../nbs/20_edit.ipynb #ace99abe
+def neighbor_pool(model=None, tok=None) -> list[dict]:
+    "Same-relation facts (`relation`, `subject`, `prompt`, `answer`) from the candidate tables and `_POOL`; with a model, only those it gets right by greedy generation."
+    out, seen = [], set()
+    for rel, (tmpls, facts) in _REL.items():
+        for s, a in list(facts.items()) + list(_POOL.get(rel, {}).items()):
+            if (rel, s) not in seen: seen.add((rel, s)); out.append(dict(relation=rel, subject=s, prompt=tmpls[0].replace("{}", s), answer=a))
+    if model is not None:
+        gens = greedy(model, tok, [f["prompt"] for f in out], 4)
+        out = [f for f, g in zip(out, gens) if _starts(g, f["answer"])]
+    return out
+
+# %% ../nbs/20_edit.ipynb #89f0e1d5
+def _mentions(text: str, subject: str) -> bool:
+    import re
+    return re.search(r"(?<!\w)" + re.escape(subject) + r"(?!\w)", text) is not None
+
+# %% ../nbs/20_edit.ipynb #48d8885d
+def outside_neighbors(cases, pool=None, n: int = 3) -> list[dict]:
+    """Copies of `cases` for evaluating one batch edit: every neighbour is about a subject not edited in the batch.
+    A case's own neighbours that mention an edited subject (or are not in `pool`) are dropped and the list is refilled to `n` from `pool`
+    (`neighbor_pool()` by default; pass `neighbor_pool(model, tok)` to use only facts the model knows), same relation first,
+    never with the case's new or true target as the answer."""
+    pool = neighbor_pool() if pool is None else pool
+    cs = [dict(c) if isinstance(c, dict) else dict(vars(c)) for c in cases]
+    edited = {as_request(c).subject for c in cs}
+    facts = [[f["prompt"], f["answer"]] for f in pool]
+    free = [f for f in pool if f["subject"] not in edited and not any(_mentions(f["prompt"], s) for s in edited)]
+    out = []
+    for i, c in enumerate(cs):
+        r = as_request(c); true = c.get("target_true") or r.target_true; bad = (r.target_new, true)
+        nb = [list(x) for x in (c.get("neighbors") or []) if list(x) in facts and not any(_mentions(x[0], s) for s in edited)][:n]
+        same = [f for f in free if f["relation"] == c.get("relation")]; other = [f for f in free if f not in same]
+        k = i % len(same) if same else 0  # rotate so cases of one relation do not all share the same neighbours
+        for f in same[k:] + same[:k] + other:
+            if len(nb) >= n: break
+            if f["answer"] not in bad and [f["prompt"], f["answer"]] not in nb: nb.append([f["prompt"], f["answer"]])
+        out.append(dict(c, neighbors=nb))
+    return out
 
 # %% ../nbs/20_edit.ipynb #16befb58
 def invented_facts(n: int = 200, seed: int = 0) -> list[dict]:

@@ -241,7 +241,7 @@ class SequentialResult:
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 3.2))
         x = [h["edits"] for h in self.history]
-        for k, st in (("efficacy", "-o"), ("generation", "-s")):
+        for k, st in (("efficacy", "-o"), ("retention", "-^"), ("generation", "-s")):
             ys = [h.get(k) for h in self.history]
             if any(y is not None for y in ys): ax.plot(x, ys, st, label=k, ms=3)
         ax.set_xlabel("edits"); ax.set_ylabel("score"); ax.set_ylim(-0.05, 1.05)
@@ -281,8 +281,11 @@ def sequential_edit(model, tok, requests, method="alphaedit", *, batch_size: int
                     a = score_targets(model, tok, [r.prompt for r in tt], [r.target_new for r in tt])
                     c = score_targets(model, tok, [r.prompt for r in tt], [r.target_true for r in tt])
                     h["efficacy"] = sum(x["nll"] < y["nll"] for x, y in zip(a, c)) / len(tt)
+                first = reqs[:min(batch_size, done)]  # retention: the first turn's edits, re-scored after every later turn
+                sc = score_targets(model, tok, [r.prompt for r in first], [r.target_new for r in first])
+                h["retention"] = sum(s["acc"] for s in sc) / len(sc)
             hist.append(h)
-            if log: log(f"  {done} edits: perplexity {p:.2f} ({p / base:.2f}x)" + (f", efficacy {h['efficacy']:.2f}" if eval_edited else ""))
+            if log: log(f"  {done} edits: perplexity {p:.2f} ({p / base:.2f}x)" + (f", efficacy {h['efficacy']:.2f}, retention {h['retention']:.2f}" if eval_edited else ""))
             if p > warn_ratio * base: warnings.warn(f"perplexity rose from {base:.2f} to {p:.2f} after {done} edits (collapse monitor)")
             if stop_ratio and p > stop_ratio * base:
                 stopped = True

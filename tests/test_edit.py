@@ -143,6 +143,18 @@ def test_evaluate_edits_scores():
     assert post["efficacy"] == 1 and post["rewrite_acc"] == 1 and post["generation"] == 1 and post["neighborhood"] == 1
     with pytest.raises(ValueError, match="target_true"): evaluate_edits(m, TOK, [REQS[0]])
 
+def test_outside_neighbors_avoid_edited_subjects():
+    cands = E.counterfact_candidates(); batch = cands[:30]; edited = {c["subject"] for c in batch}
+    oc = E.outside_neighbors(batch)
+    assert [c["subject"] for c in oc] == [c["subject"] for c in batch] and all(len(c["neighbors"]) == 3 for c in oc)
+    assert not any(E._mentions(p, s) for c in oc for p, _ in c["neighbors"] for s in edited)
+    assert all(a not in (c["target_new"], c["target_true"]) for c in oc for _, a in c["neighbors"])
+    assert sum(any(E._mentions(p, s) for s in edited) for c in batch for p, _ in c["neighbors"]) > 30  # the original ones mostly were
+    pool = [f for f in E.neighbor_pool() if f["relation"] != "capital"]  # a restricted pool: capitals refill from other relations
+    oc = E.outside_neighbors(batch[:20], pool)
+    assert all(len(c["neighbors"]) == 3 and all(list(n) in [[f["prompt"], f["answer"]] for f in pool] for n in c["neighbors"]) for c in oc)
+    assert not E._mentions("The capital of Francevile is", "France") and E._mentions("France's capital is", "France")
+
 def test_alphaedit_cache_accumulates_and_sequential_monitor():
     m = model("llama"); s0 = state(m)
     kw = dict(n_tokens=2000, max_length=32, progress=False, cache_dir=False, nullspace_threshold=0.3, relative=True)
@@ -171,6 +183,7 @@ def smol():
 
 @SLOW
 def test_smollm2_counterfact_rome_and_batch(smol):
+    "ROME on 10 known facts (one at a time) and EMMET on 30 as one batch; batch neighbours are about subjects outside the batch."
     m, tok = smol
     cases = E.known_cases(m, tok, E.counterfact_candidates())
     assert len(cases) >= 30, len(cases)
@@ -178,11 +191,13 @@ def test_smollm2_counterfact_rome_and_batch(smol):
     st = layer_stats(m, tok, [4, 5, 6, 7, 8], n_tokens=8192, max_length=128, progress=False)
     tp = E.context_templates(m, tok, n=3)
     rows = []
-    for c in cases[:10]:
+    for c in cases[::3]:
         rec = rome(m, tok, c, stats=st, templates=tp); rows.append(evaluate_edits(m, tok, [c], generation=False)); rec.revert()
-    es = sum(r["efficacy"] for r in rows) / len(rows)
-    print("ROME efficacy on 10:", es)
-    assert es >= 0.9 and same(m, s0)
-    rec = memit(m, tok, cases, stats=st, templates=tp); ev = evaluate_edits(m, tok, cases, generation=False); rec.revert()
-    print("MEMIT batch 30:", {k: v for k, v in ev.items() if k != "cases"})
-    assert ev["efficacy"] >= 0.9 and same(m, s0)
+    r = {k: sum(x[k] for x in rows) / len(rows) for k in ("efficacy", "paraphrase", "neighborhood")}
+    print("ROME on 10:", r)
+    assert r["efficacy"] >= 0.95 and r["paraphrase"] >= 0.6 and r["neighborhood"] >= 0.8 and same(m, s0)
+    ocases = E.outside_neighbors(cases, E.neighbor_pool(m, tok))
+    rec = emmet(m, tok, cases, stats=st, templates=tp)
+    ev, evo = evaluate_edits(m, tok, cases, generation=False), evaluate_edits(m, tok, ocases, generation=False); rec.revert()
+    print("EMMET batch 30:", {k: v for k, v in ev.items() if k != "cases"}, "outside-batch neighbourhood", evo["neighborhood"])
+    assert ev["efficacy"] >= 0.9 and evo["neighborhood"] >= 0.9 and same(m, s0)  # measured 1.00 and 0.94 (in-batch 0.63)
