@@ -156,6 +156,8 @@ class DistillResult:
     steps: int = 0
     seconds: float = 0.0
     trainable: int = 0
+    processes: int = 1 # data-parallel processes (losses are averaged over them)
+    projector: nn.Module = None # the trained `HiddenProjector` when the widths differ
     def plot(self):
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(5, 2.5))
@@ -168,7 +170,17 @@ def _accelerator(grad_accum, mixed_precision, cpu):
     from accelerate.state import AcceleratorState, GradientState
     if not AcceleratorState._shared_state == {}:   # one Accelerator per call: reset the process-wide singleton state
         AcceleratorState._reset_state(True); GradientState._reset_state()
-    return Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision, cpu=cpu)
+    import os, warnings
+    acc = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision, cpu=cpu)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.device.type == "cpu":
+        warnings.warn(f"FSDP was requested but accelerate runs {acc.distributed_type.value} (accelerate has no FSDP on CPU): "
+                      "the student is replicated (DDP) instead of sharded")
+    return acc
+
+def _sync_grads(module, acc):
+    "Average the gradients of a module that is not wrapped by DDP (the hidden projector) over the processes."
+    for p in module.parameters():
+        if p.grad is not None: p.grad.copy_(acc.reduce(p.grad, "mean"))
 
 # %% ../nbs/41_distill.ipynb #81ee5ea2
 def distill(student:nn.Module, # model to train (in place)
@@ -239,8 +251,10 @@ def distill(student:nn.Module, # model to train (in place)
                     if ce_weight:
                         L = L + ce_weight * F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
                 acc.backward(L)
+                if proj is not None and acc.num_processes > 1 and acc.sync_gradients: _sync_grads(proj, acc)
                 opt.step(); sched.step(); opt.zero_grad()
             run += float(L.detach()) / grad_accum
+        if acc.num_processes > 1: run = float(acc.reduce(torch.tensor(run, device=acc.device), "mean"))
         if masks: apply_masks(acc.unwrap_model(student), masks)
         res.losses.append(run); run = 0.0; step += 1
         if bar: bar.update(1)
@@ -248,7 +262,7 @@ def distill(student:nn.Module, # model to train (in place)
     if bar: bar.close()
     student = acc.unwrap_model(student)
     student.train(was)
-    res.steps, res.seconds = steps, time.time() - t0
+    res.steps, res.seconds, res.processes, res.projector = steps, time.time() - t0, acc.num_processes, proj
     return res
 
 # %% ../nbs/41_distill.ipynb #1bbf9ecc

@@ -51,6 +51,18 @@ def resolve_sparsity(sparsity=None, pattern=None) -> tuple:
     return s, nm
 
 # %% ../nbs/40_prune.ipynb #ffc11b29
+def _lowest_k(s:torch.Tensor, k:int) -> torch.Tensor:
+    "Bool mask of exactly the `k` lowest entries of each row of `s` (2-D, 0 < k <= s.shape[1])."
+    if s.device.type != "cpu":   # topk's multi-block selection suits GPUs better than kthvalue on one long row
+        out = torch.zeros_like(s, dtype=torch.bool)
+        return out.scatter_(1, torch.topk(s, k, dim=1, largest=False).indices, True)
+    thr = s.kthvalue(k, dim=1, keepdim=True).values       # on CPU a selection is ~2x cheaper than topk's partial sort
+    low = s <= thr
+    if bool((low.sum(1) > k).any()):                      # ties at the threshold: the earliest ones go first
+        below, eq = s < thr, s == thr
+        low = below | (eq & (eq.cumsum(1, dtype=torch.int32) <= k - below.sum(1, keepdim=True, dtype=torch.int32)))
+    return low
+
 def unstructured_mask(scores:torch.Tensor, # (out, in) importance scores, higher = keep
                       sparsity:float, # fraction to remove
                       per_row:bool=False, # compare within each output row (Wanda) instead of the whole matrix
@@ -59,9 +71,8 @@ def unstructured_mask(scores:torch.Tensor, # (out, in) importance scores, higher
     sparsity = check_sparsity(sparsity)
     s = scores.reshape(scores.shape[0], -1) if per_row else scores.reshape(1, -1)
     k = int(s.shape[1] * sparsity)
-    keep = torch.ones_like(s, dtype=torch.bool)
-    if k: keep.scatter_(1, torch.topk(s, k, dim=1, largest=False).indices, False)
-    return keep.reshape(scores.shape)
+    if not k: return torch.ones_like(scores, dtype=torch.bool)
+    return (~_lowest_k(s, k)).reshape(scores.shape)
 
 # %% ../nbs/40_prune.ipynb #b4b22568
 def nm_mask(scores:torch.Tensor, # (out, in) importance scores, higher = keep
@@ -221,20 +232,50 @@ def _run_block(layer, hidden, args, kwargs):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 class _InputStats:
-    "Accumulates per-feature sum of squares (Wanda) and optionally the Gram matrix X^T X (SparseGPT) of a linear input."
+    "Per-feature sum of squares (Wanda) and optionally the Gram matrix X^T X (SparseGPT) of one linear's inputs."
     def __init__(self, mod, gram):
         self.n, cols = 0, weight_2d(mod).shape[1]
         dev = mod.weight.device
         self.sq = torch.zeros(cols, device=dev, dtype=torch.float32)
         self.H = torch.zeros(cols, cols, device=dev, dtype=torch.float32) if gram else None
-        self.h = mod.register_forward_hook(self.hook)
-    def hook(self, mod, args, out):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        self.n += x.shape[0]
-        self.sq += (x * x).sum(0)
-        if self.H is not None: self.H += x.T @ x
     @property
     def xnorm(self): return self.sq.sqrt()
+
+class _BlockStats:
+    """Input statistics of the linears `mods` of one block, from forward pre-hooks. Linears fed the same tensor (q/k/v,
+    gate/up) share one computation, and once every linear has seen its input the block forward is cut short (`_Stop`):
+    the rest of it (e.g. the down projection) cannot change the statistics."""
+    def __init__(self, mods:dict, gram:bool):
+        self.stats = {n: _InputStats(m, gram) for n, m in mods.items()}
+        self.left, self.last = set(), (None, None, None)
+        self.hooks = [m.register_forward_pre_hook(self._hook(n), with_kwargs=True) for n, m in mods.items()]
+    def _hook(self, name):
+        def pre(mod, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if self.last[0] is not x or self.last[1] != x._version:   # a new tensor (or one changed in place)
+                xf = x.detach().reshape(-1, x.shape[-1]).float()
+                H = xf.T @ xf if self.stats[name].H is not None else None
+                self.last = (x, x._version, ((xf * xf).sum(0), H, xf.shape[0]))
+            sq, H, n = self.last[2]
+            st = self.stats[name]
+            st.sq += sq; st.n += n
+            if st.H is not None: st.H += H
+            self.left.discard(name)
+            if not self.left: raise _Stop
+        return pre
+    def run(self, layer, hidden, cache):
+        try:
+            for hd, (a, k) in zip(hidden, cache):
+                self.left, self.last = set(self.stats), (None, None, None)
+                try: _run_block(layer, hd, a, k)
+                except _Stop: pass
+        finally:
+            self.last = (None, None, None)
+            for h in self.hooks: h.remove()
+        return self.stats
+
+def _sync(dev):
+    if dev.type == "cuda": torch.cuda.synchronize(dev)
 
 @torch.no_grad()
 def calibrated_prune(model:nn.Module, # transformers model, pruned in place
@@ -242,14 +283,18 @@ def calibrated_prune(model:nn.Module, # transformers model, pruned in place
                      prune_fn, # `prune_fn(name, module, stats)` changes the module's weight
                      gram:bool=False, # collect X^T X (SparseGPT) besides the per-feature norms
                      targets=None, # regex restricting the pruned linears
-                     batch_size:int=8, # calibration sequences per forward
+                     batch_size:int=None, # calibration sequences per forward (None: about 4096 tokens per forward)
                      progress:bool=True,
+                     timings:dict=None, # if given, gets 'calib_s' (forward passes) and 'metric_s' (`prune_fn`) seconds
                     ):
     "Run `prune_fn` on every block's linears, block by block, with inputs propagated through the already-pruned blocks."
     prefix, layers = _layers(model)
     mods = prunable(model, targets)
+    dev = _device(model)
+    if batch_size is None: batch_size = max(1, 4096 // ids.shape[-1])
     was_training = model.training
     model.eval()
+    t_metric, t0 = 0.0, time.perf_counter()
     cache = _first_block_inputs(model, ids, batch_size)
     hidden = [_hidden(a, k) for a, k in cache]
     try: from tqdm.auto import tqdm
@@ -257,21 +302,29 @@ def calibrated_prune(model:nn.Module, # transformers model, pruned in place
     for i in tqdm(range(len(layers)), desc="pruning blocks", disable=None if progress else True, leave=False):
         layer = layers[i]
         mine = {n: m for n, m in mods.items() if n.startswith(f"{prefix}.{i}.")}
-        stats = {n: _InputStats(m, gram) for n, m in mine.items()}
-        try:
-            for hd, (a, k) in zip(hidden, cache): _run_block(layer, hd, a, k)
-        finally:
-            for s in stats.values(): s.h.remove()
-        for n, m in mine.items(): prune_fn(n, m, stats[n])
-        del stats
-        hidden = [_run_block(layer, hd, a, k) for hd, (a, k) in zip(hidden, cache)]
+        if mine:
+            stats = _BlockStats(mine, gram).run(layer, hidden, cache)
+            _sync(dev); t1 = time.perf_counter()
+            for n, m in mine.items(): prune_fn(n, m, stats[n])
+            _sync(dev); t_metric += time.perf_counter() - t1
+            del stats
+        if i < len(layers) - 1: hidden = [_run_block(layer, hd, a, k) for hd, (a, k) in zip(hidden, cache)]  # nobody reads the last one
     model.train(was_training)
+    _sync(dev)
+    if timings is not None:
+        timings["metric_s"] = timings.get("metric_s", 0.0) + t_metric
+        timings["calib_s"] = timings.get("calib_s", 0.0) + time.perf_counter() - t0 - t_metric
     return model
 
 # %% ../nbs/40_prune.ipynb #2e3808b6
 @torch.no_grad()
 def _set_weight(m, W):
     weight_2d(m).copy_(W.to(m.weight.dtype))
+
+@torch.no_grad()
+def _apply_mask(m, keep):
+    "Zero the weights of `m` where `keep` is False, in place (an in-place multiply: cheaper than `masked_fill_` on CPU)."
+    weight_2d(m).mul_(keep.to(m.weight.device))
 
 def _prepare(model, sparsity, pattern, targets, include_embeddings, include_head):
     s, nm = resolve_sparsity(sparsity, pattern)
@@ -282,7 +335,7 @@ def _prepare(model, sparsity, pattern, targets, include_embeddings, include_head
 
 @torch.no_grad()
 def _prune_extra(extra, s, nm):
-    for n, m in extra.items(): _set_weight(m, weight_2d(m) * magnitude_mask(weight_2d(m), s, nm and f"{nm[0]}:{nm[1]}"))
+    for n, m in extra.items(): _apply_mask(m, magnitude_mask(weight_2d(m), s, _pat(nm)))
 
 def _pat(nm): return None if nm is None else f"{nm[0]}:{nm[1]}"
 
@@ -295,13 +348,16 @@ def magnitude(model:nn.Module, # transformers model, pruned in place
               targets:str=None, # regex restricting the pruned linears
               include_embeddings:bool=False, include_head:bool=False, # also prune these (by magnitude)
               nsamples=None, seqlen=None, batch_size=None, progress=True, # unused (accepted for a uniform call)
+              timings:dict=None, # if given, gets 'calib_s' (0: no calibration) and 'metric_s' seconds
              ) -> nn.Module:
     "Magnitude pruning of every linear layer in the blocks: smallest |W| over each matrix (or per N:M group)."
     s, nm, extra = _prepare(model, sparsity, pattern, targets, include_embeddings, include_head)
+    t0 = time.perf_counter()
     _prune_extra(extra, s, nm)
-    for n, m in prunable(model, targets).items():
-        W = weight_2d(m)
-        _set_weight(m, W * magnitude_mask(W, s, _pat(nm)))
+    for n, m in prunable(model, targets).items(): _apply_mask(m, magnitude_mask(weight_2d(m), s, _pat(nm)))
+    if timings is not None:
+        _sync(_device(model)); timings["calib_s"] = timings.get("calib_s", 0.0)
+        timings["metric_s"] = timings.get("metric_s", 0.0) + time.perf_counter() - t0
     return model
 
 # %% ../nbs/40_prune.ipynb #ef623b5c
@@ -310,19 +366,19 @@ def wanda(model:nn.Module, # transformers model, pruned in place
           *, sparsity:float=None, # fraction of each row to remove, in [0, 1)
           pattern=None, # N:M pattern such as '2:4' instead of `sparsity`
           calib=None, # calibration: None (offline default text), texts, a file, or token ids
-          nsamples:int=32, seqlen:int=128, batch_size:int=8, # calibration windows
+          nsamples:int=32, seqlen:int=128, # calibration windows
+          batch_size:int=None, # calibration sequences per forward (None: about 4096 tokens)
           targets:str=None, # regex restricting the pruned linears
           include_embeddings:bool=False, include_head:bool=False, # also prune these (by magnitude)
           progress:bool=True,
+          timings:dict=None, # if given, gets 'calib_s' (forward passes) and 'metric_s' (scores and masks) seconds
          ) -> nn.Module:
     "Wanda: prune by |W|·‖X_j‖ within each output row, calibrated block by block."
     s, nm, extra = _prepare(model, sparsity, pattern, targets, include_embeddings, include_head)
     ids = calib_ids(tok, calib, nsamples, seqlen)
     _prune_extra(extra, s, nm)
-    def fn(name, m, st):
-        W = weight_2d(m)
-        _set_weight(m, W * wanda_mask(W, st.xnorm, s, _pat(nm)))
-    return calibrated_prune(model, ids, fn, gram=False, targets=targets, batch_size=batch_size, progress=progress)
+    def fn(name, m, st): _apply_mask(m, wanda_mask(weight_2d(m), st.xnorm, s, _pat(nm)))
+    return calibrated_prune(model, ids, fn, gram=False, targets=targets, batch_size=batch_size, progress=progress, timings=timings)
 
 # %% ../nbs/40_prune.ipynb #582f4433
 def sparsegpt(model:nn.Module, # transformers model, pruned in place
@@ -330,12 +386,14 @@ def sparsegpt(model:nn.Module, # transformers model, pruned in place
               *, sparsity:float=None, # fraction of each matrix to remove, in [0, 1)
               pattern=None, # N:M pattern such as '2:4' instead of `sparsity`
               calib=None, # calibration: None (offline default text), texts, a file, or token ids
-              nsamples:int=32, seqlen:int=128, batch_size:int=8, # calibration windows
+              nsamples:int=32, seqlen:int=128, # calibration windows
+              batch_size:int=None, # calibration sequences per forward (None: about 4096 tokens)
               blocksize:int=128, # lazy-update block width
               percdamp:float=0.01, # Hessian dampening (fraction of its mean diagonal)
               targets:str=None, # regex restricting the pruned linears
               include_embeddings:bool=False, include_head:bool=False, # also prune these (by magnitude)
               progress:bool=True,
+              timings:dict=None, # if given, gets 'calib_s' (forward passes) and 'metric_s' (OBS pruning) seconds
              ) -> nn.Module:
     "SparseGPT: OBS pruning with weight reconstruction from the input Hessian, calibrated block by block."
     s, nm, extra = _prepare(model, sparsity, pattern, targets, include_embeddings, include_head)
@@ -345,7 +403,7 @@ def sparsegpt(model:nn.Module, # transformers model, pruned in place
     def fn(name, m, st):
         Q, _ = sparsegpt_prune(weight_2d(m), st.H, s, _pat(nm), blocksize=blocksize, percdamp=percdamp)
         _set_weight(m, Q)
-    return calibrated_prune(model, ids, fn, gram=True, targets=targets, batch_size=batch_size, progress=progress)
+    return calibrated_prune(model, ids, fn, gram=True, targets=targets, batch_size=batch_size, progress=progress, timings=timings)
 
 # %% ../nbs/40_prune.ipynb #3f83b349
 PRUNERS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}

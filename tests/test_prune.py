@@ -8,7 +8,7 @@ from model_ops.nn import tiny_model, tiny_tokenizer, weight_2d
 from model_ops.prune import (magnitude, wanda, sparsegpt, prune, prunable, sparsity_report, sparsegpt_prune, magnitude_mask,
                              nm_mask, unstructured_mask, importance, prune_width, prune_depth, share_blocks, count_params,
                              save_pruned, skip_blocks, depth_importance, demo_step)
-from model_ops.distill import recover, sparsity_masks, kl_loss
+from model_ops.distill import recover, sparsity_masks, kl_loss, distill
 
 IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
 X = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -68,6 +68,21 @@ def test_pruners_exact_and_reload(method, kw):
         save_pruned(m, f"{d}/m", tiny_tokenizer())
         r = AutoModelForCausalLM.from_pretrained(f"{d}/m", attn_implementation="eager").eval()
     with torch.no_grad(): assert torch.allclose(r(X).logits, m(X).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibration_passes_are_minimal(method):
+    "The statistics pass stops once every linear of the block has seen its input; the last block is not re-run."
+    m, calls = tiny_model(num_hidden_layers=3), {}
+    for i, layer in enumerate(m.model.layers):
+        for role in ("q_proj", "down_proj"):
+            mod = layer.self_attn.q_proj if role == "q_proj" else layer.mlp.down_proj
+            mod.register_forward_hook(lambda *a, key=(i, role): calls.__setitem__(key, calls.get(key, 0) + 1))
+    tm = {}
+    prune(m, method=method, calib=IDS, sparsity=0.5, batch_size=4, progress=False, timings=tm)   # 8 sequences: 2 batches
+    assert [calls.get((i, "down_proj"), 0) for i in range(3)] == [2, 2, 0]     # only in the propagation pass
+    assert [calls.get((i, "q_proj"), 0) for i in range(3)] == [4, 4, 2]        # statistics + propagation
+    assert tm["calib_s"] > 0 and tm["metric_s"] > 0
 
 
 def test_errors_leave_model_unchanged():
@@ -137,3 +152,36 @@ def test_demo_step_leaves_model_unchanged():
     out = demo_step(m, tok, log=lambda *a: None)
     assert out["sparsity"] == 0.5 and out["ppl_pruned"] > 0
     assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+def test_distill_ddp(tmp_path):
+    "`distill` under `accelerate launch` with 2 CPU processes (gloo DDP): both finish, weights and projector stay identical."
+    import json, os, subprocess, sys
+    from pathlib import Path
+    root, out = Path(__file__).resolve().parents[1], tmp_path/"ddp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    # `--cpu --num_processes 2` would start ONE process (accelerate wants mpirun for multi-CPU); `--multi_gpu` starts
+    # torchrun, and distill's Accelerator(cpu=True) then runs MULTI_CPU DDP over gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(root/"tests"/"distill_ddp_worker.py"), str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and out.exists(), r.stdout[-3000:] + r.stderr[-5000:]
+    d = json.loads(out.read_text())
+    assert d["world"] == d["processes"] == 2 and d["distributed_type"].endswith("MULTI_CPU")
+    assert d["different_data"]                                    # the loader is sharded: each rank trains on other batches
+    assert d["same_params"] and d["same_projector"] and d["projector_trained"] and d["same_losses"]
+    assert d["zeros"] > 0                                         # the pruned zeros were kept
+    L = d["losses"]
+    assert len(L) == 12 and sum(L[-3:]) / 3 < 0.8 * sum(L[:3]) / 3, L
+
+
+def test_distill_fsdp_on_cpu_warns(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.warns(UserWarning, match="no FSDP on CPU"):
+        distill(tiny_model(), tiny_model(seed=1), IDS, steps=1, batch_size=4, progress=False)
