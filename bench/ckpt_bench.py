@@ -4,7 +4,9 @@
    tensors, as a resume does): `model_ops.checkpoint.save/load` (SHA-256 of every file, xxh3 of every tensor, fsync,
    atomic rename; load verifies sizes, headers and every tensor's xxh3 by default, every file's SHA-256 with
    verify="full") against `torch.save/torch.load` (weights_only=True) and `safetensors.torch.save_file/load_file`.
-   Saves are timed with fsync on both sides and without on both sides; every ratio is against the faster baseline.
+   Saves are timed durable on both sides (baselines: fsync of the file and of its folder) and without fsync on both
+   sides; every ratio is against the faster baseline. `--profile` adds a per-phase breakdown (thread CPU time of
+   SHA-256, xxh3, page-cache copy, read; fsync wait; threads of model_ops' save and load).
 2. Peak memory of DCP -> HF conversion: `dcp_to_hf` (streaming, shard budget) against `dcp_to_torch_save`,
    each in a fresh subprocess (peak RSS above the process's RSS after imports).
 
@@ -36,6 +38,10 @@ def _fsync(path):
     try: os.fsync(fd)
     finally: os.close(fd)
 
+def _durable(path):
+    "fsync the file and its folder (the new name survives a power cut too), as model_ops' save does for its files."
+    _fsync(path); _fsync(Path(path).parent)
+
 def _into(dst, sd):
     "Copy loaded tensors into preallocated model tensors (what resuming does), so mmapped loads pay for their reads."
     for k, t in sd.items(): dst[k].copy_(t)
@@ -55,7 +61,7 @@ def bench_throughput(sd:dict, work:Path, reps:int=3) -> dict:
     def fs(fn):
         def run(p, sync):
             fn(p)
-            if sync: _fsync(p)
+            if sync: _durable(p)
         return run
     savers = {   # name: (function(path), file name)
         "torch.save":                        (fs(lambda p: torch.save(sd, p)), "x.pt", False),
@@ -93,6 +99,94 @@ def bench_throughput(sd:dict, work:Path, reps:int=3) -> dict:
     for k, v in res["load"].items(): print(f"load  {k:48s} best {v['s']:6.3f}s  median {v['median_s']:6.3f}s  {v['GB/s']:5.2f} GB/s", flush=True)
     for f in ("x.pt", "x.safetensors", "ck"): _rm(work/f)
     return res
+
+def profile(sd:dict, work:Path, reps:int=3) -> dict:
+    """Where the time goes (best of `reps`): thread CPU of each primitive over all the bytes on one core, then model_ops'
+    save and load with the CPU and wall time of their threads, against safetensors' CPU and wall time."""
+    import hashlib, xxhash, resource, threading
+    import model_ops.checkpoint as C
+    from model_ops.checkpoint import load
+    from safetensors.torch import save_file, load_file
+    bufs = [memoryview(C._as_bytes(t)) for t in sd.values()]
+    nb, P = sum(len(b) for b in bufs), C._PIECE
+    pieces = lambda: (b[i:i+P] for b in bufs for i in range(0, len(b), P))
+    f = work/"prof.bin"
+    def best(fn, prep=None):       # (thread CPU, wall) of fn, best of reps
+        r = []
+        for _ in range(reps):
+            if prep: prep()
+            c0, t0 = time.thread_time(), time.perf_counter(); fn(); r.append((time.thread_time() - c0, time.perf_counter() - t0))
+        return min(r)
+    def proc(fn, prep=None):       # (process CPU, wall) of fn, best of reps
+        r = []
+        for _ in range(reps):
+            if prep: prep()
+            u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(); fn(); u1 = resource.getrusage(resource.RUSAGE_SELF)
+            r.append((u1.ru_utime - u0.ru_utime + u1.ru_stime - u0.ru_stime, time.perf_counter() - t0))
+        return min(r, key=lambda x: x[1])
+    def sha():
+        h = hashlib.sha256()
+        for p in pieces(): h.update(p)
+    def xxh():
+        h = xxhash.xxh3_64()
+        for p in pieces(): h.update(p)
+    def write(hash_too=False):
+        def run():
+            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644); h, x = hashlib.sha256(), xxhash.xxh3_64()
+            for p in pieces():
+                if hash_too: h.update(p); x.update(p)
+                os.write(fd, p)
+            os.close(fd)
+        return run
+    fresh = lambda: (_rm(f), os.sync())
+    rows = {"sha256, 1 thread": best(sha), "xxh3, 1 thread": best(xxh),
+            "write to page cache, 1 thread": best(write(), fresh),
+            "sha256+xxh3+write per piece (a save worker), 1 thread": best(write(True), fresh)}
+    def write_fsync():
+        fresh(); write()(); t0 = time.perf_counter(); _fsync(f); return time.perf_counter() - t0
+    rows["fsync of a freshly written file (disk wait)"] = (0.0, min(write_fsync() for _ in range(reps)))
+    # model_ops save, instrumented: each writer thread's CPU and wall, the final wait for the disk, the commit
+    rec, real_w, real_close, real_commit = [], C._write_st, C._Flusher.close, C.atomic_dir.commit
+    def timed(name, fn, cpu=True):
+        def w(*a, **k):
+            c0, t0 = time.thread_time(), time.perf_counter()
+            try: return fn(*a, **k)
+            finally: rec.append((name, time.thread_time() - c0 if cpu else 0.0, time.perf_counter() - t0))
+        return w
+    C._write_st, C._Flusher.close, C.atomic_dir.commit = timed("writer thread, one file", real_w), timed("wait for flusher (disk)", real_close, False), timed("commit (fsync folder, rename, fsync parent)", real_commit, False)
+    try:
+        runs = []
+        for _ in range(reps):
+            _rm(work/"pck"); os.sync(); rec.clear()
+            u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(); C.save(work/"pck", model=sd, rng=False)
+            t, u1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+            runs.append((t, u1.ru_utime - u0.ru_utime + u1.ru_stime - u0.ru_stime, list(rec)))
+    finally: C._write_st, C._Flusher.close, C.atomic_dir.commit = real_w, real_close, real_commit
+    t, cpu, rr = min(runs, key=lambda x: x[0])
+    rows["model_ops save: whole (process CPU, wall)"] = (cpu, t)
+    for name in dict.fromkeys(n for n, _, _ in rr):
+        xs = [(c, w) for n, c, w in rr if n == name]
+        rows[f"model_ops save: {name} (sum over {len(xs)})"] = (sum(c for c, _ in xs), sum(w for _, w in xs))
+    rows["safetensors save_file + fsync file and folder (process CPU, wall)"] = proc(lambda: (save_file(sd, work/"p.st"), _durable(work/"p.st")), lambda: (_rm(work/"p.st"), os.sync()))
+    # load: the copy out of the page cache, with and without xxh3, and the whole loads
+    dst = {k: torch.empty_like(v) for k, v in sd.items()}
+    jobs = [(memoryview(C._as_bytes(dst[k])), 8 + len(C.read_header(work/"p.st")[1]) + v["data_offsets"][0])
+            for k, v in C.read_header(work/"p.st")[0].items() if k != "__metadata__"]
+    def rd(check):
+        def run():
+            fd = os.open(work/"p.st", os.O_RDONLY)
+            for mv, off in jobs: C._pread_into(fd, off, mv, check)
+            os.close(fd)
+        return run
+    rows["read page cache -> model tensors, 1 thread"] = best(rd(False))
+    rows["read page cache -> model tensors + xxh3 per piece, 1 thread"] = best(rd(True))
+    rows["safetensors load_file + copy into model (process CPU, wall)"] = proc(lambda: _into(dst, load_file(work/"p.st")))
+    rows["model_ops load, default xxh3 check (process CPU, wall)"] = proc(lambda: load(work/"pck", model=dst, rng=False))
+    rows["model_ops load, verify=False (process CPU, wall)"] = proc(lambda: load(work/"pck", model=dst, rng=False, verify=False))
+    print(f"profile ({nb/1e9:.2f} GB, {C._NCPU} cores; CPU = thread or process CPU seconds):", flush=True)
+    for k, (c, w) in rows.items(): print(f"  {k:72s} CPU {c:6.3f}s  wall {w:6.3f}s", flush=True)
+    for p in (f, work/"p.st", work/"pck"): _rm(p)
+    return {k: {"cpu_s": c, "wall_s": w} for k, (c, w) in rows.items()}
 
 def ratios(res:dict) -> dict:
     "Throughput of ours / throughput of the faster of torch and safetensors (>= 0.9 is the target), for every comparison."
@@ -163,12 +257,17 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--shard", default="100MB")
     ap.add_argument("--out", default=None, help="write results JSON here")
+    ap.add_argument("--profile", action="store_true", help="only the per-phase breakdown")
     a = ap.parse_args()
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=os.environ.get("BENCH_DIR")))
     try:
         sd = model_state(a.gb)
         print(f"state dict: {len(sd)} tensors, {sum(t.numel()*t.element_size() for t in sd.values())/1e9:.2f} GB float32", flush=True)
+        if a.profile:
+            res = {"profile": profile(sd, work, a.reps)}
+            if a.out: Path(a.out).write_text(json.dumps(res, indent=1))
+            sys.exit(0)
         res = {"throughput": bench_throughput(sd, work, a.reps), "dcp_to_hf_memory": bench_dcp_memory(sd, work, a.shard)}
         res["ratios"] = ratios(res["throughput"])
         print("ratio = ours / faster of torch and safetensors (throughput; target >= 0.9):")

@@ -2,6 +2,7 @@
 
     flock /tmp/bench.lock python bench/prune_bench.py                  # SmolLM2-135M on CPU, 50% and 2:4
     python bench/prune_bench.py --device cuda --nsamples 128 --seqlen 512
+    python bench/prune_bench.py --dtype bfloat16                     # SmolLM2's stored dtype (AMX matmuls on recent Xeons)
 
 The table also gives the pruning-metric-only time (scores, masks, weight updates; the calibration forward passes excluded,
 the definition the Wanda paper uses for its timing table). Peak memory is the peak resident set size *above* the level before pruning (sampled every 5 ms from /proc) on CPU, and
@@ -46,6 +47,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="weights and activations (the Wanda/SparseGPT reference code runs in float16; statistics stay float32)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--eval", type=int, default=60, help="held-out paragraphs for perplexity (0: skip)")
@@ -61,7 +64,7 @@ def main():
         if a.threads != 1 or a.device != "cpu": ap.error("--clock thread needs --threads 1 --device cpu")
         time.perf_counter = time.thread_time     # every timer here and in model_ops.prune reads this clock
     torch.set_num_threads(a.threads)
-    model, tok = load_model(a.model, device=a.device)
+    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype), device=a.device)
     texts = default_texts(None)
     calib = calib_ids(tok, texts[:400], a.nsamples, a.seqlen)            # the same calibration ids for every method
     held = texts[-a.eval:] if a.eval else None                             # disjoint from the calibration paragraphs
@@ -94,7 +97,7 @@ def main():
                        ppl=perplexity(model, tok, held) if held else None)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{a.model} on {a.device} ({a.threads} threads, {a.clock} clock); calibration {tuple(calib.shape)} tokens; held-out {len(held or [])} paragraphs")
+    print(f"\n{a.model} {a.dtype} on {a.device} ({a.threads} threads, {a.clock} clock); calibration {tuple(calib.shape)} tokens; held-out {len(held or [])} paragraphs")
     print("time s: the whole call; metric s: scores, masks and weight updates only, without the calibration forward passes")
     print(f"{'method':10s} {'setting':8s} {'time s':>8s} {'metric s':>8s} {'peak MB':>8s} {'sparsity':>8s} {'ppl':>9s}")
     for r in rows:

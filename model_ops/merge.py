@@ -4,13 +4,13 @@
 
 # %% ../nbs/10_merge.ipynb #97dd941d
 from __future__ import annotations
-import copy, hashlib, json, logging, math, os, re, threading, time
+import copy, gc, hashlib, json, logging, math, os, re, threading, time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
-import torch
+import numpy as np, torch
 from fastcore.script import call_parse
 from .io import WeightStore, ShardWriter, ModelIOError, read_header, finalize_parts, atomic_dir
 
@@ -165,98 +165,295 @@ def sparsify_della(x, density, epsilon=0.15, rescale=False, gen=None, rescale_mo
     return masked.to(x.dtype).reshape(shape)
 
 # %% ../nbs/10_merge.ipynb #feda0f3d
-CHUNK = 1 << 20     # elements per chunk of the element-wise phase (4 MB per float32 row: stays in cache)
+CHUNK = 1 << 16     # elements per chunk of the element-wise phase (256 KB per float32 row: a few rows stay in L2)
 
-def _ties_at(pos, vals, thr, need):
-    "Flat positions of the first `need` entries equal to the threshold (ties go to the lowest indices)."
-    if need <= 0: return None
-    eq = (vals == thr).nonzero().squeeze(1)[:need]
-    return eq if pos is None else pos[eq]
+def _chunks(n, chunk=None):
+    "(start, end) of the chunks of a flat tensor of `n` elements."
+    c = chunk or CHUNK
+    return ((s, min(s + c, n)) for s in range(0, n, c))
 
-def _magnitude_plan(x, base, density, rescale, chunk=CHUNK):
-    """Exact top-k of |x − base| (TIES trim) as a threshold plus the positions of the kept entries equal to it,
-    found in chunks (no full-size temporaries), and the L1 rescale factor."""
+class _BufferPool:
+    """Flat CPU buffers reused across tensors by the streaming executor: fresh memory costs a page fault per 4 KB each
+    time (about a third of a millisecond per MB here), a reused buffer nothing. Thread-safe."""
+    def __init__(self): self.free, self.lent, self.lock = [], {}, threading.Lock()
+    def take(self, n, dtype):
+        nb = max(1, n * dtype.itemsize)
+        with self.lock:
+            fit = [i for i, b in enumerate(self.free) if b.numel() >= nb]
+            buf = self.free.pop(min(fit, key=lambda i: self.free[i].numel())) if fit else None
+        if buf is None: buf = torch.empty(nb, dtype=torch.uint8)
+        with self.lock: self.lent[buf.data_ptr()] = buf
+        return buf[:n * dtype.itemsize].view(dtype)
+    def give(self, t):
+        "Take back the buffer under `t` (from `take`); anything else is ignored."
+        if t is None or t.device.type != "cpu": return
+        with self.lock:
+            b = self.lent.pop(t.untyped_storage().data_ptr(), None)
+            if b is not None: self.free.append(b)
+
+_POOL = threading.local()
+
+def _empty(n, dtype, device):
+    "A flat tensor of `n` elements: from this thread's buffer pool when the executor lent one (CPU), else fresh."
+    pool = getattr(_POOL, "pool", None)
+    if pool is None or torch.device(device).type != "cpu": return torch.empty(n, dtype=dtype, device=device)
+    return pool.take(n, dtype)
+
+def _give_back(t):
+    pool = getattr(_POOL, "pool", None)
+    if pool is not None: pool.give(t)
+
+def _magnitude_plans(xs, base, densities, rescale, chunk=None):
+    """Exact top-k of |x − base| for each x (TIES trim), found in one chunked pass over the inputs (no full-size
+    temporaries). Per model: `lam`, the hardshrink threshold that keeps the top-k (|d| > lam); `ties`, the flat positions
+    of kept entries equal to the k-th value when the threshold alone cannot separate them (duplicates straddling the
+    cut; they go to the lowest indices), else None; and `scale`, the L1 rescale factor. None: keep everything.
+    On CPU the comparisons, counts and selections run in NumPy (several times faster than torch's boolean kernels)."""
     n = base.numel()
-    if density >= 1: return None
-    if density <= 0 or n == 0: return dict(zero=True)
-    k = max(1, int(density * n))
-    X, B = x.reshape(-1), base.reshape(-1)
-    lo = hi = None
-    if n > (1 << 18):   # bracket the k-th largest with a sorted sample (6σ margins), then only keep values inside the bracket
-        g = torch.Generator(device=base.device).manual_seed(n)
-        idx = torch.randint(n, (min(1 << 17, n >> 3),), generator=g, device=base.device)
-        smp = (X[idx] - B[idx]).abs().float().sort().values
-        q, m = (n - k + 0.5) / n * smp.numel(), 3 * math.sqrt(smp.numel()) + 16
-        lo, hi = smp[max(0, int(q - m))], smp[min(smp.numel() - 1, int(q + m))]
-    above, l1_all, l1_above, mids, pos = 0, 0.0, 0.0, [], []
-    for s in range(0, n, chunk):
-        a = (X[s:s + chunk] - B[s:s + chunk]).abs().float()
-        if rescale: l1_all += float(a.sum(dtype=torch.float64))
-        if hi is None: mids.append(a); continue
-        up = a > hi
-        above += int(torch.count_nonzero(up))
-        if rescale: l1_above += float(a[up].sum(dtype=torch.float64))
-        i = ((a >= lo) ^ up).nonzero().squeeze(1)     # lo <= a <= hi (a > hi implies a >= lo)
-        mids.append(a[i]); pos.append(i + s)
-    mid = torch.cat(mids)
-    pos = torch.cat(pos) if pos else None           # flat position of every `mid` value (None: mid is the whole tensor)
-    kk = k - above
-    if not 1 <= kk <= mid.numel():      # the sample missed (vanishingly rare): select on the whole tensor
-        a = (X - B).abs().float()
-        thr = a.kthvalue(n - k + 1).values
-        need = k - int((a > thr).sum())
-        return dict(thr=thr, need=need, ties=_ties_at(None, a, thr, need),
-                    scale=_l1_scale(float(a.sum(dtype=torch.float64)), float(a[topk_mask(a, k)].sum(dtype=torch.float64))) if rescale else None)
-    thr = mid.kthvalue(mid.numel() - kk + 1).values
-    gt = mid > thr
-    need = kk - int(torch.count_nonzero(gt))   # entries equal to the threshold that are kept (lowest indices first)
-    scale = _l1_scale(l1_all, l1_above + float(mid[gt].sum(dtype=torch.float64)) + need * float(thr)) if rescale else None
-    return dict(thr=thr, need=need, ties=_ties_at(pos, mid, thr, need), scale=scale)
+    X, B = [x.reshape(-1) for x in xs], base.reshape(-1)
+    dt = torch.float64 if base.dtype == torch.float64 else torch.float32
+    plans, todo = [None] * len(xs), []
+    for i, dens in enumerate(densities):
+        if dens >= 1: continue
+        if dens <= 0 or n == 0: plans[i] = dict(zero=True); continue
+        todo.append((i, max(1, int(dens * n))))
+    if not todo: return plans
+    c = min(chunk or CHUNK, n)
+    dev = base.device
+    use_np = dev.type == "cpu" and all(X[i].dtype == B.dtype == dt for i, _ in todo)
+    if use_np: Xs, Bs = [x.detach().numpy() if x.dtype == dt else None for x in X], B.detach().numpy()
+    bounds = {}
+    if n > (1 << 18):
+        # bracket each k-th largest between two order statistics of a random sample (6σ margins in sample ranks);
+        # the sample size balances its own selection cost against the bracket's (width ∝ 1/√size)
+        m_s = min(n >> 3, max(1 << 12, int((2.4 * n) ** (2 / 3))))
+        idx = torch.randint(n, (m_s,), generator=torch.Generator(device=dev).manual_seed(n), device=dev)
+        if use_np: idx = idx.numpy()
+        for i, k in todo:
+            q, m = (n - k + 0.5) / n * m_s, 3 * math.sqrt(m_s) + 16
+            r = (max(0, int(q - m)), min(m_s - 1, int(q + m)))
+            if use_np:
+                smp = np.partition(np.abs(Xs[i].take(idx) - Bs.take(idx)), r)
+                bounds[i] = (smp[r[0]], smp[r[1]])
+            else:
+                smp = (X[i].index_select(0, idx) - B.index_select(0, idx)).abs().to(dt)
+                bounds[i] = (smp.kthvalue(r[0] + 1).values, smp.kthvalue(r[1] + 1).values)
+    fmax = torch.finfo(dt).max
+    if use_np:
+        T, U, M = np.empty(c, Bs.dtype), np.empty(c, bool), np.empty(c, bool)
+    else:
+        T, T2 = torch.empty(c, dtype=dt, device=dev), torch.empty(c, dtype=dt, device=dev)
+        U, M = torch.empty(c, dtype=torch.bool, device=dev), torch.empty(c, dtype=torch.bool, device=dev)
+    def scan(which):
+        "Per model: entries above the bracket (count, L1), the bracketed values and their flat positions, total L1."
+        acc = {i: [0, 0.0, 0.0, [], [], True] for i in which}
+        for s, e in _chunks(n, c):
+            L = e - s
+            for i in which:
+                a = acc[i]
+                if use_np:
+                    t = np.abs(np.subtract(Xs[i][s:e], Bs[s:e], out=T[:L]), out=T[:L])
+                    if not t.max() <= fmax: a[5] = False     # NaN or inf in x or base (in cache here: nearly free)
+                    if rescale: a[1] += float(t.sum(dtype=np.float64))
+                    if i not in bounds: a[3].append(t.copy()); a[4].append(None); continue
+                    lo, hi = bounds[i]
+                    up = np.greater(t, hi, out=U[:L])
+                    a[0] += int(np.count_nonzero(up))
+                    if rescale: a[2] += float(t.sum(dtype=np.float64, where=up))
+                    j = np.flatnonzero(np.logical_xor(np.greater_equal(t, lo, out=M[:L]), up, out=M[:L]))   # lo <= |d| <= hi
+                    a[3].append(t.take(j)); a[4].append(j + s)
+                    continue
+                x, b = X[i][s:e], B[s:e]
+                t = torch.sub(x, b, out=T[:L]).abs_() if x.dtype == b.dtype == dt else (x - b).abs().to(dt)
+                if rescale: a[1] += _sum64(t)
+                if i not in bounds: a[3].append(t.clone()); a[4].append(None); continue
+                lo, hi = bounds[i]
+                up = torch.gt(t, hi, out=U[:L])
+                a[0] += int(torch.count_nonzero(up))
+                if rescale: a[2] += _sum64(torch.ops.aten.hardshrink.out(t, float(hi), out=T2[:L]))
+                j = torch.ge(t, lo, out=M[:L]).bitwise_xor_(up).nonzero().squeeze(1)   # lo <= |d| <= hi
+                a[3].append(t.index_select(0, j)); a[4].append(j + s)
+        return acc
+    def cat(v): return torch.from_numpy(np.concatenate(v)) if use_np else torch.cat(v)
+    acc = scan([i for i, _ in todo])
+    for i, k in todo:
+        above, l1_all, l1_above, vals, pos, finite = acc[i]
+        mid = cat(vals)
+        kk = k - above
+        if not 1 <= kk <= mid.numel():       # the sample missed (vanishingly rare): select among all values
+            bounds.pop(i, None)
+            above, l1_all, l1_above, vals, pos, finite = scan([i])[i]
+            mid, kk = cat(vals), k
+        pos = None if pos[0] is None else cat(pos)     # flat position of every `mid` value (None: mid is everything)
+        if use_np: thr = torch.tensor(np.partition(mid.numpy(), mid.numel() - kk)[mid.numel() - kk])
+        else: thr = mid.kthvalue(mid.numel() - kk + 1).values
+        gt = mid > thr
+        need = kk - int(torch.count_nonzero(gt))     # entries equal to the k-th value that are kept
+        scale = _l1_scale(l1_all, l1_above + float(mid[gt].sum(dtype=torch.float64)) + need * float(thr)) if rescale else None
+        eq = (mid == thr).nonzero().squeeze(1)
+        if need == eq.numel() and X[i].dtype == B.dtype == dt:   # every entry equal to it is kept: |d| >= thr, one pass
+            lam = float(torch.nextafter(thr, torch.tensor(-math.inf, dtype=dt))) if float(thr) > 0 else 0.0
+            plans[i] = dict(lam=lam, ties=None, scale=scale, finite=finite if use_np else None)
+        else:
+            eq = eq[:need]
+            plans[i] = dict(lam=float(thr), ties=eq if pos is None else pos[eq], scale=scale, finite=finite if use_np else None)
+    return plans
+
+def _magnitude_plan(x, base, density, rescale, chunk=None):
+    "`_magnitude_plans` for one model."
+    return _magnitude_plans([x], base, [density], rescale, chunk)[0]
+
+def _sum64(a)->float:
+    """Sum of the flat chunk `a`, the same bits whatever the number of threads: float rows of 1024 (each summed by one
+    thread), then the row sums in float64."""
+    r = a.numel() - a.numel() % 1024
+    s = float(a[:r].view(-1, 1024).sum(1).sum(dtype=torch.float64)) if r else 0.0
+    return s + (float(a[r:].sum(dtype=torch.float64)) if r < a.numel() else 0.0)
 
 def _l1_scale(before, after, eps=1e-7):
     return None if (before < eps or after < eps) else torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32)
 
+def _random_plan(x, base, density, rescale, gen, rescale_mode, chunk=None):
+    """DARE's mask in chunks, kept as one byte per entry (the delta is recomputed later, which is cheaper than storing
+    it), the factor applied to the masked delta, and whether x and base are finite. The mask is `rand < density`, drawn
+    chunk after chunk from `gen` (the same numbers as one `torch.rand` of the whole tensor)."""
+    X, B = x.reshape(-1), base.reshape(-1)
+    n = B.numel()
+    M = _empty(n, torch.bool, B.device)
+    Mn = M.numpy()
+    c = min(chunk or CHUNK, max(n, 1))
+    R, T = torch.empty(c, dtype=B.dtype), torch.empty(c, dtype=B.dtype)
+    Rn, Tn = R.numpy(), T.numpy()
+    dens = np.float32(density)             # compared in float32, as `torch.rand(...) < density` does
+    before = after = 0.0
+    l1 = rescale and rescale_mode == "l1"
+    for s, e in _chunks(n, c):
+        L = e - s
+        d = torch.sub(X[s:e], B[s:e], out=T[:L])
+        before += _sum64(d.abs_())         # (also tells whether x and base are finite)
+        torch.rand(L, generator=gen, out=R[:L])
+        m = np.less(Rn[:L], dens, out=Mn[s:e])
+        if l1: after += _sum64(torch.from_numpy(np.multiply(Tn[:L], m, out=Tn[:L])))   # |d| where kept
+    ok = math.isfinite(before) or bool(torch.isfinite(X).all() and torch.isfinite(B).all())   # an overflowing sum is no NaN
+    if not rescale: return M, None, ok
+    if rescale_mode == "l1": return M, _l1_scale(before, after), ok
+    return M, ("div", max(density, 1e-12)), ok
+
+class _NonFinite(ValueError):
+    "An input of the tensor being merged holds NaN or inf (the executor names which)."
+
+def _fast_random(x, base, density, gen):
+    "Whether DARE's chunked path applies (seeded, CPU, float32); the global-RNG path stays mergekit's own draw."
+    return gen is not None and 0 < density < 1 and base.device.type == "cpu" and base.dtype == x.dtype == torch.float32
+
 def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=None, consensus=False,
                                 normalize=False, rescale=False, lambda_=1.0, gamma=0.01, epsilon=0.15,
-                                election="weighted", rescale_mode="l1", seed=None, name="", **_):
-    "mergekit's generalized task arithmetic: sparsify task vectors, weight them, optionally elect signs, sum, add to base."
+                                election="weighted", rescale_mode="l1", seed=None, name="", _check_finite=False, **_):
+    """mergekit's generalized task arithmetic: sparsify task vectors, weight them, optionally elect signs, sum, add to base.
+    `_check_finite` (the executor's): raise `_NonFinite` before the element-wise phase if an input holds NaN or inf,
+    found from the sums the planning pass computes anyway (in cache), or by one pass over inputs it does not scan."""
     n = len(tensors)
     if n == 0: return base
     if election not in ("weighted", "unweighted"): raise ValueError(f"election must be 'weighted' or 'unweighted', got {election!r}")
     ws, ds = _per_model(weight, n, "weight"), _per_model(density, n, "density")
     gs, es = _per_model(gamma, n, "gamma"), _per_model(epsilon, n, "epsilon")
-    # phase 1, per model: either a magnitude threshold (computed in chunks) or a materialised sparse task vector
+    # phase 1, per model: a magnitude threshold (computed in chunks), a chunked DARE mask, or a materialised sparse task vector
     prep = []
+    mags = _magnitude_plans(tensors, base, ds, rescale) if sparsify == "magnitude" else None
     for i, x in enumerate(tensors):
         if sparsify is None: prep.append(None); continue
-        if sparsify == "magnitude": prep.append(("mag", _magnitude_plan(x, base, ds[i], rescale))); continue
-        d = x - base
+        if sparsify == "magnitude": prep.append(("mag", mags[i])); continue
         gen = tensor_generator(seed, name, i, base.device)
+        if sparsify == "random" and _fast_random(x, base, ds[i], gen):
+            m, f, ok = _random_plan(x, base, ds[i], rescale, gen, rescale_mode)
+            prep.append(("mask", m, f, ok, m.numpy())); continue
+        d = x - base
         if sparsify == "random": d = sparsify_random(d, ds[i], rescale, gen, rescale_mode)
         elif sparsify == "outliers": d = sparsify_outliers(d, ds[i], gs[i], rescale)
         elif sparsify == "della": d = sparsify_della(d, ds[i], es[i], rescale, gen, rescale_mode)
         else: raise ValueError(f"unknown sparsifier {sparsify!r}")
-        prep.append(("full", d.reshape(-1)))
-    # phase 2, in chunks: the same element-wise arithmetic as mergekit, on cache-sized pieces
+        prep.append(("full", d.reshape(-1), None))
+    if _check_finite:
+        # per model: True (its delta, hence x and base, was seen finite), False (NaN/inf), None (not scanned)
+        seen = [(p[1] or {}).get("finite") if p is not None and p[0] == "mag" else (p[3] if p is not None and len(p) > 3 else None)
+                for p in prep]
+        if False in seen or any(f is None and not _finite(x) for f, x in zip(seen, tensors)) \
+                or (True not in seen and not _finite(base)):
+            for p in prep:
+                if p is not None and p[0] in ("full", "mask"): _give_back(p[1])
+            raise _NonFinite(name)
     X, B = [x.reshape(-1) for x in tensors], base.reshape(-1)
-    out = torch.empty_like(B)
-    w = torch.tensor(ws, dtype=base.dtype, device=base.device).unsqueeze(1)
-    for s in range(0, B.numel(), CHUNK):
-        e = min(s + CHUNK, B.numel())
+    N = B.numel()
+    ties_at = [None] * n
+    for i, p in enumerate(prep):    # per chunk, the slice of the (sorted) tie positions that fall into it
+        if p is not None and p[0] == "mag" and p[1] is not None and p[1].get("ties") is not None:
+            t = p[1]["ties"]
+            ties_at[i] = (t, torch.searchsorted(t, torch.arange(0, N + CHUNK, CHUNK, device=t.device)).tolist())
+    def delta(i, s, e, buf):
+        "Model i's sparsified, rescaled task vector on [s, e): in `buf`, or in place in its own full-size buffer."
+        p = prep[i]
+        if p is None: return torch.sub(X[i][s:e], B[s:e], out=buf)
+        if p[0] == "full":
+            d = p[1][s:e]
+            if p[2] is not None: d = d.mul_(p[2]) if torch.is_tensor(p[2]) else d.div_(p[2][1])
+            return d
+        torch.sub(X[i][s:e], B[s:e], out=buf)
+        if p[0] == "mask":                                         # DARE: × (rand < density), then the rescale
+            np.multiply(buf.numpy(), p[4][s:e], out=buf.numpy())
+            if p[2] is not None: buf.mul_(p[2]) if torch.is_tensor(p[2]) else buf.div_(p[2][1])
+            return buf
+        mp = p[1]
+        if mp is None: return buf
+        if mp.get("zero"): return buf.zero_()
+        torch.ops.aten.hardshrink.out(buf, mp["lam"], out=buf)     # keeps |d| > lam, zeroes the rest: one pass
+        if ties_at[i] is not None:                                 # kept entries equal to the threshold (rare)
+            t, cuts = ties_at[i]
+            t = t[cuts[s // CHUNK]:cuts[s // CHUNK + 1]] - s
+            if t.numel(): buf[t] = X[i][s:e][t] - B[s:e][t]
+        if mp["scale"] is not None: buf.mul_(mp["scale"])
+        return buf
+    out = _empty(N, base.dtype, base.device)
+    dt = base.dtype
+    wf = [float(torch.tensor(float(w), dtype=dt)) for w in ws] if dt.is_floating_point else ws   # the weights as the math dtype holds them
+    tiny = torch.finfo(dt).tiny if dt.is_floating_point else 0
+    # fast paths (the same bits as the general loop below; see the notes): two models with the weighted sign election
+    # and positive weights, or up to two models without election
+    two = consensus and election == "weighted" and n == 2 and dt.is_floating_point and all(w >= tiny for w in wf)
+    plain = not consensus and n <= 2 and dt.is_floating_point
+    c = min(CHUNK, max(N, 1))
+    if two or plain:
+        P, Q = torch.empty(c, dtype=dt, device=B.device), torch.empty(c, dtype=dt, device=B.device)
+        if two: S, M0, M1, one = [torch.empty(c, dtype=dt, device=B.device) for _ in range(3)] + [torch.ones((), dtype=dt, device=B.device)]
+        else:
+            div = float(torch.tensor(wf, dtype=dt).sum()); div = 1.0 if abs(div) < 1e-8 else div
+        for s, e in _chunks(N, c):
+            L = e - s
+            p = delta(0, s, e, P[:L]).mul_(wf[0])
+            if n == 2: q = delta(1, s, e, Q[:L]).mul_(wf[1])
+            if two:
+                sg = torch.copysign(one, torch.add(p, q, out=S[:L]), out=S[:L])   # elected sign: +1 where Σ wᵢdᵢ >= 0
+                p.mul_(sg).clamp_min_(0); q.mul_(sg).clamp_min_(0)      # |wᵢdᵢ| where it agrees with the elected sign, else 0
+                if normalize:
+                    dv = torch.sign(p, out=M0[:L]).mul_(wf[0]).add_(torch.sign(q, out=M1[:L]), alpha=wf[1])   # Σ wᵢ·maskᵢ
+                    dv.clamp_min_(tiny)     # where nothing agrees the sum is 0 (mergekit divides it by 1)
+                p.add_(q).mul_(sg)
+                if normalize: p.div_(dv)
+            else:
+                if n == 2: p.add_(q)
+                if normalize: p.div_(div)
+            if lambda_ != 1: p.mul_(lambda_)
+            torch.add(B[s:e], p, out=out[s:e])
+        for p in prep:
+            if p is not None and p[0] in ("full", "mask"): _give_back(p[1])
+        return out.reshape(base.shape)
+    # phase 2, in chunks: the same element-wise arithmetic as mergekit, on cache-sized pieces
+    w = torch.tensor(ws, dtype=dt, device=base.device).unsqueeze(1)
+    for s, e in _chunks(N, c):
         D = B.new_empty((n, e - s))
         for i in range(n):
-            p = prep[i]
-            if p is not None and p[0] == "full": D[i] = p[1][s:e]; continue
-            torch.sub(X[i][s:e], B[s:e], out=D[i])
-            if p is None or p[1] is None: continue
-            mp = p[1]
-            if mp.get("zero"): D[i].zero_(); continue
-            torch.ops.aten.hardshrink.out(D[i], float(mp["thr"]), out=D[i])   # keeps |d| > thr, zeroes the rest: one pass
-            t = mp["ties"]
-            if t is not None:                                                 # kept entries equal to the threshold
-                t = t[(t >= s) & (t < e)] - s
-                if t.numel(): D[i][t] = X[i][s:e][t] - B[s:e][t]
-            if mp["scale"] is not None: D[i].mul_(mp["scale"])
+            buf = D[i]
+            d = delta(i, s, e, buf)
+            if d is not buf: buf.copy_(d)
         if consensus:
             if election == "weighted":
                 D.mul_(w)
@@ -266,16 +463,20 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
                 D.mul_(w)
             mask = mask.to(D.dtype)
             mixed = (D * mask).sum(0)
-            divisor = (w * mask).sum(0)
-            divisor[divisor == 0] = 1
+            if normalize:
+                divisor = (w * mask).sum(0)
+                divisor[divisor == 0] = 1
         else:
             D.mul_(w)
             mixed = D.sum(0)
-            divisor = w.sum(0).expand_as(mixed).clone()
-            divisor[divisor.abs() < 1e-8] = 1
+            if normalize:
+                divisor = w.sum(0).expand_as(mixed).clone()
+                divisor[divisor.abs() < 1e-8] = 1
         if normalize: mixed /= divisor
         if lambda_ != 1: mixed *= lambda_
         torch.add(B[s:e], mixed, out=out[s:e])
+    for p in prep:
+        if p is not None and p[0] in ("full", "mask"): _give_back(p[1])
     return out.reshape(base.shape).to(base.dtype)
 
 def _gta(name, sparsify, consensus, normalize, rescale, extra=None):
@@ -287,6 +488,7 @@ def _gta(name, sparsify, consensus, normalize, rescale, extra=None):
         kw.setdefault("normalize", normalize); kw.setdefault("rescale", rescale)
         return generalized_task_arithmetic(tensors, base, sparsify=sparsify, consensus=consensus, **kw)
     fn.__name__ = fn.__qualname__ = name
+    fn.checks_finite = True      # checks its own inputs when the executor passes _check_finite (cheaper than a separate pass)
     fn.__doc__ = f"`{name}`: generalized task arithmetic (sparsifier {sparsify}, sign election {'on' if consensus else 'off'})."
     register(name, fn, base="required", model_params=mp, shared_params=sp, random=sparsify in ("random", "della"))
     return fn
@@ -307,7 +509,7 @@ def linear(tensors, base=None, *, weight, normalize=True, **_):
     xs = list(tensors) + ([base] if base is not None else [])
     ws = _per_model(weight, len(xs), "weight")
     dt = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-    out = torch.mul(xs[0].to(dt), float(ws[0]))          # the same bits as 0 + w₀x₀, one pass fewer
+    out = torch.mul(xs[0].to(dt), float(ws[0]), out=_empty(xs[0].numel(), dt, xs[0].device).view(xs[0].shape))  # = 0 + w₀x₀
     for x, w in zip(xs[1:], ws[1:]): out.add_(x.to(dt), alpha=float(w))
     if normalize: out.div_(float(sum(ws)))
     return out.to(xs[0].dtype)
@@ -752,22 +954,32 @@ def _header(fn):
         return _HDR_CACHE[key]
 
 def read_tensor(store, name:str)->torch.Tensor:
-    "Tensor `name` of `store`; from safetensors files with plain reads into a fresh buffer (no memory map stays resident)."
+    """Tensor `name` of `store`. From safetensors files: a private (copy-on-write) memory map of just this tensor's bytes,
+    released with the tensor (no copy through a read buffer, and nothing of the file stays mapped afterwards)."""
+    import mmap
     real = store.tied.get(name, name)
     fn = store.file_of(real)
     if fn is None or not str(fn).endswith(".safetensors"): return store[name]
     hdr, start = _header(fn)
     b, e = hdr[real]["data_offsets"]
-    buf = torch.empty(e - b, dtype=torch.uint8)
+    dt, shape = store.dtype(real), store.shape(real)
+    off = start + b
+    if e > b and off % dt.itemsize == 0:
+        at = off - off % mmap.ALLOCATIONGRANULARITY
+        with open(fn, "rb") as f:
+            if os.fstat(f.fileno()).st_size < start + e: raise ModelIOError(f"{fn}: file ends before tensor {real!r}")
+            mm = mmap.mmap(f.fileno(), off + (e - b) - at, access=mmap.ACCESS_COPY, offset=at)
+        return torch.frombuffer(mm, dtype=dt, offset=off - at, count=(e - b) // dt.itemsize).reshape(shape)
+    buf = torch.empty(e - b, dtype=torch.uint8)     # empty or unaligned: plain reads into a fresh buffer
     if e > b:
         with open(fn, "rb", buffering=0) as f:
-            f.seek(start + b)
+            f.seek(off)
             mv, got = memoryview(buf.numpy()), 0
             while got < e - b:
                 n = f.readinto(mv[got:])
                 if not n: raise ModelIOError(f"{fn}: unexpected end of file reading {real!r}")
                 got += n
-    return buf.view(store.dtype(real)).reshape(store.shape(real))
+    return buf.view(dt).reshape(shape)
 
 def _math_dtype(plan): return torch.float64 if plan.dtype == torch.float64 else torch.float32
 
@@ -798,15 +1010,29 @@ def _finite(x)->bool:
     return bool(torch.isfinite(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else torch.float64))) or bool(torch.isfinite(x).all())
 
 @torch.no_grad()
-def compute_job(plan:MergePlan, job:TensorJob, device="cpu", seed:int=0, check_finite:bool=True)->torch.Tensor:
-    "Load the inputs of one output tensor, merge them on `device` in float32, and return the result on CPU."
+def compute_job(plan:MergePlan, job:TensorJob, device="cpu", seed:int=0, check_finite:bool=True, pool=None)->torch.Tensor:
+    """Load the inputs of one output tensor, merge them on `device` in float32, and return the result on CPU.
+    `pool` (a `_BufferPool`): full-size temporaries and the result come from it (the caller gives the result back)."""
+    _POOL.pool = pool
+    try: return _compute_job(plan, job, device, seed, check_finite)
+    finally: _POOL.pool = None
+
+def _name_nonfinite(plan, job, every):
+    "Raise naming the first input of `job` that holds NaN or inf (exact test); return when there is none."
+    for (i, n), x in zip(list(job.inputs) + ([job.base] if job.base is not None else []), every):
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"tensor {n!r} of model {plan.models[i]} contains NaN or inf; fix or drop that model before merging")
+
+def _compute_job(plan, job, device, seed, check_finite):
     def load(i, n):
         x = read_tensor(plan.models[i].store, n)
-        if check_finite and not propagates and not _finite(x):
+        if check_finite and not (propagates or own) and not _finite(x):
             raise ValueError(f"tensor {n!r} of model {plan.models[i]} contains NaN or inf; fix or drop that model before merging")
         return x
-    # methods whose output is non-finite whenever an input is: checking the output (one pass) replaces checking every input
+    # methods whose output is non-finite whenever an input is: checking the output (one pass) replaces checking every input;
+    # methods that check their inputs in their own first pass (generalized task arithmetic) skip the separate pass too
     propagates = plan.method.name in PROPAGATE_NONFINITE
+    own = check_finite and getattr(plan.method.fn, "checks_finite", False) and not propagates
     raw = [load(i, n) for i, n in job.inputs]
     rawb = load(*job.base) if job.base is not None else None
     every = raw + ([rawb] if rawb is not None else [])
@@ -820,40 +1046,57 @@ def compute_job(plan:MergePlan, job:TensorJob, device="cpu", seed:int=0, check_f
     b = rawb.to(device=device, dtype=dt) if rawb is not None else None
     kw = dict(job.params, seed=seed, name=job.out)
     if plan.method.layerwise: kw.update(layer=job.layer, num_layers=plan.num_layers)
-    y = plan.method.fn(xs, b, **kw).to(device="cpu", dtype=out_dt)
+    try: r = plan.method.fn(xs, b, **kw, **({"_check_finite": True} if own else {}))
+    except _NonFinite:
+        _name_nonfinite(plan, job, every)
+        r = plan.method.fn(xs, b, **kw)       # a false alarm (|x − base| overflowed): merge, the output check decides
+    y = r.to(device="cpu", dtype=out_dt)
+    if y.data_ptr() != r.data_ptr(): _give_back(r)     # converted: the pooled result buffer is free again
     if check_finite and not _finite(y):
-        for (i, n), x in zip(list(job.inputs) + ([job.base] if job.base is not None else []), every):
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                raise ValueError(f"tensor {n!r} of model {plan.models[i]} contains NaN or inf; fix or drop that model before merging")
+        _name_nonfinite(plan, job, every)
         raise ValueError(f"merging {job.out!r} overflowed to inf in {out_dt} (every input is finite); check the weights or out_dtype")
     return y
 
-def stream_merge(plan:MergePlan, device="cpu", seed:int=0, workers:int=2, check_finite:bool=True, progress=False):
-    "Yield (name, merged tensor) in plan order, computing up to `workers` tensors at a time (threads)."
+def stream_merge(plan:MergePlan, device="cpu", seed:int=0, workers:int=2, check_finite:bool=True, progress=False,
+                 recycle:bool=False):
+    """Yield (name, merged tensor) in plan order, computing up to `workers` tensors at a time (threads). On CPU each worker
+    gets its share of torch's threads (one each on two cores): small element-wise ops do not pay for thread hand-offs.
+    `recycle=True`: the caller is done with each tensor when it asks for the next one (a writer), so its memory is reused."""
+    pool = _BufferPool() if recycle else None
     from tqdm.auto import tqdm
     bar = tqdm(total=len(plan.jobs), unit="tensor", desc=f"merge ({plan.method.name})", disable=not progress)
+    threads, collect = torch.get_num_threads(), gc.isenabled()
+    if workers > 1 and torch.device(device).type == "cpu": torch.set_num_threads(max(1, threads // workers))
+    gc.disable()    # the chunk loops make many short-lived tensors; full collections of a big process cost seconds
     try:
         if workers <= 1:
             for j in plan.jobs:
-                y = compute_job(plan, j, device, seed, check_finite); bar.update(); yield j.out, y
+                y = compute_job(plan, j, device, seed, check_finite, pool); bar.update(); yield j.out, y
+                if pool is not None: pool.give(y)
+                del y
             return
         ex = ThreadPoolExecutor(workers, thread_name_prefix="merge")
         try:
+            # one job more than workers in flight: a worker that finishes early starts the next tensor at once
             it, q = iter(plan.jobs), deque()
             for j in it:
-                q.append((j, ex.submit(compute_job, plan, j, device, seed, check_finite)))
-                if len(q) >= workers: break
+                q.append((j, ex.submit(compute_job, plan, j, device, seed, check_finite, pool)))
+                if len(q) > workers: break
             while q:
                 j, f = q.popleft()
                 y = f.result()
                 nxt = next(it, None)
-                if nxt is not None: q.append((nxt, ex.submit(compute_job, plan, nxt, device, seed, check_finite)))
+                if nxt is not None: q.append((nxt, ex.submit(compute_job, plan, nxt, device, seed, check_finite, pool)))
                 bar.update(); yield j.out, y
+                if pool is not None: pool.give(y)
                 del y
         finally:
             for _, f in q: f.cancel()
             ex.shutdown(wait=True)
-    finally: bar.close()
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+        if collect: gc.enable()
 
 # %% ../nbs/10_merge.ipynb #0c97d422
 def _job_dtype(plan, job):
@@ -868,8 +1111,61 @@ def _job_shape(plan, job):
 _ST_CODE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int64: "I64",
             torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
+class _DirectSink:
+    """Sequential writer of one file's data region with O_DIRECT: bytes are gathered in a page-aligned 8 MB staging
+    buffer and go to the device without passing through the page cache (filling fresh page-cache pages costs more CPU
+    than the merge arithmetic on some machines). Falls back to plain writes where O_DIRECT is refused (tmpfs, macOS)."""
+    BLOCK, SIZE = 4096, 8 << 20
+    def __init__(self, path, offset:int):
+        import mmap
+        self.path, self.pos, self.fill = path, offset, 0      # offset: where the data start (a multiple of BLOCK)
+        self.fd = None
+        if hasattr(os, "O_DIRECT") and hasattr(os, "pwrite"):
+            try: self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+            except OSError: self.fd = None
+        self.direct = self.fd is not None
+        if not self.direct: self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+        self.buf = mmap.mmap(-1, self.SIZE) if self.direct else None
+        self.mv = memoryview(self.buf) if self.direct else None
+    def _pwrite(self, mv, at):
+        if not hasattr(os, "pwrite"):          # Windows: seek and write
+            os.lseek(self.fd, at, os.SEEK_SET)
+            while len(mv): mv = mv[os.write(self.fd, mv):]
+            return
+        while len(mv):
+            try: n = os.pwrite(self.fd, mv, at)
+            except OSError:
+                if not self.direct: raise
+                os.close(self.fd); self.direct = False       # the file system refuses O_DIRECT writes: plain writes
+                self.fd = os.open(self.path, os.O_WRONLY, 0o644)
+                continue
+            mv, at = mv[n:], at + n
+    def write(self, mv):
+        mv = mv.cast("B")
+        if not self.direct: self._pwrite(mv, self.pos); self.pos += len(mv); return
+        while len(mv):
+            n = min(len(mv), self.SIZE - self.fill)
+            self.mv[self.fill:self.fill + n] = mv[:n]; self.fill += n; mv = mv[n:]
+            if self.fill == self.SIZE: self._flush()
+    def _flush(self):
+        if not self.fill: return
+        if self.direct:
+            whole = -(-self.fill // self.BLOCK) * self.BLOCK       # pad the last block; the file is truncated afterwards
+            self.mv[self.fill:whole] = bytes(whole - self.fill)
+            self._pwrite(self.mv[:whole], self.pos)
+        else: self._pwrite(self.mv[:self.fill], self.pos)
+        self.pos += self.fill; self.fill = 0
+    def close(self):
+        "Write what is left, cut the padding, close; returns the file size."
+        self._flush()
+        os.ftruncate(self.fd, self.pos)
+        os.close(self.fd)
+        if self.mv is not None: self.mv.release(); self.buf.close()
+        return self.pos
+
 class PlannedWriter:
-    "Write a known sequence of (name, shape, dtype) tensors into HF-sharded safetensors as they arrive; atomic; checksummed."
+    """Write a known sequence of (name, shape, dtype) tensors into HF-sharded safetensors as they arrive; atomic; checksummed.
+    The header is padded to a 4 KB boundary (safetensors allows trailing spaces) so the data can be written with O_DIRECT."""
     def __init__(self, out_dir, entries:list, max_shard_size="2GB", metadata:dict|None=None, overwrite:bool=False, checksums:bool=True):
         from model_ops.io import parse_size
         self.out, self.max, self.overwrite, self.checksums = Path(out_dir).expanduser(), parse_size(max_shard_size), overwrite, checksums
@@ -888,7 +1184,7 @@ class PlannedWriter:
         self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.total = sum(e[3] for s in self.shards for e in s)
         self.tmp, self._pos = None, (0, 0)
-    def _header(self, shard, sums):
+    def _header(self, shard, sums, block=_DirectSink.BLOCK):
         import xxhash
         hdr, off = {}, 0
         for name, shape, dt, nb in shard:
@@ -901,7 +1197,7 @@ class PlannedWriter:
         else: meta["model_ops.nocrc"] = "1"
         hdr["__metadata__"] = meta
         hb = json.dumps(hdr, separators=(",", ":")).encode()
-        return hb + b" " * (-len(hb) % 8)
+        return hb + b" " * (-(8 + len(hb)) % block)      # 8 + header: a whole number of blocks
     def __enter__(self):
         self._dir = atomic_dir(self.out, overwrite=self.overwrite, durable=False)   # io's temp-sibling-then-rename folder
         self.tmp = self._dir.__enter__()
@@ -917,17 +1213,18 @@ class PlannedWriter:
             raise ModelIOError(f"expected tensor {ename!r} {tuple(shape)} {dt}, got {name!r} {tuple(t.shape)} {t.dtype}")
         if ti == 0:
             self._sums = {e[0]: ("0" if e[3] == 0 else "0" * 16) for e in self.shards[si]}
-            self._f = open(self.tmp / self.files[si], "wb")
-            hb = self._header(self.shards[si], self._sums)
-            self._f.write(len(hb).to_bytes(8, "little")); self._f.write(hb)
+            self._hlen = len(self._header(self.shards[si], self._sums))     # the checksums have fixed widths
+            self._f = _DirectSink(self.tmp / self.files[si], 8 + self._hlen)
         if t.numel():
             mv = memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
             self._f.write(mv)
             if self.checksums: self._sums[name] = xxhash.xxh3_64_hexdigest(mv)
         ti += 1
         if ti == len(self.shards[si]):
+            self._f.close(); self._f = None
             hb = self._header(self.shards[si], self._sums)
-            self._f.seek(8); self._f.write(hb); self._f.close(); self._f = None
+            assert len(hb) == self._hlen
+            with open(self.tmp / self.files[si], "r+b") as f: f.write(len(hb).to_bytes(8, "little")); f.write(hb)
             si, ti = si + 1, 0
         self._pos = (si, ti)
     def write_json(self, rel:str, obj):
@@ -1011,10 +1308,13 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
         return _merge_distributed(plan, out, rank, world_size, device, seed, workers, max_shard_size, overwrite,
                                   check_finite, progress, copy_tokenizer, meta)
     t0 = time.time()
+    # write (and so compute) the largest tensors first: the embeddings and the LM head, a third of a small model, then
+    # run side by side instead of one of them alone at the end; tensor order inside a safetensors file is immaterial
+    plan = MergePlan(**{**plan.__dict__, "jobs": sorted(plan.jobs, key=lambda j: -math.prod(_job_shape(plan, j)))})
     entries = [(j.out, _job_shape(plan, j), _job_dtype(plan, j)) for j in plan.jobs]
     with PlannedWriter(out, entries, max_shard_size=max_shard_size, overwrite=overwrite,
                        metadata={k: meta[k] for k in ("operation", "method", "inputs", "seed")}) as w:
-        for name, t in stream_merge(plan, device, seed, workers, check_finite, progress): w.add(name, t)
+        for name, t in stream_merge(plan, device, seed, workers, check_finite, progress, recycle=True): w.add(name, t)
         meta["seconds"] = round(time.time() - t0, 3)
         _write_extras(plan, w.write_json, w.copy_file, copy_tokenizer, meta)
     return out
@@ -1106,7 +1406,7 @@ def _merge_distributed(plan, out, rank, world, device, seed, workers, max_shard_
     sub = MergePlan(**{**plan.__dict__, "jobs": mine})
     with ShardWriter(out, max_shard_size=max_shard_size, overwrite=overwrite, rank=rank, world_size=world,
                      metadata={k: meta[k] for k in ("operation", "method", "inputs", "seed")}) as w:
-        for name, t in stream_merge(sub, device, seed, workers, check_finite, progress): w.add(name, t)
+        for name, t in stream_merge(sub, device, seed, workers, check_finite, progress): w.add(name, t)   # ShardWriter keeps them
         if rank == 0: _write_extras(plan, w.write_json, w.copy_file, copy_tokenizer, dict(meta, world_size=world))
         w.write_json("merge_part.json", {"digest": digest, "rank": rank, "tensors": len(mine)})
     _barrier(rank, world, out, digest, timeout)

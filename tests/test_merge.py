@@ -287,10 +287,12 @@ def test_nonfinite_found_from_the_output(models, tmp_path):
     sd = _load(models["a"]); k = "model.layers.1.mlp.up_proj.weight"
     sd[k][3, 4] = float("nan")
     bad = save_model(sd, tmp_path / "nan", config=json.loads((models["root"] / "base" / "config.json").read_text()))
-    for method in ("linear", "task_arithmetic"):
+    for method in ("linear", "task_arithmetic", "ties", "dare_ties"):   # ties/dare_ties: found by their own planning pass
         cfg = {"merge_method": method,
                "models": [{"model": str(bad), "parameters": {"weight": 0.5}}, {"model": models["b"], "parameters": {"weight": 0.5}}]}
         if method != "linear": cfg["base_model"] = models["base"]
+        if method in ("ties", "dare_ties"):
+            for m in cfg["models"]: m["parameters"]["density"] = 0.5
         with pytest.raises(ValueError, match=r"up_proj.*NaN or inf"): M.merge_config(cfg, tmp_path / f"o_{method}")
         assert not (tmp_path / f"o_{method}").exists()
     cfg = {"merge_method": "linear", "out_dtype": "float16",
@@ -298,3 +300,74 @@ def test_nonfinite_found_from_the_output(models, tmp_path):
            "parameters": {"normalize": False}}
     with pytest.raises(ValueError, match="overflowed to inf in torch.float16"): M.merge_config(cfg, tmp_path / "ovf")
     assert not (tmp_path / "ovf").exists()
+
+def _gta_reference(xs, base, ws, deltas, normalize, lambda_=1.0):
+    "mergekit's TIES/DARE-TIES combination on whole tensors, from already sparsified task vectors."
+    w = torch.tensor(ws, dtype=base.dtype).unsqueeze(1)
+    D = torch.stack([d.reshape(-1) for d in deltas]) * w
+    mask = (D.sign() == ((D.sum(0) >= 0).to(D.dtype) * 2 - 1)).to(D.dtype)
+    mixed = (D * mask).sum(0)
+    if normalize:
+        div = (w * mask).sum(0); div[div == 0] = 1
+        mixed = mixed / div
+    return base + (lambda_ * mixed if lambda_ != 1 else mixed).reshape(base.shape)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_two_model_fast_path_bits(dtype):
+    "The two-model TIES path (float ops on 64K chunks) gives mergekit's bits; so does the generic loop it bypasses."
+    g = torch.Generator().manual_seed(3)
+    n = 300_007                                   # above 2^18: the sampled bracket is used
+    base = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    xs = [base + (torch.round(0.01 * torch.randn(n, generator=g, dtype=torch.float64) / 1e-3) * 1e-3).to(dtype) for _ in range(2)]
+    for ws, ds, norm, lam in [([0.7, 0.4], [0.3, 0.45], True, 1.0), ([0.5, 0.5], [0.5, 0.5], False, 0.8), ([1.0, 1.0], [1.0, 0.2], True, 1.0)]:
+        got = M.ties(xs, base, weight=ws, density=ds, normalize=norm, lambda_=lam)
+        ref = _gta_reference(xs, base, ws, [M.sparsify_magnitude(x - base, d) for x, d in zip(xs, ds)], norm, lam)
+        assert torch.equal(got, ref), (ws, ds)
+    # a third model with weight 0 and density 0 takes the generic loop: same result as the two-model path
+    got3 = M.ties(xs + [xs[0]], base, weight=[0.7, 0.4, 1e-3], density=[0.3, 0.45, 0.0])
+    assert torch.equal(got3, M.ties(xs, base, weight=[0.7, 0.4], density=[0.3, 0.45]))
+
+def test_dare_chunked_equals_whole_tensor_reference():
+    "Seeded DARE-TIES in chunks: the masks of one `torch.rand` per tensor, the L1 rescale, mergekit's election (≤ 1e-6)."
+    g = torch.Generator().manual_seed(4)
+    n = 200_003
+    base = torch.randn(n, generator=g); xs = [base + 0.01 * torch.randn(n, generator=g) for _ in range(2)]
+    ws, ds = [0.6, 0.4], [0.5, 0.3]
+    got = M.dare_ties(xs, base, weight=ws, density=ds, seed=9, name="t")
+    deltas = []
+    for i, (x, d) in enumerate(zip(xs, ds)):
+        keep = torch.rand(n, generator=M.tensor_generator(9, "t", i)) < d
+        m = (x - base) * keep
+        deltas.append(m * ((x - base).abs().double().sum() / m.abs().double().sum()).float())
+    ref = _gta_reference(xs, base, ws, deltas, normalize=False)
+    assert (got - ref).abs().max().item() <= 1e-6 and torch.equal(got != base, ref != base)
+
+def test_same_bits_whatever_the_thread_count():
+    "L1 sums are taken in fixed 1024-value rows, so rescaled TIES and seeded DARE do not depend on torch's thread count."
+    g = torch.Generator().manual_seed(5)
+    n = 300_000
+    base = torch.randn(n, generator=g); xs = [base + 0.01 * torch.randn(n, generator=g) for _ in range(2)]
+    old = torch.get_num_threads()
+    try:
+        res = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            res.append((M.ties(xs, base, weight=[0.5, 0.5], density=0.4, rescale=True),
+                        M.dare_ties(xs, base, weight=[0.5, 0.5], density=0.4, seed=1, name="x")))
+    finally: torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(*res))
+
+def test_recycled_buffers_and_direct_writes_keep_the_bits(models, tmp_path):
+    "merge_config (pooled buffers, O_DIRECT writer, 4 KB-aligned header) writes exactly what the in-memory merge returns."
+    from safetensors.torch import load_file
+    from model_ops.io import verify_store
+    for method in ("ties", "dare_ties"):
+        cfg = dict(merge_method=method, base_model=models["base"], models=[
+            {"model": models["a"], "parameters": {"weight": 0.6, "density": 0.5}}, {"model": models["b"], "parameters": {"weight": 0.4, "density": 0.5}}])
+        out = M.merge_config(cfg, tmp_path / method, seed=3, workers=2)
+        mem = dict(M.stream_merge(M.plan_merge(cfg), seed=3, workers=1))
+        disk = load_file(out / "model.safetensors")            # the reference reader accepts the padded header
+        assert sorted(disk) == sorted(mem) and all(torch.equal(disk[k], mem[k]) for k in mem)
+        assert verify_store(out) == len(mem)
+        n = int.from_bytes((out / "model.safetensors").read_bytes()[:8], "little")
+        assert (8 + n) % 4096 == 0
