@@ -85,21 +85,22 @@ def _writeback(fd:int, off:int, n:int):
 
 class _Flusher:
     """A thread that starts disk writeback of the ranges the hashing threads have written and `fsync`s and closes
-    finished files, so that hashing and writing never wait for the disk. Requests are (fd, offset, length, last)."""
+    finished files, so that hashing and writing never wait for the disk. Requests are (fd, offset, length, end), end:
+    None (more bytes follow), "sync" (the file is complete: fsync and close it) or "close" (a failed write: close only)."""
     def __init__(self):
         self.q, self.err = queue.SimpleQueue(), None
         self.t = threading.Thread(target=self._run, name="ckpt-flush", daemon=True); self.t.start()
     def _run(self):
         while (r := self.q.get()) is not None:
-            fd, off, n, last = r
+            fd, off, n, end = r
             try:
                 if self.err is None:
                     if n: _writeback(fd, off, n)
-                    if last: os.fsync(fd)
+                    if end == "sync": os.fsync(fd)
             except OSError as e: self.err = e
             finally:
-                if last: os.close(fd)
-    def put(self, fd, off, n, last=False): self.q.put((fd, off, n, last))
+                if end: os.close(fd)
+    def put(self, fd, off, n, end=None): self.q.put((fd, off, n, end))
     def close(self):
         "Wait until every file handed over is on disk; raises the first error."
         self.q.put(None); self.t.join()
@@ -124,6 +125,15 @@ def _layout(tensors:dict, metadata:dict=None) -> tuple:
 def _write_all(fd:int, mv):
     while mv: mv = mv[os.write(fd, mv):]
 
+def _done(fd:int, durable:bool, flusher:_Flusher=None, off:int=0, n:int=0, ok:bool=True):
+    """Finish a written file: fsync it (when `durable` and the write succeeded) and close it, on the flusher's thread
+    after the writeback it has queued for bytes [off, off+n), or here and now when there is no flusher."""
+    if flusher is not None: flusher.put(fd, off, n, "sync" if ok else "close")
+    else:
+        try:
+            if durable and ok: os.fsync(fd)
+        finally: os.close(fd)
+
 def _write_st(path, tensors:dict, metadata:dict=None, durable:bool=True, flusher:_Flusher=None, stop=None) -> dict:
     """Write one safetensors file and return its manifest entry (size, SHA-256, per-tensor xxh3). Each 256 KiB piece is
     hashed (SHA-256 of the file, xxh3 of the tensor) straight from the tensor's memory and then written while it is
@@ -144,14 +154,8 @@ def _write_st(path, tensors:dict, metadata:dict=None, durable:bool=True, flusher
                 if durable and flusher is not None and pos - last >= _WBACK: flusher.put(fd, last, pos - last); last = pos
             xx[k] = h.hexdigest()
     except BaseException:
-        if flusher is not None: flusher.put(fd, 0, 0, True)       # the flusher closes it (after any queued request)
-        else: os.close(fd)
-        raise
-    if flusher is not None: flusher.put(fd, last, pos - last if durable else 0, True)
-    else:
-        try:
-            if durable: os.fsync(fd)
-        finally: os.close(fd)
+        _done(fd, durable, flusher, ok=False); raise     # with a flusher, closed after the writeback it has queued
+    _done(fd, durable, flusher, last, pos - last)
     return {"size": pos, "sha256": sha.hexdigest(), "header_xxh3": _xxh3(hb),
             "tensors": {k: {"dtype": header[k]["dtype"], "shape": header[k]["shape"],
                             "data_offsets": header[k]["data_offsets"], "xxh3": xx[k]} for k in names}}
@@ -418,12 +422,8 @@ def _write_small(path, b:bytes, durable:bool, flusher=None) -> dict:
     "Write bytes `b` to `path` (fsynced now, or by `flusher`); returns its manifest entry."
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
     try: _write_all(fd, memoryview(b))
-    except BaseException: os.close(fd); raise
-    if flusher is not None: flusher.put(fd, 0, 0, True)
-    else:
-        try:
-            if durable: os.fsync(fd)
-        finally: os.close(fd)
+    except BaseException: _done(fd, durable, flusher, ok=False); raise
+    _done(fd, durable, flusher)
     return {"size": len(b), "sha256": _sha256(b)}
 
 def _write(path, mt, tied, tree, st, step, metadata, overwrite, max_shard_size="512MB", durable=True) -> Path:

@@ -203,6 +203,11 @@ def _give_back(t):
     pool = getattr(_POOL, "pool", None)
     if pool is not None: pool.give(t)
 
+def _release(prep):
+    "Give the full-size per-model buffers of a generalized-task-arithmetic plan back to the pool."
+    for p in prep:
+        if p is not None and p[0] in ("full", "mask"): _give_back(p[1])
+
 def _magnitude_plans(xs, base, densities, rescale, chunk=None):
     """Exact top-k of |x − base| for each x (TIES trim), found in one chunked pass over the inputs (no full-size
     temporaries). Per model: `lam`, the hardshrink threshold that keeps the top-k (|d| > lam); `ties`, the flat positions
@@ -299,10 +304,6 @@ def _magnitude_plans(xs, base, densities, rescale, chunk=None):
             plans[i] = dict(lam=float(thr), ties=eq if pos is None else pos[eq], scale=scale, finite=finite if use_np else None)
     return plans
 
-def _magnitude_plan(x, base, density, rescale, chunk=None):
-    "`_magnitude_plans` for one model."
-    return _magnitude_plans([x], base, [density], rescale, chunk)[0]
-
 def _sum64(a)->float:
     """Sum of the flat chunk `a`, the same bits whatever the number of threads: float rows of 1024 (each summed by one
     thread), then the row sums in float64."""
@@ -357,30 +358,28 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
     if election not in ("weighted", "unweighted"): raise ValueError(f"election must be 'weighted' or 'unweighted', got {election!r}")
     ws, ds = _per_model(weight, n, "weight"), _per_model(density, n, "density")
     gs, es = _per_model(gamma, n, "gamma"), _per_model(epsilon, n, "epsilon")
-    # phase 1, per model: a magnitude threshold (computed in chunks), a chunked DARE mask, or a materialised sparse task vector
+    # phase 1, per model: a magnitude threshold (computed in chunks), a chunked DARE mask, or a materialised sparse task
+    # vector, as (kind, data, factor, finite); finite: True/False when the planning pass saw x and base, None when not
     prep = []
     mags = _magnitude_plans(tensors, base, ds, rescale) if sparsify == "magnitude" else None
     for i, x in enumerate(tensors):
         if sparsify is None: prep.append(None); continue
-        if sparsify == "magnitude": prep.append(("mag", mags[i])); continue
+        if sparsify == "magnitude": prep.append(("mag", mags[i], None, (mags[i] or {}).get("finite"))); continue
         gen = tensor_generator(seed, name, i, base.device)
         if sparsify == "random" and _fast_random(x, base, ds[i], gen):
             m, f, ok = _random_plan(x, base, ds[i], rescale, gen, rescale_mode)
-            prep.append(("mask", m, f, ok, m.numpy())); continue
+            prep.append(("mask", m, f, ok)); continue
         d = x - base
         if sparsify == "random": d = sparsify_random(d, ds[i], rescale, gen, rescale_mode)
         elif sparsify == "outliers": d = sparsify_outliers(d, ds[i], gs[i], rescale)
         elif sparsify == "della": d = sparsify_della(d, ds[i], es[i], rescale, gen, rescale_mode)
         else: raise ValueError(f"unknown sparsifier {sparsify!r}")
-        prep.append(("full", d.reshape(-1), None))
+        prep.append(("full", d.reshape(-1), None, None))
     if _check_finite:
-        # per model: True (its delta, hence x and base, was seen finite), False (NaN/inf), None (not scanned)
-        seen = [(p[1] or {}).get("finite") if p is not None and p[0] == "mag" else (p[3] if p is not None and len(p) > 3 else None)
-                for p in prep]
+        seen = [p[3] if p is not None else None for p in prep]
         if False in seen or any(f is None and not _finite(x) for f, x in zip(seen, tensors)) \
                 or (True not in seen and not _finite(base)):
-            for p in prep:
-                if p is not None and p[0] in ("full", "mask"): _give_back(p[1])
+            _release(prep)
             raise _NonFinite(name)
     X, B = [x.reshape(-1) for x in tensors], base.reshape(-1)
     N = B.numel()
@@ -393,13 +392,10 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
         "Model i's sparsified, rescaled task vector on [s, e): in `buf`, or in place in its own full-size buffer."
         p = prep[i]
         if p is None: return torch.sub(X[i][s:e], B[s:e], out=buf)
-        if p[0] == "full":
-            d = p[1][s:e]
-            if p[2] is not None: d = d.mul_(p[2]) if torch.is_tensor(p[2]) else d.div_(p[2][1])
-            return d
+        if p[0] == "full": return p[1][s:e]
         torch.sub(X[i][s:e], B[s:e], out=buf)
         if p[0] == "mask":                                         # DARE: × (rand < density), then the rescale
-            np.multiply(buf.numpy(), p[4][s:e], out=buf.numpy())
+            np.multiply(buf.numpy(), p[1].numpy()[s:e], out=buf.numpy())
             if p[2] is not None: buf.mul_(p[2]) if torch.is_tensor(p[2]) else buf.div_(p[2][1])
             return buf
         mp = p[1]
@@ -443,8 +439,7 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
                 if normalize: p.div_(div)
             if lambda_ != 1: p.mul_(lambda_)
             torch.add(B[s:e], p, out=out[s:e])
-        for p in prep:
-            if p is not None and p[0] in ("full", "mask"): _give_back(p[1])
+        _release(prep)
         return out.reshape(base.shape)
     # phase 2, in chunks: the same element-wise arithmetic as mergekit, on cache-sized pieces
     w = torch.tensor(ws, dtype=dt, device=base.device).unsqueeze(1)
@@ -475,8 +470,7 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
         if normalize: mixed /= divisor
         if lambda_ != 1: mixed *= lambda_
         torch.add(B[s:e], mixed, out=out[s:e])
-    for p in prep:
-        if p is not None and p[0] in ("full", "mask"): _give_back(p[1])
+    _release(prep)
     return out.reshape(base.shape).to(base.dtype)
 
 def _gta(name, sparsify, consensus, normalize, rescale, extra=None):
