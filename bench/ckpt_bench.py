@@ -9,6 +9,8 @@
    SHA-256, xxh3, page-cache copy, read; fsync wait; threads of model_ops' save and load).
 2. Peak memory of DCP -> HF conversion: `dcp_to_hf` (streaming, shard budget) against `dcp_to_torch_save`,
    each in a fresh subprocess (peak RSS above the process's RSS after imports).
+3. `--zero`: DeepSpeed ZeRO-2 rank files (TP=2 x DP=2, fp32 weights + Adam moments, written by `save_zero`) -> universal
+   folder with `ds_to_universal`: time and peak RSS of a fresh subprocess (the consolidated state is held in memory).
 
 Run under the shared lock:  flock /tmp/bench.lock python bench/ckpt_bench.py [--gb 1.0] [--reps 3] [--shard 100MB]
 """
@@ -251,6 +253,42 @@ def bench_dcp_memory(sd:dict, work:Path, shard:str="100MB") -> dict:
           f"{res['target_mb']:.0f} MB; dcp_to_hf {'meets' if ok else 'MISSES'} it", flush=True)
     return res
 
+ZPEAK = r'''
+import sys, time, json, warnings
+warnings.simplefilter("ignore")
+from model_ops.checkpoint import ds_to_universal
+def status_mb(key):
+    with open("/proc/self/status") as f:
+        for l in f:
+            if l.startswith(key): return int(l.split()[1]) / 1024
+base = status_mb("VmRSS"); t0 = time.time()
+ds_to_universal(sys.argv[1], sys.argv[2], latest=False)
+print(json.dumps({"base_mb": base, "peak_mb": status_mb("VmHWM"), "above_base_mb": status_mb("VmHWM") - base, "s": time.time() - t0}))
+'''
+
+def bench_zero(sd:dict, work:Path) -> dict:
+    "ds_to_universal of a TP=2 x DP=2 ZeRO-2 folder holding `sd` with Adam moments: seconds and peak RSS (subprocess)."
+    from model_ops.checkpoint import TPLayout, save_zero
+    lay = TPLayout(replicated=[r"norm\.weight$"], row_parallel=[r"o_proj\.weight$", r"down_proj\.weight$"])
+    g = torch.Generator().manual_seed(1)
+    u = {"meta": {k: lay.rule(k, v.ndim) for k,v in sd.items()},
+         "states": {"param": sd, "exp_avg": {k: torch.randn(v.shape, generator=g) for k,v in sd.items()},
+                    "exp_avg_sq": {k: torch.rand(v.shape, generator=g) for k,v in sd.items()}},
+         "step": {k: torch.tensor(10.0) for k in sd}, "groups": [list(sd)],
+         "info": {"tp_replicated_parameter_patterns": [r".*norm\.weight$"],
+                  "parameter_with_row_parallelism_patterns": [r".*o_proj\.weight$", r".*down_proj\.weight$"]}}
+    src = save_zero(u, work/"global_step10", tp=2, dp=2, stage=2); del u
+    state = sum(f.stat().st_size for f in src.iterdir())
+    script = work/"zpeak.py"; script.write_text(ZPEAK)
+    r = subprocess.run([sys.executable, str(script), str(src), str(work/"global_step10_universal")], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = {"zero_files_mb": state/1e6, **json.loads(r.stdout.strip().splitlines()[-1])}
+    print(f"ds_to_universal  {state/1e9:.2f} GB of ZeRO-2 rank files (tp=2 x dp=2): {res['s']:.1f}s, peak RSS "
+          f"+{res['above_base_mb']:.0f} MB above import baseline", flush=True)
+    shutil.rmtree(src); shutil.rmtree(work/"global_step10_universal")
+    return res
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=1.0)
@@ -258,12 +296,17 @@ if __name__ == "__main__":
     ap.add_argument("--shard", default="100MB")
     ap.add_argument("--out", default=None, help="write results JSON here")
     ap.add_argument("--profile", action="store_true", help="only the per-phase breakdown")
+    ap.add_argument("--zero", action="store_true", help="only DeepSpeed ZeRO -> universal conversion time and peak memory")
     a = ap.parse_args()
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=os.environ.get("BENCH_DIR")))
     try:
         sd = model_state(a.gb)
         print(f"state dict: {len(sd)} tensors, {sum(t.numel()*t.element_size() for t in sd.values())/1e9:.2f} GB float32", flush=True)
+        if a.zero:
+            res = {"zero_to_universal": bench_zero(sd, work)}
+            if a.out: Path(a.out).write_text(json.dumps(res, indent=1))
+            sys.exit(0)
         if a.profile:
             res = {"profile": profile(sd, work, a.reps)}
             if a.out: Path(a.out).write_text(json.dumps(res, indent=1))

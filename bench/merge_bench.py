@@ -2,8 +2,9 @@
 
 Three Llama-shaped float32 models (hidden 1024, intermediate 2816, 12 layers, 16 heads, 32k vocabulary, untied
 embeddings; 219.7M parameters, 0.88 GB each) are generated once under --root. For each method, every tool runs as a
-fresh process; we report whole-process wall time, peak RSS (VmHWM of the child, sampled every 50 ms from /proc) and the peak RssAnon / RssFile
-split sampled from /proc (mergekit's RSS includes the memory-mapped input pages).
+fresh process; we report whole-process wall time, peak RSS (VmHWM of the child; with worker processes, the whole tree's
+pages counted once, see `run`) and the peak RssAnon / RssFile split of the main process sampled from /proc (mergekit's RSS
+includes the memory-mapped input pages).
 
     flock /tmp/heavy.lock python bench/merge_bench.py [--methods ties,dare_ties,linear,task_arithmetic] [--root /tmp/merge_bench]
 """
@@ -63,18 +64,58 @@ from model_ops.merge import merge_config
 merge_config(sys.argv[1], sys.argv[2], seed=42, workers=int(sys.argv[3]), progress=False)
 '''
 
+def _tree(pid):
+    "pid and its descendants (from /proc/PID/task/*/children)."
+    out, todo = [], [pid]
+    while todo:
+        q = todo.pop(); out.append(q)
+        try:
+            for t in os.listdir(f"/proc/{q}/task"):
+                todo += [int(c) for c in open(f"/proc/{q}/task/{t}/children").read().split()]
+        except OSError: pass
+    return out
+
+def _status(pid, keys=("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")):
+    r = dict.fromkeys(keys, 0)
+    for line in open(f"/proc/{pid}/status"):
+        k = line.split(":")[0]
+        if k in r: r[k] = int(line.split()[1]) // 1024
+    return r
+
+def _private_mb(pid):
+    r = 0
+    for line in open(f"/proc/{pid}/smaps_rollup"):
+        if line.startswith(("Private_Clean:", "Private_Dirty:")): r += int(line.split()[1])
+    return r // 1024
+
 def run(cmd, label):
-    "Run `cmd` as a child; return wall seconds, peak RSS (MB) and peak RssAnon/RssFile (MB) sampled from /proc."
+    """Run `cmd` as a child; return wall seconds and memory peaks (MB) sampled from /proc every 50 ms.
+    peak_rss_mb: the memory of the whole process tree, every page counted once: the main process's VmHWM, or, when it
+    has worker processes, max(VmHWM, its VmRSS + the workers' private pages (smaps_rollup, sampled every 0.25 s)),
+    since the workers share the main process's libraries and memory (fork) and the shared output slots.
+    peak_rss_sum_mb: the sum of every process's VmRSS (counts shared pages once per process: an upper bound)."""
     os.sync()   # every tool starts with no dirty pages left by the previous one (write throttling otherwise lands on whoever runs next)
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}
+    peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0, "sum": 0, "tree": 0, "procs": 1}
     def sample():
+        last_smaps = 0.0
         while True:
             try:
-                for line in open(f"/proc/{p.pid}/status"):
-                    k = line.split(":")[0]
-                    if k in peaks: peaks[k] = max(peaks[k], int(line.split()[1]) // 1024)
+                st = _status(p.pid)
+                for k in ("RssAnon", "RssFile", "VmHWM"): peaks[k] = max(peaks[k], st[k])
+                kids = _tree(p.pid)[1:]
+                tot, priv = st["VmRSS"], 0
+                for q in kids:
+                    try: tot += _status(q)["VmRSS"]
+                    except OSError: pass
+                peaks["sum"] = max(peaks["sum"], tot); peaks["procs"] = max(peaks["procs"], 1 + len(kids))
+                if kids and time.perf_counter() - last_smaps >= 0.25:
+                    last_smaps = time.perf_counter()
+                    for q in kids:
+                        try: priv += _private_mb(q)
+                        except OSError: pass
+                    peaks["tree"] = max(peaks["tree"], _status(p.pid)["VmRSS"] + priv)
             except OSError: return
             if p.poll() is not None: return
             time.sleep(0.05)
@@ -84,7 +125,8 @@ def run(cmd, label):
     wall = time.perf_counter() - t0
     err = p.stderr.read().decode()
     if status != 0: raise RuntimeError(f"{label} failed ({status}): {err[-2000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_mb": peaks["VmHWM"], "peak_anon_mb": peaks["RssAnon"], "peak_file_mb": peaks["RssFile"]}
+    return {"wall_s": round(wall, 2), "peak_rss_mb": max(peaks["VmHWM"], peaks["tree"]), "peak_rss_sum_mb": max(peaks["VmHWM"], peaks["sum"]),
+            "processes": peaks["procs"], "peak_anon_mb": peaks["RssAnon"], "peak_file_mb": peaks["RssFile"]}
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -121,8 +163,10 @@ def main():
                 if label in outs: shutil.rmtree(outs[label], ignore_errors=True)
                 (root / "floor.safetensors").unlink(missing_ok=True)
                 runs.append(run(cmd, f"{method}/{label}"))
-                print(f"{method:16s} {label:10s} wall {runs[-1]['wall_s']:7.2f} s   peak RSS {runs[-1]['peak_rss_mb']:5d} MB "
-                      f"(anon {runs[-1]['peak_anon_mb']} MB, file-backed {runs[-1]['peak_file_mb']} MB)", flush=True)
+                x = runs[-1]
+                print(f"{method:16s} {label:10s} wall {x['wall_s']:7.2f} s   peak RSS {x['peak_rss_mb']:5d} MB "
+                      f"(main process: anon {x['peak_anon_mb']} MB, file-backed {x['peak_file_mb']} MB"
+                      + (f"; {x['processes']} processes, sum of their RSS {x['peak_rss_sum_mb']} MB" if x["processes"] > 1 else "") + ")", flush=True)
             r[label] = dict(min(runs, key=lambda x: x["wall_s"]), runs=runs)
         if "mergekit" in r:   # how close are the two outputs? (random methods draw different masks)
             from model_ops.io import WeightStore
@@ -140,7 +184,8 @@ def main():
         if "mergekit" in r:
             m = r["mergekit"]
             line += (f" | speed-up vs mergekit {m['wall_s'] / o['wall_s']:.2f}x | peak RSS model_ops/mergekit {o['peak_rss_mb'] / m['peak_rss_mb']:.2f}"
-                     f" | mergekit/floor {m['wall_s'] / f['wall_s']:.2f}x")
+                     + (f" (sum-of-RSS bound {o['peak_rss_sum_mb'] / m['peak_rss_mb']:.2f})" if o.get("processes", 1) > 1 else "")
+                     + f" | mergekit/floor {m['wall_s'] / f['wall_s']:.2f}x")
         print(line, flush=True)
         results[method] = r
     if a.json: Path(a.json).write_text(json.dumps(results, indent=2))

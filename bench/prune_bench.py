@@ -3,6 +3,11 @@
     flock /tmp/bench.lock python bench/prune_bench.py                  # SmolLM2-135M on CPU, 50% and 2:4
     python bench/prune_bench.py --device cuda --nsamples 128 --seqlen 512
     python bench/prune_bench.py --dtype bfloat16                     # SmolLM2's stored dtype (AMX matmuls on recent Xeons)
+    python bench/prune_bench.py --calib-dtypes model,float16 --device cuda   # calibrate in float16, like the reference code
+
+Wanda and SparseGPT run once per calibration dtype of `--calib-dtypes` ('model': the model's dtype, the default of
+`calib_dtype`; 'bfloat16' / 'float16': the calibration forwards in a half-precision copy of each block, statistics in float32,
+masks and updates on the model's own weights), so the time saved and the perplexity paid are side by side.
 
 The table also gives the pruning-metric-only time (scores, masks, weight updates; the calibration forward passes excluded,
 the definition the Wanda paper uses for its timing table). Peak memory is the peak resident set size *above* the level before pruning (sampled every 5 ms from /proc) on CPU, and
@@ -54,6 +59,8 @@ def main():
     ap.add_argument("--eval", type=int, default=60, help="held-out paragraphs for perplexity (0: skip)")
     ap.add_argument("--settings", default="0.5,2:4", help="comma list of sparsities / N:M patterns")
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    ap.add_argument("--calib-dtypes", default="model,bfloat16",
+                    help="comma list of calibration dtypes for wanda/sparsegpt: 'model' (calib_dtype=None), bfloat16, float16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clock", default="wall", choices=["wall", "thread"],
                     help="wall: elapsed time; thread: CPU time of the calling thread (with --threads 1 on CPU, a measure of the "
@@ -69,50 +76,63 @@ def main():
     calib = calib_ids(tok, texts[:400], a.nsamples, a.seqlen)            # the same calibration ids for every method
     held = texts[-a.eval:] if a.eval else None                             # disjoint from the calibration paragraphs
     dense_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cdts = []
+    for c in a.calib_dtypes.split(","):
+        c = a.dtype if c == "model" else c
+        if c not in cdts: cdts.append(c)                                   # 'bfloat16' on a bfloat16 model is the default path
+    cd_arg = lambda c: None if c == a.dtype else getattr(torch, c)
     rows = []
     if held:
-        rows.append(dict(method="dense", setting="-", seconds=0.0, peak_mb=0.0, sparsity=0.0, ppl=perplexity(model, tok, held)))
+        rows.append(dict(method="dense", setting="-", calib="-", seconds=0.0, peak_mb=0.0, sparsity=0.0, ppl=perplexity(model, tok, held)))
         print(f"dense ppl {rows[-1]['ppl']:.2f}", flush=True)
-    for gram in (False, True):    # the calibration passes alone (no-op pruning): the floor for any calibrated method
-        with PeakMemory(a.device) as pm:
-            t0 = time.perf_counter()
-            calibrated_prune(model, calib, lambda *_: None, gram=gram, progress=False)
-            dt = time.perf_counter() - t0
-        rows.append(dict(method="calib-only", setting="X^TX" if gram else "|X|", seconds=dt, peak_mb=pm.extra / 2**20, sparsity=0.0, ppl=None))
-        print(json.dumps(rows[-1]), flush=True)
+    for c in cdts:
+        for gram in (False, True):    # the calibration passes alone (no-op pruning): the floor for any calibrated method
+            with PeakMemory(a.device) as pm:
+                t0 = time.perf_counter()
+                calibrated_prune(model, calib, lambda *_: None, gram=gram, progress=False, calib_dtype=cd_arg(c))
+                dt = time.perf_counter() - t0
+            rows.append(dict(method="calib-only", setting="X^TX" if gram else "|X|", calib=c, seconds=dt, peak_mb=pm.extra / 2**20,
+                             sparsity=0.0, ppl=None))
+            print(json.dumps(rows[-1]), flush=True)
     for setting in a.settings.split(","):
         kw = dict(pattern=setting) if ":" in setting else dict(sparsity=float(setting))
         for method in a.methods.split(","):
+          for c in (cdts if method != "magnitude" else ["-"]):
             model.load_state_dict(dense_sd)
             if a.device.startswith("cuda"): torch.cuda.synchronize()
-            tm = {}
+            tm, ckw = {}, ({} if c == "-" else dict(calib_dtype=cd_arg(c)))
             with PeakMemory(a.device) as pm:
                 t0 = time.perf_counter()
-                PRUNERS[method](model, tok, calib=calib, progress=False, timings=tm, **kw)
+                PRUNERS[method](model, tok, calib=calib, progress=False, timings=tm, **ckw, **kw)
                 if a.device.startswith("cuda"): torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
             rep = sparsity_report(model)
-            row = dict(method=method, setting=setting, seconds=dt, metric_s=tm["metric_s"], calib_s=tm["calib_s"],
+            row = dict(method=method, setting=setting, calib=c, seconds=dt, metric_s=tm["metric_s"], calib_s=tm["calib_s"],
                        peak_mb=pm.extra / 2**20, sparsity=rep["overall"],
                        ppl=perplexity(model, tok, held) if held else None)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{a.model} {a.dtype} on {a.device} ({a.threads} threads, {a.clock} clock); calibration {tuple(calib.shape)} tokens; held-out {len(held or [])} paragraphs")
-    print("time s: the whole call; metric s: scores, masks and weight updates only, without the calibration forward passes")
-    print(f"{'method':10s} {'setting':8s} {'time s':>8s} {'metric s':>8s} {'peak MB':>8s} {'sparsity':>8s} {'ppl':>9s}")
+    print("time s: the whole call; metric s: scores, masks and weight updates only, without the calibration forward passes;")
+    print("calib: dtype of the calibration forwards (statistics always float32; weights stay in the model's dtype)")
+    print(f"{'method':10s} {'setting':8s} {'calib':8s} {'time s':>8s} {'metric s':>8s} {'peak MB':>8s} {'sparsity':>8s} {'ppl':>9s}")
     for r in rows:
         ppl = f"{r['ppl']:9.2f}" if r["ppl"] is not None else "        -"
         met = f"{r['metric_s']:8.2f}" if "metric_s" in r else "       -"
-        print(f"{r['method']:10s} {r['setting']:8s} {r['seconds']:8.2f} {met} {r['peak_mb']:8.1f} {r['sparsity']:8.3f} {ppl}")
+        print(f"{r['method']:10s} {r['setting']:8s} {r['calib']:8s} {r['seconds']:8.2f} {met} {r['peak_mb']:8.1f} {r['sparsity']:8.3f} {ppl}")
     for s in a.settings.split(","):
-        t = {r["method"]: r["seconds"] for r in rows if r["setting"] == s}
-        mt = {r["method"]: r["metric_s"] for r in rows if r["setting"] == s}
-        if {"magnitude", "wanda"} <= set(t):
-            print(f"{s}: wanda/magnitude time {t['wanda'] / max(t['magnitude'], 1e-9):.2f}x (target <= 2x; magnitude needs no "
-                  f"calibration pass)" + (f", sparsegpt/wanda {t['sparsegpt'] / t['wanda']:.2f}x (target <= 10x)" if "sparsegpt" in t else ""))
-            print(f"{s}: pruning-metric-only time (Wanda paper's definition: calibration forward passes excluded): "
-                  f"wanda {mt['wanda']:.2f} s vs magnitude {mt['magnitude']:.2f} s = {mt['wanda'] / max(mt['magnitude'], 1e-9):.2f}x"
-                  + (f"; sparsegpt {mt['sparsegpt']:.2f} s = {mt['sparsegpt'] / max(mt['wanda'], 1e-9):.1f}x wanda" if "sparsegpt" in mt else ""))
+        t = {(r["method"], r["calib"]): r["seconds"] for r in rows if r["setting"] == s}
+        mt = {(r["method"], r["calib"]): r["metric_s"] for r in rows if r["setting"] == s}
+        mag = ("magnitude", "-")
+        for c in cdts:
+            w, sg = ("wanda", c), ("sparsegpt", c)
+            if mag not in t or w not in t: continue
+            tag = f"{s}, calibration in {c}" + (" (default)" if c == a.dtype else "")
+            print(f"{tag}: wanda/magnitude time {t[w] / max(t[mag], 1e-9):.2f}x (target <= 2x; magnitude needs no "
+                  f"calibration pass)" + (f", sparsegpt/wanda {t[sg] / t[w]:.2f}x (target <= 10x)" if sg in t else ""))
+            print(f"{tag}: pruning-metric-only time (Wanda paper's definition: calibration forward passes excluded): "
+                  f"wanda {mt[w]:.2f} s vs magnitude {mt[mag]:.2f} s = {mt[w] / max(mt[mag], 1e-9):.2f}x"
+                  + (f"; sparsegpt {mt[sg]:.2f} s = {mt[sg] / max(mt[w], 1e-9):.1f}x wanda" if sg in mt else ""))
     if a.json:
         with open(a.json, "w") as f: json.dump(rows, f, indent=1)
 

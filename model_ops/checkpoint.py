@@ -4,10 +4,10 @@
 
 # %% ../nbs/60_checkpoint.ipynb #7ee60025
 from __future__ import annotations
-import os, io, re, json, mmap, time, errno, queue, ctypes, shutil, struct, random, hashlib, secrets, tempfile, threading, warnings
+import os, io, re, json, math, mmap, time, types, errno, queue, ctypes, pickle, shutil, struct, random, hashlib, zipfile, argparse, secrets, tempfile, threading, warnings
 from pathlib import Path
 from dataclasses import dataclass, field
-from collections import namedtuple
+from collections import namedtuple, OrderedDict
 from concurrent.futures import ThreadPoolExecutor, Future, wait
 import numpy as np
 import xxhash
@@ -20,7 +20,8 @@ __all__ = ['Issue', 'FORMAT', 'CheckpointError', 'write_safetensors', 'read_head
            'tensor_byte_range', 'list_checkpoints', 'latest', 'rotate', 'Checkpointer', 'dcp_save', 'dcp_load',
            'dcp_to_hf', 'hf_to_dcp', 'TPLayout', 'llama_layout', 'tp_split', 'tp_merge', 'to_universal',
            'from_universal', 'save_universal', 'load_universal', 'save_tp', 'load_tp', 'reshard',
-           'load_deepspeed_universal', 'stage_grad_norms', 'recover_stage', 'pipeline_stages', 'checkfree_demo',
+           'save_deepspeed_universal', 'load_deepspeed_universal', 'read_zero', 'ds_to_universal', 'save_zero',
+           'load_universal_into', 'stage_grad_norms', 'recover_stage', 'pipeline_stages', 'checkfree_demo',
            'plot_curves', 'cli_ckpt', 'demo_step']
 
 # %% ../nbs/60_checkpoint.ipynb #9a36c122
@@ -246,9 +247,24 @@ def read_safetensors(path, entry:dict=None, verify:bool=True,
     "Read a safetensors file into CPU tensors; with `entry` (its manifest entry) and `verify`, check header, size and per-tensor hashes."
     return _read_st(path, entry, verify, into)()
 
-def _read_st(path, entry:dict=None, verify:bool=True, into:dict=None):
-    """`read_safetensors` in two steps: checks the header and starts the reads on the pool's threads, and returns a
-    function that waits for them and returns the tensors (so `load` keeps both cores busy across file boundaries)."""
+class _Reads:
+    """Positional reads of several files, started together, biggest first over all files (so the last file's large
+    tensor, e.g. an LM head, does not run alone on one core at the end while the other cores wait)."""
+    def __init__(self): self.jobs = []
+    def submit(self, fn, *a):
+        f = Future(); self.jobs.append((len(a[2]), f, fn, a)); return f
+    def start(self):
+        pool = _pool("read", _NCPU)
+        for _, f, fn, a in sorted(self.jobs, key=lambda j: -j[0]): pool.submit(_settle, f, fn, a)
+        self.jobs = []
+
+def _settle(f:Future, fn, a):
+    try: f.set_result(fn(*a))
+    except BaseException as e: f.set_exception(e)
+
+def _read_st(path, entry:dict=None, verify:bool=True, into:dict=None, reads:_Reads=None):
+    """`read_safetensors` in two steps: checks the header and starts the reads on the pool's threads (or adds them to
+    `reads`, which `load` starts for all files at once), and returns a function that waits for them and returns the tensors."""
     path = Path(path)
     size = path.stat().st_size
     header, hb, start = read_header(path)
@@ -274,7 +290,8 @@ def _read_st(path, entry:dict=None, verify:bool=True, into:dict=None):
         jobs.sort(key=lambda j: -len(j[1]))      # biggest first balances the two threads
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         fast = check and all(w[0] is _xxh3 for w in want.values())
-        futs = {k: _pool("read", _NCPU).submit(_pread_into, fd, off, memoryview(buf), fast) for k,buf,off in jobs}
+        sub = reads.submit if reads is not None else _pool("read", _NCPU).submit
+        futs = {k: sub(_pread_into, fd, off, memoryview(buf), fast) for k,buf,off in jobs}
         def finish():
             wait(futs.values()); os.close(fd)        # every read has ended before the descriptor is closed
             for f in futs.values():
@@ -567,7 +584,23 @@ def _inplace_targets(model, names:set, tied:dict) -> dict:
     ptrs = [sd[k].data_ptr() for k in names if isinstance(sd.get(k), torch.Tensor) and sd[k].numel()]
     return sd if len(ptrs) == len(set(ptrs)) else {}           # two stored tensors sharing memory: no parallel in-place reads
 
-def load(dir,                      # checkpoint folder written by `save`
+_OPT_RE = re.compile(r"^((?:bf16_|fp16_)?)zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+def _ckpt_kind(src, default="training") -> str:
+    "What folder `src` is: training | universal | tp | dcp | deepspeed_universal | zero (DeepSpeed ZeRO rank files)."
+    src = Path(src)
+    if (src/"manifest.json").exists(): return read_manifest(src).get("kind", "training")
+    if (src/"zero").is_dir() or (src/"latest_universal").is_file(): return "deepspeed_universal"
+    if src.is_dir() and any(_OPT_RE.match(p.name) for p in src.iterdir()): return "zero"
+    return default
+
+def _load_ds(dir, model, optimizer, strict, verify) -> dict:
+    "`load` of a DeepSpeed universal folder: fp32 weights (and Adam state) into an unsharded model."
+    if model is None: u = load_deepspeed_universal(dir, verify=bool(verify)); mt = u["states"]["param"]
+    else: r = load_universal_into(dir, model, optimizer, strict=strict, verify=bool(verify)); u, mt = r["universal"], r["model"]
+    return {"step": u.get("iteration"), "extra": None, "model": mt, "state": {"optimizer": u.get("optimizer")}, "manifest": None}
+
+def load(dir,                      # checkpoint folder written by `save`, or a DeepSpeed universal folder
          model=None,               # nn.Module or dict of tensors to load into (in place), or None
          optimizer=None,           # optimizer to restore
          scheduler=None,           # scheduler to restore
@@ -578,7 +611,9 @@ def load(dir,                      # checkpoint folder written by `save`
     "Load checkpoint `dir` into the given objects; returns a dict with `step`, `extra`, `model` (tensors) and the manifest."
     if verify not in (True, False, "fast", "full"): raise ValueError(f"verify must be True, False, 'fast' or 'full', not {verify!r}")
     dir = Path(dir)
+    if not (dir/"manifest.json").exists() and _ckpt_kind(dir, None) == "deepspeed_universal": return _load_ds(dir, model, optimizer, strict, verify)
     m = read_manifest(dir)
+    if m.get("kind") == "deepspeed_universal": return _load_ds(dir, model, optimizer, strict, verify)
     files = m["files"]
     if verify:
         for f in files:
@@ -589,10 +624,11 @@ def load(dir,                      # checkpoint folder written by `save`
     names = {k for f in mfiles for k in files[f]["tensors"]}
     targets = _inplace_targets(model, names, tied) if map_location is None or isinstance(model, nn.Module) else {}
     mt, st = {}, {}
-    started, err = [], None
+    started, err, reads = [], None, _Reads()
     try:
-        for f in mfiles: started.append(_read_st(dir/f, files[f], chk, into=targets or None))   # all files' reads queued at once
+        for f in mfiles: started.append(_read_st(dir/f, files[f], chk, into=targets or None, reads=reads))
     except BaseException as e: err = e
+    reads.start()                                    # all files' reads at once, biggest first (also after an error: they close their files)
     for fin in started:                              # wait for every started file, even after an error
         try: mt.update(fin())
         except BaseException as e: err = err or e
@@ -951,14 +987,24 @@ class TPLayout:
     vocab_size: int = None
     vocab_multiple: int = 1
     column_dim: int = 0
+    experts: list = field(default_factory=list)
 
     def rule(self, name:str, ndim:int=2) -> dict:
         "The split rule for parameter `name` as a small JSON-able dict."
+        if ndim == 0: return {"kind": "replicated"}
+        if any(re.search(p, name) for p in self.experts):             # stacked [experts, ...]: the TP rule is per expert
+            r = self._rule(name, ndim - 1)
+            if r["kind"] == "vocab": raise CheckpointError(f"{name!r} matches both an expert and a vocab pattern")
+            return {**r, "expert": True}
+        return self._rule(name, ndim)
+
+    def _rule(self, name:str, ndim:int) -> dict:
         if ndim == 0: return {"kind": "replicated"}
         for k in ("replicated", "average"):
             if any(re.search(p, name) for p in getattr(self, k)): return {"kind": k}
         for p,v in self.sub_params.items():
             if re.search(p, name):
+                if isinstance(v, dict): return {"kind": "sub_params", "dim": v.get("dim", 0), **({"sizes": list(v["sizes"])} if "sizes" in v else {"n": int(v["n"])})}
                 sizes, dim = (v if isinstance(v, tuple) or (isinstance(v, list) and len(v) == 2 and isinstance(v[0], list)) else (v, 0))
                 return {"kind": "sub_params", "sizes": list(sizes), "dim": dim}
         if any(re.search(p, name) for p in self.vocab):
@@ -969,7 +1015,7 @@ class TPLayout:
 
     def check(self, names):
         "Raise if a declared pattern matches none of `names`."
-        pats = [*self.replicated, *self.average, *self.row_parallel, *self.sub_params, *self.vocab]
+        pats = [*self.replicated, *self.average, *self.row_parallel, *self.sub_params, *self.vocab, *self.experts]
         dead = [p for p in pats if not any(re.search(p, n) for n in names)]
         if dead: raise CheckpointError(f"layout patterns match no parameter: {dead}; check them against names like {list(names)[:3]}")
 
@@ -986,9 +1032,22 @@ def _padded_vocab(v:int, multiple:int, tp:int) -> int:
     q = multiple * tp
     return -(-v // q) * q
 
+def _per_expert(rule:dict) -> dict:
+    "An expert parameter's rule on its stacked [local experts, ...] tensor: the per-expert dims move up by one."
+    if not rule.get("expert"): return rule
+    r = {k: v for k,v in rule.items() if k not in ("expert", "num_experts")}
+    if "dim" in r: r["dim"] += 1
+    return r
+
+def _sub_sizes(rule:dict, n_rows:int, name:str="") -> list:
+    "Sub-parameter sizes of a fused parameter with `n_rows` along its split dim (`n` equal ones when sizes are not given)."
+    if "sizes" in rule: return rule["sizes"]
+    if n_rows % rule["n"]: raise CheckpointError(f"{name!r}: {n_rows} rows do not split into {rule['n']} equal sub-parameters")
+    return [n_rows // rule["n"]] * rule["n"]
+
 def tp_split(full:torch.Tensor, rule:dict, tp:int) -> list:
     "Slices of a consolidated tensor for `tp` ranks according to `rule`."
-    k = rule["kind"]
+    rule = _per_expert(rule); k = rule["kind"]
     if k in ("replicated", "average"): return [full.clone() for _ in range(tp)]
     if k == "split": return [s.clone() for s in torch.tensor_split(full, tp, dim=rule["dim"])]
     if k == "vocab":
@@ -996,7 +1055,7 @@ def tp_split(full:torch.Tensor, rule:dict, tp:int) -> list:
         pad = full.new_zeros((rows - full.shape[0], *full.shape[1:]))
         return [s.clone() for s in torch.cat([full, pad]).chunk(tp, 0)]
     if k == "sub_params":
-        d, sizes = rule["dim"], rule["sizes"]
+        d = rule["dim"]; sizes = _sub_sizes(rule, full.shape[d])
         if sum(sizes) != full.shape[d]: raise CheckpointError(f"sub-parameter sizes {sizes} do not add up to dim {d} of shape {tuple(full.shape)}")
         subs = [torch.tensor_split(s, tp, dim=d) for s in full.split(sizes, dim=d)]
         return [torch.cat([sp[r] for sp in subs], dim=d) for r in range(tp)]
@@ -1004,7 +1063,7 @@ def tp_split(full:torch.Tensor, rule:dict, tp:int) -> list:
 
 def tp_merge(slices:list, rule:dict, name:str="") -> torch.Tensor:
     "Consolidate the TP `slices` of one parameter (rank order) according to `rule`."
-    k, tp = rule["kind"], len(slices)
+    rule = _per_expert(rule); k, tp = rule["kind"], len(slices)
     if k == "replicated":
         for r,s in enumerate(slices[1:], 1):
             if not torch.equal(s, slices[0]): raise CheckpointError(f"{name!r} is declared replicated but TP rank {r} differs from rank 0")
@@ -1015,7 +1074,12 @@ def tp_merge(slices:list, rule:dict, name:str="") -> torch.Tensor:
     if k == "split": return torch.cat(slices, dim=rule["dim"])
     if k == "vocab": return torch.cat(slices, dim=0)[:rule["vocab_size"]].clone()
     if k == "sub_params":
-        d, sizes = rule["dim"], rule["sizes"]
+        d = rule["dim"]
+        if "sizes" in rule: sizes = rule["sizes"]
+        else:
+            bad = [tuple(s.shape) for s in slices if s.shape[d] % rule["n"]]
+            if bad: raise CheckpointError(f"{name!r}: TP slices {bad} do not split into {rule['n']} equal sub-parameters along dim {d}")
+            sizes = [sum(s.shape[d] for s in slices) // rule["n"]] * rule["n"]
         widths = [[len(x) for x in torch.tensor_split(torch.arange(sz), tp)] for sz in sizes]   # width of sub i on rank r
         pieces = [s.split([w[r] for w in widths], dim=d) for r,s in enumerate(slices)]
         return torch.cat([torch.cat([pieces[r][i] for r in range(tp)], dim=d) for i in range(len(sizes))], dim=d)
@@ -1024,38 +1088,82 @@ def tp_merge(slices:list, rule:dict, name:str="") -> torch.Tensor:
 # %% ../nbs/60_checkpoint.ipynb #1c442c2f
 def _norm_rank(r): return r if r and all(isinstance(v, dict) for v in r.values()) else {"param": r}
 
-def to_universal(ranks,                   # TP ranks (list of dicts), a [pp][tp] grid of them, or a folder from `save_tp`
+def _merge_tp(stage:list, layout:TPLayout, meta:dict) -> dict:
+    "One pipeline stage's TP ranks -> {state: {name: consolidated tensor}}; fills `meta` with each name's rule."
+    states = {}
+    for st in stage[0]:
+        for name, t0 in stage[0][st].items():
+            rule = meta.get(name) or layout.rule(name, t0.ndim)
+            states.setdefault(st, {})[name] = tp_merge([r[st][name] for r in stage], rule, name); meta[name] = rule
+    return states
+
+def _merge_ep(per_ep:list, meta:dict) -> dict:
+    "EP ranks' consolidated states -> one: expert parameters concatenated over experts (dim 0), the rest checked equal."
+    out = {}
+    for st in per_ep[0]:
+        for name, t0 in per_ep[0][st].items():
+            xs = [e[st][name] for e in per_ep]
+            if meta[name].get("expert"):
+                out.setdefault(st, {})[name] = torch.cat(xs, 0); meta[name] = {**meta[name], "num_experts": sum(x.shape[0] for x in xs)}
+            else:
+                bad = [i for i,x in enumerate(xs[1:], 1) if not torch.equal(x, t0)]
+                if bad: raise CheckpointError(f"{name!r} ({st}) differs between EP ranks 0 and {bad[0]} but matches no expert pattern")
+                out.setdefault(st, {})[name] = t0
+    return out
+
+def _depth(x) -> int: return 1 + _depth(x[0]) if isinstance(x, (list, tuple)) and x else 0
+
+def to_universal(ranks,                   # TP ranks (list of dicts), a [pp][tp] grid, with `ep` an [ep][tp] or [pp][ep][tp] grid, or a `save_tp` / DeepSpeed folder
                  layout:TPLayout=None,    # how parameters are split (read from the folder when `ranks` is one)
                  strict:bool=True,        # every layout pattern must match a parameter
-                 out=None) -> dict:       # also save the result to this folder (`save_universal`)
-    "Consolidate TP/PP-sliced model and optimizer state into one parallelism-free form."
+                 out=None,                # also save the result to this folder (`save_universal`)
+                 ep:int=None) -> dict:    # expert-parallel degree of `ranks` (expert parameters hold E/ep experts each)
+    "Consolidate TP/PP(/EP)-sliced model and optimizer state into one parallelism-free form."
     if isinstance(ranks, (str, Path)):
+        kind = _ckpt_kind(ranks, None)
+        if kind in ("zero", "deepspeed_universal"):      # DeepSpeed ZeRO rank files / DeepSpeed universal folder
+            u = read_zero(ranks, layout, strict) if kind == "zero" else load_deepspeed_universal(ranks)
+            if out is not None: save_universal(u, out)
+            return u
         ranks, l2 = load_tp(ranks); layout = layout or l2
     if layout is None: raise CheckpointError("to_universal needs a TPLayout")
-    grid = ranks if ranks and isinstance(ranks[0], (list, tuple)) else [ranks]
-    grid = [[_norm_rank(r) for r in stage] for stage in grid]
+    dep = _depth(ranks)
+    if ep is None: grid = [[s] for s in (ranks if dep >= 2 else [ranks])]          # [pp][ep=1][tp]
+    else:
+        grid = ranks if dep >= 3 else [ranks]
+        if any(len(s) != ep for s in grid): raise CheckpointError(f"ep={ep} but the grid has {[len(s) for s in grid]} EP ranks per stage")
     meta, states = {}, {}
     for stage in grid:
-        for st in stage[0]:
-            for name, t0 in stage[0][st].items():
-                rule = meta.get(name) or layout.rule(name, t0.ndim)
-                full = tp_merge([r[st][name] for r in stage], rule, name)
+        full = _merge_ep([_merge_tp([_norm_rank(r) for r in tps], layout, meta) for tps in stage], meta)
+        for st, ts in full.items():
+            for name, t in ts.items():
                 prev = states.setdefault(st, {}).get(name)
-                if prev is not None and not torch.equal(prev, full):
+                if prev is not None and not torch.equal(prev, t):
                     raise CheckpointError(f"{name!r} ({st}) appears in several pipeline stages with different values")
-                states[st][name] = full; meta[name] = rule
+                states[st][name] = t
     if strict: layout.check(list(meta))
     u = {"meta": meta, "states": states, "layout": layout.to_dict()}
     if out is not None: save_universal(u, out)
     return u
 
-def from_universal(u:dict, tp:int) -> list:
-    "Re-slice a universal checkpoint for `tp` ranks: a list of `{state: {name: tensor}}`."
-    out = [{st: {} for st in u["states"]} for _ in range(tp)]
+def from_universal(u:dict, tp:int, ep:int=None) -> list:
+    "Re-slice a universal checkpoint for `tp` ranks (a list of `{state: {name: tensor}}`), or with `ep` an [ep][tp] grid."
+    if ep is None: grid = [[{st: {} for st in u["states"]} for _ in range(tp)]]
+    else: grid = [[{st: {} for st in u["states"]} for _ in range(tp)] for _ in range(ep)]
+    n_ep = len(grid)
     for st, ts in u["states"].items():
         for name, full in ts.items():
-            for r,s in enumerate(tp_split(full, u["meta"][name], tp)): out[r][st][name] = s
-    return out
+            rule = u["meta"][name]
+            if rule.get("expert") and ep is not None:
+                if full.shape[0] % ep: raise CheckpointError(f"{name!r} has {full.shape[0]} experts, which do not split over ep={ep}")
+                k = full.shape[0] // ep
+                for e in range(ep):
+                    for r,s in enumerate(tp_split(full[e*k:(e+1)*k], rule, tp)): grid[e][r][st][name] = s
+            else:
+                sl = tp_split(full, rule, tp)
+                for e in range(n_ep):
+                    for r,s in enumerate(sl): grid[e][r][st][name] = s
+    return grid[0] if ep is None else grid
 
 def _eq_univ(a, b): 
     return a["meta"] == b["meta"] and a["states"].keys() == b["states"].keys() and all(
@@ -1121,46 +1229,502 @@ def load_tp(dir, verify:bool=True) -> tuple:
         ranks.append(rk)
     return ranks, TPLayout(**info["layout"])
 
-def reshard(src,                 # a TP folder (`save_tp`) or a universal folder
+def reshard(src,                 # a TP folder (`save_tp`), a universal folder, a DeepSpeed ZeRO folder or a DeepSpeed universal folder
             out,                 # folder to write
-            tp:int=None,         # target TP degree; None writes the universal form
-            layout:TPLayout=None, overwrite:bool=False) -> Path:
-    "Reshard a TP checkpoint to another TP degree through the universal form."
-    kind = read_manifest(src).get("kind")
-    if kind == "universal":
-        u = load_universal(src); lay = layout or TPLayout(**u["layout"])
-    else:
-        ranks, lay = load_tp(src); lay = layout or lay
-        u = to_universal(ranks, lay)
-    if tp is None: return save_universal(u, out, overwrite)
+            tp:int=None,         # target TP degree; None (and no `dp`) writes the universal form
+            layout:TPLayout=None, overwrite:bool=False,
+            dp:int=None,         # target data-parallel degree: write DeepSpeed ZeRO rank files for tp x dp ranks
+            zero_stage:int=2) -> Path: # ZeRO stage of those files (1, 2 or 3)
+    "Reshard a TP or DeepSpeed checkpoint to another TP (and DP) degree through the universal form."
+    kind = _ckpt_kind(src, None)
+    if kind == "zero": u = read_zero(src, layout)
+    elif kind == "deepspeed_universal": u = load_deepspeed_universal(src)
+    elif kind == "universal": u = load_universal(src)
+    elif kind == "tp": ranks, lay = load_tp(src); u = to_universal(ranks, layout or lay)
+    else: raise CheckpointError(f"{src} is not a TP, universal or DeepSpeed checkpoint folder (kind {kind!r})")
+    lay = layout or (TPLayout(**u["layout"]) if u.get("layout") else TPLayout())
+    if dp is not None: return save_zero(u, out, tp or 1, dp, zero_stage, overwrite)
+    if tp is None:
+        if kind in ("zero", "deepspeed_universal"): return save_deepspeed_universal(u, out, overwrite=overwrite, latest=False)
+        return save_universal(u, out, overwrite)
     return save_tp(from_universal(u, tp), out, lay, overwrite)
 
 # %% ../nbs/60_checkpoint.ipynb #c82b425d
-_DS_STATES = {"fp32": "param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+@dataclass
+class _Frag:
+    "Stand-in for DeepSpeed's `fragment_address` (where a parameter's piece sits in a flat ZeRO partition)."
+    numel: int
+    start: int
+_Frag._ds_name = "deepspeed.utils.tensor_fragment.fragment_address"
 
-def load_deepspeed_universal(dir) -> dict:
-    "Read a DeepSpeed universal checkpoint folder (`.../global_stepN_universal`) into `to_universal`'s form."
-    z = Path(dir)/"zero"
+@dataclass
+class _SubparamShape:
+    "Stand-in for DeepSpeed's `SubparamShape` (fused sub-parameters of a universal `.pt` file)."
+    patterns: list
+    shape: tuple
+    partition_dim: int
+_SubparamShape._ds_name = "deepspeed.checkpoint.universal_checkpoint.SubparamShape"
+
+class _ZeroStage(int): "Stand-in for DeepSpeed's `ZeroStageEnum` (an int)."
+_ZeroStage._ds_name = "deepspeed.runtime.zero.config.ZeroStageEnum"
+
+class _DSObj:
+    "Stand-in for any other DeepSpeed object in a checkpoint (loss scalers): its attributes, no behaviour."
+    def __setstate__(self, s): self.__dict__.update(s if isinstance(s, dict) else {"state": s})
+    def __eq__(self, o): return type(o) is type(self) and o.__dict__ == self.__dict__
+    def __repr__(self): return f"<{self._ds_name} {self.__dict__}>"
+
+def _ds_stub(name:str) -> type: return type(name.rpartition(".")[2], (_DSObj,), {"_ds_name": name})
+
+_DS_CLASSES = [_Frag, _SubparamShape, _ZeroStage] + [_ds_stub(f"deepspeed.runtime.fp16.loss_scaler.{n}") for n in ("LossScaler", "DynamicLossScaler")]
+_DS_SAFE = [(c, c._ds_name) for c in _DS_CLASSES] + [argparse.Namespace]
+
+def _ds_load(path, trust:bool=False):
+    "torch.load a DeepSpeed `.pt` file: tensors, containers and known DeepSpeed records only (no code runs) unless `trust`."
+    path = Path(path)
+    if not path.is_file(): raise CheckpointError(f"{path} is missing", [Issue(path.name, None, "missing")])
+    mm = zipfile.is_zipfile(path)                # tensors memory-mapped, read when used (not the legacy format)
+    try:
+        if trust: return torch.load(path, map_location="cpu", weights_only=False, mmap=mm)
+        with torch.serialization.safe_globals(_DS_SAFE): return torch.load(path, map_location="cpu", weights_only=True, mmap=mm)
+    except pickle.UnpicklingError as e:
+        g = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise CheckpointError(f"{path}: holds a Python object ({g.group(1) if g else 'unknown type'}) that model_ops does not unpickle; "
+                              "pass trust=True only if you trust the file (it then runs its pickle)") from None
+    except Exception as e: raise CheckpointError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from None
+
+class _DSPickler(pickle._Pickler):
+    "Pickles the stand-ins under DeepSpeed's own class names, so DeepSpeed reads what we write."
+    def save_global(self, obj, name=None):
+        n = obj.__dict__.get("_ds_name") if isinstance(obj, type) else None
+        if n is None: return super().save_global(obj, name)
+        mod, _, nm = n.rpartition(".")
+        if self.proto >= 4: self.save(mod); self.save(nm); self.write(pickle.STACK_GLOBAL)
+        else: self.write(pickle.GLOBAL + f"{mod}\n{nm}\n".encode())
+        self.memoize(obj)
+
+_ds_pickle = types.SimpleNamespace(Pickler=_DSPickler, __name__="pickle")
+
+def _ds_bytes(obj) -> bytes:
+    "`torch.save` bytes of `obj` (stand-ins under DeepSpeed's names)."
+    b = io.BytesIO(); torch.save(obj, b, pickle_module=_ds_pickle); return b.getvalue()
+
+# %% ../nbs/60_checkpoint.ipynb #cf2288c4
+_DS_FILE = {"param": "fp32"}
+_DS_STATE = {"fp32": "param"}
+
+def _ds_keys(rule:dict, t:torch.Tensor) -> dict:
+    "The keys DeepSpeed's loader reads next to `param` for `rule`, plus our exact rule (ignored by DeepSpeed)."
+    k, d = rule["kind"], {}
+    if rule.get("expert"): d.update(is_expert_param=True, ep_num_experts=int(t.shape[0]))
+    if k == "split": d["cat_dim"] = rule["dim"] + bool(rule.get("expert"))
+    elif k == "vocab": d.update(cat_dim=0, vocab_tensor=True)
+    elif k == "sub_params":
+        sizes = rule.get("sizes") or [t.shape[rule["dim"]] // rule["n"]] * rule["n"]
+        d["cat_dim"] = rule["dim"]
+        if len(set(sizes)) == 1: d["param_n_sub_params"] = len(sizes)
+    d["model_ops_rule"] = json.dumps(rule)
+    return d
+
+def _rule_from_ds(d, t:torch.Tensor) -> dict:
+    "Our rule for a DeepSpeed universal `fp32.pt` dict."
+    if not isinstance(d, dict): return {"kind": "replicated"}
+    if "model_ops_rule" in d: return json.loads(d["model_ops_rule"])
+    if d.get("is_expert_param"): return {"kind": "replicated", "expert": True}
+    sp = d.get("sub_param_shape")
+    if sp is not None:
+        sp = sp if isinstance(sp, dict) else vars(sp)
+        pd, spec = sp["partition_dim"], sp["shape"][sp["partition_dim"]]
+        return {"kind": "sub_params", "dim": pd, **({"sizes": list(spec)} if isinstance(spec, (tuple, list)) else {"n": int(spec)})}
+    if "cat_dim" not in d: return {"kind": "replicated"}
+    if d.get("vocab_tensor"): return {"kind": "vocab", "dim": 0, "vocab_size": t.shape[0], "multiple": 1}
+    if d.get("param_n_sub_params"): return {"kind": "sub_params", "n": int(d["param_n_sub_params"]), "dim": int(d["cat_dim"])}
+    return {"kind": "split", "dim": int(d["cat_dim"])}
+
+def _check_names(names):
+    bad = [n for n in names if not _NAME_RE.fullmatch(n) or n in (".", "..")]
+    if bad: raise CheckpointError(f"parameter names {bad[:3]} cannot be folder names under zero/")
+
+def _write_latest(path, text:str):
+    "Replace the small text file `path` atomically (DeepSpeed's `latest` / `latest_universal`)."
+    path = Path(path); tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_small(tmp, text.encode(), True); os.replace(tmp, path); _fsync_dir(path.parent)
+
+def _copy_hashed(src, dst) -> dict:
+    "Copy file `src` to `dst` in 8 MiB pieces, fsynced; returns its manifest entry (size, SHA-256)."
+    h, n = hashlib.sha256(), 0
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while b := fi.read(1 << 23): h.update(b); fo.write(b); n += len(b)
+        fo.flush(); os.fsync(fo.fileno())
+    return {"size": n, "sha256": h.hexdigest()}
+
+def save_deepspeed_universal(u:dict,              # universal form (`read_zero`, `to_universal`, `load_deepspeed_universal`)
+                             out,                 # folder to create, e.g. `ckpt/global_step100_universal`
+                             copy:list=(),        # files to copy in unchanged (DeepSpeed's model-states files)
+                             overwrite:bool=False,
+                             latest:bool=True) -> Path: # also write `<out.parent>/latest_universal` naming `out`
+    "Write DeepSpeed's universal layout (`zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`, `zero/optimizer_state.pt`) atomically, with a manifest."
+    _check_names(u["meta"])
+    out, files = Path(out), {}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        z = tmp/"zero"; z.mkdir()
+        for f in copy: files[Path(f).name] = _copy_hashed(f, tmp/Path(f).name)
+        opt = {**(u.get("optimizer") or {}), "param_groups": (u.get("optimizer") or {}).get("param_groups", [])}
+        files["zero/optimizer_state.pt"] = _write_small(z/"optimizer_state.pt", _ds_bytes(opt), True)
+        def one(name, rule):                             # one parameter's files; parameters are written on all cores
+            fs = {}
+            for st, ts in u["states"].items():
+                if name in ts:
+                    fn = f"zero/{name}/{_DS_FILE.get(st, st)}.pt"
+                    fs[fn] = _write_small(tmp/fn, _ds_bytes({"param": ts[name], **_ds_keys(rule, ts[name])}), True)
+            if name in (u.get("step") or {}): fs[f"zero/{name}/step.pt"] = _write_small(z/name/"step.pt", _ds_bytes(u["step"][name]), True)
+            _fsync_dir(z/name)
+            return fs
+        for name in u["meta"]: (z/name).mkdir()
+        futs = [_pool("ds-write", _NCPU).submit(one, n, r) for n,r in sorted(u["meta"].items(), key=lambda x: -u["states"]["param"][x[0]].numel())]
+        wait(futs)                                       # all finished (or failed) before the temporary folder can go
+        for f in futs: files.update(f.result())
+        files = dict(sorted(files.items()))
+        _fsync_dir(z)
+        _commit_manifest(tmp, files, "deepspeed_universal", iteration=u.get("iteration"), groups=u.get("groups"), source=u.get("source"),
+                         info=json.loads(json.dumps(u.get("info") or {}, default=str)))
+    if latest: _write_latest(out.parent/"latest_universal", out.name)
+    return out
+
+def _ds_shapes(dir, trust:bool) -> dict:
+    "name -> shape from the model-states files of a DeepSpeed folder (for ZeRO-3 universal files holding flat tensors)."
+    shapes = {}
+    for f in sorted(Path(dir).glob("*model_states.pt")):
+        for g in _ds_load(f, trust).get("param_shapes") or []: shapes.update(g)
+    return shapes
+
+def load_deepspeed_universal(dir,                 # `global_stepN_universal` folder, or its parent holding `latest_universal`
+                             trust:bool=False,    # unpickle arbitrary objects (runs code; only for files you trust)
+                             verify:bool=True) -> dict: # check the manifest's SHA-256s when there is one (folders we wrote)
+    "Read a DeepSpeed universal checkpoint (`ds_to_universal.py` or `ds_to_universal` output) into the universal form."
+    dir = Path(dir)
+    if not (dir/"zero").is_dir() and (dir/"latest_universal").is_file(): dir = dir/(dir/"latest_universal").read_text().strip()
+    z = dir/"zero"
     if not z.is_dir(): raise CheckpointError(f"{dir} has no zero/ folder; pass the global_stepN_universal folder")
-    meta, states = {}, {}
+    m = None
+    if (dir/"manifest.json").exists():
+        m = read_manifest(dir)
+        if verify: _verify_dir(dir)
+    meta, states, step, flat = {}, {}, {}, {}
     for pdir in sorted(p for p in z.iterdir() if p.is_dir()):
-        for fn, st in _DS_STATES.items():
-            f = pdir/f"{fn}.pt"
-            if not f.exists(): continue
-            try: d = torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{f}: not loadable with weights_only=True ({type(e).__name__}); it holds Python objects "
-                                      "we will not unpickle (e.g. sub_param_shape)") from None
+        for f in sorted(pdir.glob("*.pt")):
+            d = _ds_load(f, trust)
+            if f.stem == "step": step[pdir.name] = d; continue
             t = d["param"] if isinstance(d, dict) else d
-            states.setdefault(st, {})[pdir.name] = t
-            if st == "param":
-                if not isinstance(d, dict) or "cat_dim" not in d: meta[pdir.name] = {"kind": "replicated"}
-                elif d.get("vocab_tensor"): meta[pdir.name] = {"kind": "vocab", "dim": 0, "vocab_size": t.shape[0], "multiple": 1}
-                elif d.get("param_n_sub_params"):
-                    n = int(d["param_n_sub_params"]); meta[pdir.name] = {"kind": "sub_params", "sizes": [t.shape[d["cat_dim"]]//n]*n, "dim": d["cat_dim"]}
-                else: meta[pdir.name] = {"kind": "split", "dim": int(d["cat_dim"])}
+            if not torch.is_tensor(t): raise CheckpointError(f"{f}: holds no tensor")
+            if not isinstance(d, dict): flat[pdir.name] = True
+            states.setdefault(_DS_STATE.get(f.stem, f.stem), {})[pdir.name] = t
+            if f.stem == "fp32": meta[pdir.name] = _rule_from_ds(d, t)
     if not meta: raise CheckpointError(f"{z} holds no <param>/fp32.pt files")
-    return {"meta": meta, "states": states, "layout": None}
+    if flat:                                             # DeepSpeed's ZeRO-3 converter stores flat tensors: shape them
+        shapes = _ds_shapes(dir, trust)
+        for n in flat:
+            if n not in shapes: raise CheckpointError(f"{z/n}/fp32.pt is a flat tensor and no *model_states.pt in {dir} gives its shape")
+            for ts in states.values():
+                if n in ts: ts[n] = ts[n].reshape(tuple(shapes[n]))
+    for n, r in meta.items():
+        if r.get("expert"): r["num_experts"] = int(states["param"][n].shape[0])
+    opt = _ds_load(z/"optimizer_state.pt", trust) if (z/"optimizer_state.pt").exists() else {}
+    return {"meta": meta, "states": states, "layout": None, "step": step, "optimizer": opt,
+            "groups": (m or {}).get("groups"), "info": (m or {}).get("info") or {}, "iteration": (m or {}).get("iteration"),
+            "source": (m or {}).get("source")}
+
+# %% ../nbs/60_checkpoint.ipynb #1fc42f28
+_MS3_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_NAME_RE = re.compile(r"[\w.\-]+")
+
+def _numel(shape) -> int: return math.prod(int(s) for s in shape)
+
+def _zero_plan(src, trust:bool=False) -> dict:
+    "The rank files of DeepSpeed ZeRO folder `src`, its stage and its tp/dp degrees, all checked against each other."
+    src = Path(src)
+    if not src.is_dir(): raise CheckpointError(f"{src} is not a folder")
+    names = sorted(p.name for p in src.iterdir() if p.is_file())
+    if any(n.startswith("layer_") for n in names):
+        raise CheckpointError(f"{src} holds layer_* files (pipeline or MoE expert files); model_ops reads DeepSpeed ZeRO folders without them")
+    opt = {}
+    for n in names:
+        if (m := _OPT_RE.match(n)): opt[(int(m[3]), int(m[2]))] = (m[1], n)
+    if not opt: raise CheckpointError(f"{src} has no *zero_pp_rank_*_optim_states.pt files: not a DeepSpeed ZeRO checkpoint folder "
+                                      "(pass the global_stepN folder)")
+    pre = {p for p,_ in opt.values()}
+    if len(pre) > 1: raise CheckpointError(f"{src} mixes optimizer files with prefixes {sorted(pre)}; one save per folder")
+    pre = pre.pop()
+    first = _ds_load(src/opt[min(opt)][1], trust)
+    osd = first.get("optimizer_state_dict") if isinstance(first, dict) else None
+    if not isinstance(osd, dict) or not ("zero_stage" in osd or "single_partition_of_fp32_groups" in osd):
+        raise CheckpointError(f"{src/opt[min(opt)][1]} has no optimizer_state_dict.zero_stage: not a ZeRO optimizer file")
+    stage = int(osd.get("zero_stage", 1))                 # DeepSpeed's bf16 optimizer (ZeRO-1 layout) records none
+    if stage not in (1, 2, 3): raise CheckpointError(f"{src}: zero_stage {stage}; ZeRO stages 1, 2 and 3 are supported")
+    if stage <= 2: mfile = lambda t, d: f"mp_rank_{t:02d}_model_states.pt"
+    else:          mfile = lambda t, d: f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt"
+    m0 = src/mfile(0, 0)
+    if not m0.exists(): raise CheckpointError(f"{src} is incomplete", [Issue(m0.name, None, "missing (model states of rank 0)")])
+    ms0 = _ds_load(m0, trust)
+    tp_files, dp_files = max(t for t,_ in opt) + 1, max(d for _,d in opt) + 1
+    pc = osd.get("partition_count")
+    pc = max(pc) if isinstance(pc, (list, tuple)) and pc else pc
+    tp = int(ms0.get("mp_world_size") or tp_files)
+    dp = int(ms0.get("dp_world_size") or pc or dp_files)
+    bad = []
+    if pc is not None and int(pc) != dp: bad.append(f"{opt[min(opt)][1]} has partition_count {pc} but {m0.name} says dp_world_size {dp}")
+    if tp_files > tp or dp_files > dp: bad.append(f"files for tp ranks 0..{tp_files-1} and dp ranks 0..{dp_files-1} exceed "
+                                                  f"mp_world_size {tp} / dp_world_size {dp} of {m0.name}")
+    if bad: raise CheckpointError(f"{src}: inconsistent data/tensor-parallel world sizes: " + "; ".join(bad))
+    missing = [f"{pre}zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" for t in range(tp) for d in range(dp) if (t, d) not in opt]
+    missing += sorted({mfile(t, d) for t in range(tp) for d in range(dp) if not (src/mfile(t, d)).exists()})
+    if missing: raise CheckpointError(f"{src} is incomplete: tp={tp} x dp={dp} ranks need these missing files",
+                                      [Issue(f, None, "missing") for f in missing])
+    return {"src": src, "stage": stage, "tp": tp, "dp": dp, "opt": {k: src/v[1] for k,v in opt.items()},
+            "model": {t: src/mfile(t, 0) for t in range(tp)}, "model_files": sorted({mfile(t, d) for t in range(tp) for d in range(dp)}),
+            "first": first}
+
+def _fragments(plan:dict, t:int, d:int, shapes:list, trust:bool) -> tuple:
+    "({(name, state): flat piece}, {name: step}, osd) of one (tp, dp) rank file: the pieces of each parameter this rank owns."
+    f = plan["opt"][(t, d)]
+    sd = plan["first"] if (t, d) == min(plan["opt"]) else _ds_load(f, trust)
+    osd = sd["optimizer_state_dict"]
+    if int(osd.get("zero_stage", 1)) != plan["stage"]: raise CheckpointError(f"{f.name}: zero_stage {osd.get('zero_stage')} but rank 0 has {plan['stage']}")
+    out, steps = {}, {}
+    def flat_states(g, fp32, state, pad):
+        fl = {"fp32": fp32}
+        for k,v in (state or {}).items():
+            if k == "step": continue
+            if not torch.is_tensor(v): continue
+            if v.numel() not in (fp32.numel(), fp32.numel() + pad):
+                raise CheckpointError(f"{f.name}: optimizer state {k!r} of group {g} has {v.numel()} elements but the fp32 partition has {fp32.numel()}")
+            fl[k] = v.reshape(-1)[:fp32.numel()]
+        return fl
+    if plan["stage"] <= 2:
+        maps, fp32s = osd["param_slice_mappings"], osd["single_partition_of_fp32_groups"]
+        gst = osd["base_optimizer_state"]["state"]; pads = osd.get("group_paddings") or [0] * len(fp32s)
+        if len(maps) != len(fp32s): raise CheckpointError(f"{f.name}: {len(maps)} slice mappings for {len(fp32s)} fp32 groups")
+        for g, (mp, fp32) in enumerate(zip(maps, fp32s)):
+            fl = flat_states(g, fp32.reshape(-1), gst.get(g), pads[g])
+            for name, fa in mp.items():
+                if fa.start < 0 or fa.start + fa.numel > fp32.numel():
+                    raise CheckpointError(f"{f.name}: {name!r} maps to [{fa.start}, {fa.start+fa.numel}) outside its {fp32.numel()}-element partition")
+                for k,v in fl.items(): out[(name, k)] = v.narrow(0, fa.start, fa.numel)
+                if "step" in (gst.get(g) or {}): steps[name] = gst[g]["step"]
+    else:
+        fp32s, gst = osd["fp32_flat_groups"], osd["optimizer_state_dict"]["state"]
+        if len(fp32s) != len(shapes): raise CheckpointError(f"{f.name}: {len(fp32s)} fp32 groups but the model states list {len(shapes)}")
+        for g, (shp, fp32) in enumerate(zip(shapes, fp32s)):
+            fl, off, dp = flat_states(g, fp32.reshape(-1), gst.get(g), 0), 0, plan["dp"]
+            for name, s in shp.items():
+                n = _numel(s); part = -(-n // dp); real = max(0, min(part, n - d * part))
+                if off + part > fp32.numel():
+                    raise CheckpointError(f"{f.name}: group {g} holds {fp32.numel()} elements, fewer than its parameters' partitions need (numel mismatch at {name!r})")
+                for k,v in fl.items(): out[(name, k)] = v.narrow(0, off, real)
+                if "step" in (gst.get(g) or {}): steps[name] = gst[g]["step"]
+                off += part
+    return out, steps, osd
+
+def _ds_layout(info:dict) -> TPLayout:
+    "A `TPLayout` from DeepSpeed's `universal_checkpoint_info` patterns (anchored like DeepSpeed's `re.match`)."
+    a = lambda ps: [f"^(?:{p})" for p in ps or []]
+    sub = {p: {"n": 2, "dim": 0} for p in a(info.get("parameter_with_2_sub_params_cat_dim_0"))}
+    widths = info.get("sub_param_shard_widths") or {}
+    for s in info.get("parameter_with_sub_params") or []:
+        s = s if isinstance(s, dict) else vars(s)
+        pd, spec = s["partition_dim"], s["shape"][s["partition_dim"]]
+        for p in s["patterns"]:
+            sub[f"^(?:{p})"] = {"sizes": list(spec), "dim": pd} if isinstance(spec, (tuple, list)) else {"n": int(spec), "dim": pd}
+    return TPLayout(replicated=a(info.get("tp_replicated_parameter_patterns")), average=a(info.get("parameter_to_average_patterns")),
+                    row_parallel=a(info.get("parameter_with_row_parallelism_patterns")), sub_params=sub,
+                    vocab=a(info.get("vocabulary_parameter_patterns")), vocab_size=info.get("original_vocab_size"),
+                    experts=a(info.get("expert_parameter_patterns")))
+
+# %% ../nbs/60_checkpoint.ipynb #0dc0062b
+_SHARDED = ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups", "fp32_flat_groups", "optimizer_state_dict")
+
+def read_zero(src,                  # DeepSpeed checkpoint folder (`global_stepN`): `*zero_pp_rank_*_optim_states.pt` + model states
+              layout:TPLayout=None, # how TP slices merge; default: the `universal_checkpoint_info` patterns saved with the model states
+              strict:bool=True,     # every layout pattern must match a parameter
+              trust:bool=False) -> dict: # unpickle arbitrary objects (runs code; only for files you trust)
+    "Consolidate a DeepSpeed ZeRO-1/2/3 checkpoint (fp32 master weights and optimizer state, any TP x DP) into the universal form."
+    plan = _zero_plan(src, trust)
+    tp, dp, stage = plan["tp"], plan["dp"], plan["stage"]
+    ms = {t: _ds_load(plan["model"][t], trust) for t in range(tp)}
+    shapes = {t: [OrderedDict(g) for g in (ms[t].get("param_shapes") or [])] for t in range(tp)}
+    for t in range(tp):
+        if not shapes[t]: raise CheckpointError(f"{plan['model'][t]} has no param_shapes: not DeepSpeed model states")
+        if [list(g) for g in shapes[t]] != [list(g) for g in shapes[0]]:
+            raise CheckpointError(f"{plan['model'][t].name} lists other parameters than {plan['model'][0].name}")
+    info = ms[0].get("universal_checkpoint_info") or {}
+    if layout is None:
+        if tp > 1 and not info: raise CheckpointError(f"{src} was saved with tp={tp} but without universal_checkpoint_info; pass layout=TPLayout(...)")
+        layout = _ds_layout(info)
+    frags, steps, common = {}, {}, None
+    for t in range(tp):
+        for d in range(dp):
+            out, st, osd = _fragments(plan, t, d, shapes[t], trust)
+            for (name, k), v in out.items(): frags.setdefault((t, name, k), []).append((d, v))
+            for name, s in st.items():
+                prev = steps.setdefault(name, s)
+                if not torch.equal(torch.as_tensor(prev), torch.as_tensor(s)):
+                    raise CheckpointError(f"{plan['opt'][(t, d)].name}: step of {name!r} is {s}, another rank has {prev}")
+            if common is None: common = osd
+    local = [{} for _ in range(tp)]                     # per TP rank: {state: {name: tensor in TP-local shape}}
+    for (t, name, k), ps in frags.items():
+        ps.sort(key=lambda x: x[0])
+        shape = next((g[name] for g in shapes[t] if name in g), None)
+        if shape is None: raise CheckpointError(f"{plan['opt'][(t, 0)].name}: {name!r} has optimizer state but no entry in param_shapes")
+        flat = torch.cat([p for _,p in ps]) if len(ps) > 1 else ps[0][1]
+        if flat.numel() != _numel(shape):
+            raise CheckpointError(f"{src}: numel mismatch for {name!r} ({k}) on tp rank {t}: its dp fragments hold {flat.numel()} "
+                                  f"elements, param_shapes says {tuple(shape)} = {_numel(shape)}")
+        local[t].setdefault(k, {})[name] = flat.reshape(tuple(shape))
+    for t in range(tp):                                 # parameters without optimizer state (frozen): their model weights
+        buffers = set(ms[t].get("buffer_names") or [])
+        for name, v in (ms[t].get("module") or {}).items():
+            if name not in buffers and torch.is_tensor(v) and name not in local[t].get("fp32", {}) and stage <= 2:
+                local[t].setdefault("fp32", {})[name] = v.float()
+    names = {n for r in local for n in r.get("fp32", {})}
+    for t in range(tp):
+        if set(local[t].get("fp32", {})) != names: raise CheckpointError(f"{src}: tp rank {t} lacks parameters {sorted(names - set(local[t]['fp32']))[:5]}")
+    ranks = [{("param" if k == "fp32" else k): v for k,v in r.items()} for r in local]
+    u = to_universal(ranks, layout, strict=strict)
+    opt = {k: v for k,v in common.items() if k not in _SHARDED}
+    base = common.get("base_optimizer_state") or common.get("optimizer_state_dict") or {}
+    opt["param_groups"] = [{k: v for k,v in g.items() if k != "params"} for g in base.get("param_groups", [])]
+    u.update(step={n: steps[n] for n in names if n in steps}, optimizer=opt, groups=[list(g) for g in shapes[0]], info=info,
+             iteration=ms[0].get("iteration", ms[0].get("global_steps")), source={"tp": tp, "dp": dp, "zero_stage": stage},
+             model_files=plan["model_files"])
+    return u
+
+# %% ../nbs/60_checkpoint.ipynb #de676181
+def ds_to_universal(src,                 # DeepSpeed ZeRO checkpoint folder (`global_stepN`)
+                    out=None,            # universal folder to create; default `<src>_universal` beside it
+                    layout:TPLayout=None, strict:bool=True, trust:bool=False, overwrite:bool=False,
+                    latest:bool=True) -> Path:  # write `latest_universal` beside `out`
+    "DeepSpeed's `ds_to_universal.py` without DeepSpeed: ZeRO-1/2/3 x TP rank files -> `zero/<param>/*.pt` (all checks before writing)."
+    src = Path(src)
+    u = read_zero(src, layout, strict, trust)
+    out = Path(out) if out is not None else src.parent/f"{src.name}_universal"
+    return save_deepspeed_universal(u, out, copy=[src/f for f in u["model_files"]], overwrite=overwrite, latest=latest)
+
+# %% ../nbs/60_checkpoint.ipynb #9de8b847
+def _ds_info(u:dict) -> dict:
+    info = dict(u.get("info") or {})
+    info.setdefault("universal_checkpoint_version", 0.4)
+    return info
+
+def save_zero(u:dict,                # universal form
+              out,                   # folder to create (`global_stepN`)
+              tp:int=1, dp:int=1,    # target tensor- and data-parallel degrees
+              stage:int=2,           # ZeRO stage of the files: 1 or 2 (flat partitions + slice mappings) or 3 (per-parameter partitions)
+              overwrite:bool=False) -> Path:
+    "Re-slice a universal checkpoint into DeepSpeed ZeRO rank files for `tp` x `dp` ranks (what each rank's `load_checkpoint` reads)."
+    if stage not in (1, 2, 3): raise CheckpointError(f"stage must be 1, 2 or 3, not {stage}")
+    if tp < 1 or dp < 1: raise CheckpointError(f"tp and dp must be >= 1 (got tp={tp}, dp={dp})")
+    groups = u.get("groups") or [sorted(u["meta"])]
+    missing = [n for g in groups for n in g if n not in u["states"]["param"]]
+    if missing: raise CheckpointError(f"groups name parameters the universal checkpoint lacks: {missing[:5]}")
+    ranks = from_universal({"meta": u["meta"], "states": u["states"]}, tp)
+    opt = {k: v for k,v in (u.get("optimizer") or {}).items() if k not in ("zero_stage", "group_paddings", "partition_count", "ds_version")}
+    pgs = opt.pop("param_groups", None) or [{} for _ in groups]
+    if len(pgs) != len(groups): pgs = [pgs[0] if pgs else {}] * len(groups)
+    step = lambda g: next((u["step"][n] for n in g if n in (u.get("step") or {})), None)
+    it, info = u.get("iteration"), _ds_info(u)
+    sts = [s for s in u["states"] if s != "param"]
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        def put(name, obj): _write_small(tmp/name, _ds_bytes(obj), True)
+        for t in range(tp):
+            loc = ranks[t]
+            shapes = [OrderedDict((n, torch.Size(loc["param"][n].shape)) for n in g) for g in groups]
+            flats = {s: [torch.cat([loc[s][n].reshape(-1).float() if n in loc[s] else torch.zeros(loc["param"][n].numel())
+                                    for n in g]) for g in groups] for s in ["param", *sts]}
+            ms = {"module": OrderedDict((n, loc["param"][n]) for g in groups for n in g) if stage <= 2 else OrderedDict(),
+                  "buffer_names": [], "optimizer": None, "param_shapes": shapes, "frozen_param_shapes": None, "shared_params": {},
+                  "frozen_param_fragments": None, "lr_scheduler": None, "skipped_steps": 0, "global_steps": it or 0,
+                  "global_samples": 0, "dp_world_size": dp, "mp_world_size": tp, "ds_config": {}, "ds_version": "model_ops",
+                  "universal_checkpoint_info": info, "iteration": it or 0}
+            if stage <= 2: put(f"mp_rank_{t:02d}_model_states.pt", ms)
+            for d in range(dp):
+                if stage == 3: put(f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt", ms)
+                parts, maps, pads, gstate = {s: [] for s in flats}, [], [], {}
+                for g, names in enumerate(groups):
+                    if stage <= 2:
+                        n = flats["param"][g].numel(); pad = (-n) % dp; P = (n + pad) // dp
+                        if pad and pad >= P: raise CheckpointError(f"param group {g} has {n} elements, too few to split over dp={dp}")
+                        lo, hi = d * P, min((d + 1) * P, n)
+                        for s in flats: parts[s].append(flats[s][g][lo:hi].clone())
+                        mp, off = OrderedDict(), 0
+                        for name in names:
+                            k = loc["param"][name].numel(); a, b = max(off, lo), min(off + k, hi)
+                            if b > a: mp[name] = _Frag(numel=b - a, start=a - lo)
+                            off += k
+                        maps.append(mp); pads.append(pad if d == dp - 1 else 0)
+                        full = lambda s: torch.cat([parts[s][g], parts[s][g].new_zeros(P - (hi - lo))])   # the optimizer's padded partition
+                    else:
+                        for s in flats:
+                            pieces, off = [], 0
+                            for name in names:
+                                k = loc["param"][name].numel(); part = -(-k // dp)
+                                x = flats[s][g][off + d * part: off + min((d + 1) * part, k)]
+                                pieces += [x, x.new_zeros(part - x.numel())]; off += k
+                            parts[s].append(torch.cat(pieces))
+                        full = lambda s: parts[s][g]
+                    gs = {s: full(s) for s in sts}
+                    if step(names) is not None: gs = {"step": step(names), **gs}
+                    gstate[g] = gs
+                base = {"state": gstate, "param_groups": [{**pg, "params": [g]} for g, pg in enumerate(pgs)]}
+                if stage <= 2:
+                    osd = {**opt, "base_optimizer_state": base, "single_partition_of_fp32_groups": parts["param"], "zero_stage": stage,
+                           "group_paddings": pads, "partition_count": [dp] * len(groups), "ds_version": "model_ops", "param_slice_mappings": maps}
+                else:
+                    osd = {**opt, "zero_stage": 3, "partition_count": dp, "optimizer_state_dict": base, "fp32_flat_groups": parts["param"]}
+                put(f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt", {"optimizer_state_dict": osd, "ds_config": {}, "ds_version": "model_ops"})
+    return Path(out)
+
+# %% ../nbs/60_checkpoint.ipynb #ba34669a
+def _fit(full:torch.Tensor, shape, rule:dict, name:str) -> torch.Tensor:
+    "`full` for a target tensor of `shape`: vocab rows zero-padded up to the model's (padded) vocabulary."
+    if tuple(full.shape) == tuple(shape): return full
+    if rule.get("kind") == "vocab" and full.ndim == len(shape) and tuple(full.shape[1:]) == tuple(shape[1:]) and full.shape[0] <= shape[0]:
+        return torch.cat([full, full.new_zeros((shape[0] - full.shape[0], *full.shape[1:]))])
+    raise CheckpointError(f"{name!r} is {tuple(full.shape)} in the universal checkpoint but {tuple(shape)} in the model; "
+                          "load into the unsharded (TP=1) model, or re-slice with save_zero(u, out, tp=...)")
+
+def load_universal_into(src,                   # DeepSpeed universal folder (or its parent with `latest_universal`), or a universal dict
+                        model,                 # nn.Module (unsharded) to fill with the fp32 master weights
+                        optimizer=None,        # torch optimizer over `model`'s parameters: gets exp_avg/exp_avg_sq/step (and group hyper-parameters)
+                        strict:bool=True,      # parameter names must match exactly
+                        trust:bool=False, verify:bool=True) -> dict:
+    "Load a universal checkpoint into a model and its (Adam-style) optimizer, so training continues where the DeepSpeed job stopped."
+    u = src if isinstance(src, dict) else load_deepspeed_universal(src, trust, verify)
+    P, named = u["states"]["param"], dict(model.named_parameters())
+    missing, extra = sorted(set(named) - set(P)), sorted(set(P) - set(named))
+    if strict and (missing or extra):
+        raise CheckpointError(f"universal checkpoint and model differ: missing {missing[:5]}, unexpected {extra[:5]}; pass strict=False to load the overlap")
+    fits = {n: _fit(P[n], p.shape, u["meta"][n], n) for n,p in named.items() if n in P}        # all checks before any copy
+    states = {s: {n: _fit(ts[n], named[n].shape, u["meta"][n], n) for n in fits if n in ts} for s,ts in u["states"].items() if s != "param"}
+    with torch.no_grad():
+        for n, f in fits.items(): named[n].copy_(f)
+    if optimizer is not None:
+        ids = {id(p): n for n,p in named.items()}
+        for gi, g in enumerate(optimizer.param_groups):
+            for p in g["params"]:
+                n = ids.get(id(p))
+                if n is None or n not in fits: continue
+                old = optimizer.state.get(p, {})
+                st = {s: states[s][n].to(p.device, p.dtype).clone() for s in states if n in states[s]}
+                if n in (u.get("step") or {}):
+                    dt = old["step"].dtype if torch.is_tensor(old.get("step")) else torch.float32
+                    st["step"] = torch.as_tensor(u["step"][n]).to(dt).clone().reshape(())
+                optimizer.state[p] = st
+        pgs = (u.get("optimizer") or {}).get("param_groups") or []
+        if len(pgs) == len(optimizer.param_groups):
+            for g, src_g in zip(optimizer.param_groups, pgs):
+                for k, v in src_g.items():
+                    if k != "params" and k in g: g[k] = type(g[k])(v) if isinstance(g[k], tuple) else v
+    return {"step": u.get("iteration"), "model": fits, "universal": u}
 
 # %% ../nbs/60_checkpoint.ipynb #8d766531
 def stage_grad_norms(stages:list) -> list:
@@ -1291,12 +1855,14 @@ from fastcore.script import call_parse
 def cli_ckpt(cmd:str,                  # verify | convert | reshard
              src:str,                  # checkpoint folder to read
              out:str=None,             # folder to write (convert, reshard)
-             to:str="hf",              # convert target: hf (from DCP), dcp (from HF), universal (from a TP folder)
+             to:str="hf",              # convert target: hf (from DCP), dcp (from HF), universal (from a TP or DeepSpeed ZeRO folder)
              tp:int=None,              # reshard: target tensor-parallel degree (omit: universal form)
+             dp:int=None,              # reshard: target data-parallel degree; writes DeepSpeed ZeRO rank files for tp x dp ranks
+             zero_stage:int=2,         # reshard --dp: ZeRO stage of the written files (1, 2 or 3)
              max_shard_size:str="2GB", # convert --to hf: shard size, which also bounds memory
              dtype:str=None,           # convert --to hf: cast, e.g. bfloat16
              overwrite:bool=False):    # replace `out` if it exists
-    "Verify, convert (DCP <-> HF, TP -> universal) and reshard checkpoints."
+    "Verify, convert (DCP <-> HF; TP or DeepSpeed ZeRO -> universal) and reshard checkpoints (any TP, and DP for DeepSpeed)."
     if cmd == "verify":
         m = read_manifest(src)
         verify(src)
@@ -1307,9 +1873,10 @@ def cli_ckpt(cmd:str,                  # verify | convert | reshard
     if cmd == "convert":
         if to == "hf": r = dcp_to_hf(src, out, max_shard_size=max_shard_size, dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite)
         elif to == "dcp": r = hf_to_dcp(src, out, overwrite=overwrite)
-        elif to == "universal": r = reshard(src, out, None, overwrite=overwrite)
+        elif to == "universal":
+            r = ds_to_universal(src, out, overwrite=overwrite) if _ckpt_kind(src, None) == "zero" else reshard(src, out, None, overwrite=overwrite)
         else: raise CheckpointError(f"unknown --to {to!r}; use hf, dcp or universal")
-    elif cmd == "reshard": r = reshard(src, out, tp, overwrite=overwrite)
+    elif cmd == "reshard": r = reshard(src, out, tp, overwrite=overwrite, dp=dp, zero_stage=zero_stage)
     else: raise CheckpointError(f"unknown command {cmd!r}; use verify, convert or reshard")
     print(f"wrote {r}"); return r
 

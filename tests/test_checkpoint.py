@@ -1,5 +1,5 @@
 "Multi-process DCP jobs under torchrun (gloo, CPU) and fault-injection tests for model_ops.checkpoint."
-import os, sys, json, time, random, signal, shutil, subprocess, textwrap, warnings
+import os, re, sys, json, time, random, signal, shutil, subprocess, textwrap, warnings
 from pathlib import Path
 import pytest
 import torch
@@ -397,3 +397,243 @@ def test_corrupt_first_shard_in_place_load_finishes_other_reads(sharded):
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.")): load(d, model=dst, rng=False)
     later = [k for g in m["model_files"][1:] for k in m["files"][g]["tensors"]]
     assert later and all(torch.equal(dst[k], sd[k]) for k in later)
+
+# --------------------------------------------------------------------------- DeepSpeed ZeRO folders <-> universal, expert parallelism
+
+import contextlib, dataclasses, enum, types
+from collections import OrderedDict
+from model_ops.checkpoint import (TPLayout, tp_split, read_zero, ds_to_universal, save_zero, load_deepspeed_universal,
+                                  save_deepspeed_universal, load_universal_into, to_universal, from_universal, reshard, _eq_univ,
+                                  _ds_load, _ds_bytes)
+
+@contextlib.contextmanager
+def fake_deepspeed():
+    "Importable `deepspeed.*` classes (as DeepSpeed defines them) while pickling or unpickling, then gone again."
+    @dataclasses.dataclass
+    class fragment_address:
+        numel: int
+        start: int
+    class ZeroStageEnum(int, enum.Enum):
+        disabled = 0; optimizer_states = 1; gradients = 2; weights = 3
+    class DynamicLossScaler:
+        def __init__(self): self.cur_scale, self.cur_iter = 65536.0, 3
+    mods = {"deepspeed.utils.tensor_fragment": fragment_address, "deepspeed.runtime.zero.config": ZeroStageEnum,
+            "deepspeed.runtime.fp16.loss_scaler": DynamicLossScaler}
+    added = []
+    for mod, cls in mods.items():
+        for i in range(1, mod.count(".") + 2):
+            n = ".".join(mod.split(".")[:i])
+            if n not in sys.modules: sys.modules[n] = types.ModuleType(n); added.append(n)
+        cls.__module__, cls.__qualname__ = mod, cls.__name__; setattr(sys.modules[mod], cls.__name__, cls)
+    try: yield types.SimpleNamespace(frag=fragment_address, stage=ZeroStageEnum, scaler=DynamicLossScaler)
+    finally:
+        for n in added: sys.modules.pop(n, None)
+
+def ds_fixture(out, full, layout, tp, dp, stage=2, step=None, info=None, prefix=""):
+    """A DeepSpeed ZeRO-`stage` folder for tp x dp ranks, laid out as DeepSpeed's engine saves it (independent of save_zero):
+    ZeRO-1/2 flat groups padded to a multiple of 2*dp, fp32 partitions without the padding, padded Adam states,
+    fragment_address slice mappings; ZeRO-3 ceil(numel/dp) pieces per parameter."""
+    out = Path(out); out.mkdir(parents=True)
+    names = list(full["param"])
+    pg = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "amsgrad": False, "maximize": False, "foreach": None,
+          "capturable": False, "differentiable": False, "fused": None, "decoupled_weight_decay": True}
+    with fake_deepspeed() as ds:
+        for t in range(tp):
+            loc = {s: {n: tp_split(v, layout.rule(n, v.ndim), tp)[t] for n,v in ts.items()} for s,ts in full.items()}
+            flat = {s: torch.cat([loc[s][n].reshape(-1) for n in names]) for s in loc}
+            ms = {"module": OrderedDict((n, loc["param"][n]) for n in names) if stage < 3 else OrderedDict(), "buffer_names": [],
+                  "optimizer": None, "param_shapes": [OrderedDict((n, loc["param"][n].shape) for n in names)], "frozen_param_shapes": None,
+                  "shared_params": {}, "frozen_param_fragments": None, "lr_scheduler": None, "sparse_tensor_module_names": set(),
+                  "skipped_steps": 0, "global_steps": 3, "global_samples": 24, "dp_world_size": dp, "mp_world_size": tp,
+                  "ds_config": {"train_batch_size": 8}, "ds_version": "0.16.0", "universal_checkpoint_info": info or {}, "iteration": 3}
+            if stage < 3: torch.save(ms, out/f"mp_rank_{t:02d}_model_states.pt")
+            for d in range(dp):
+                if stage == 3:
+                    torch.save(ms, out/f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt")
+                    part = {s: [] for s in flat}
+                    for n in names:
+                        k = loc["param"][n].numel(); c = -(-k // dp)
+                        for s in flat: x = loc[s][n].reshape(-1)[d*c:(d+1)*c]; part[s] += [x, x.new_zeros(c - len(x))]
+                    part = {s: torch.cat(v) for s,v in part.items()}
+                    osd = {"zero_stage": ds.stage.weights, "loss_scaler": ds.scaler(), "dynamic_loss_scale": True, "overflow": False,
+                           "partition_count": dp, "fp32_flat_groups": [part["param"].clone()],
+                           "optimizer_state_dict": {"state": {0: {"step": step, "exp_avg": part["exp_avg"].clone(), "exp_avg_sq": part["exp_avg_sq"].clone()}},
+                                                    "param_groups": [{**pg, "params": [0]}]}}
+                else:
+                    n_all = flat["param"].numel(); padded = -(-n_all // (2 * dp)) * (2 * dp); P = padded // dp
+                    lo, hi = d * P, min((d + 1) * P, n_all)
+                    pad = {s: torch.cat([v, v.new_zeros(padded - n_all)]) for s,v in flat.items()}
+                    maps, off = OrderedDict(), 0
+                    for n in names:
+                        k = loc["param"][n].numel(); a, b = max(off, lo), min(off + k, hi)
+                        if b > a: maps[n] = ds.frag(numel=b - a, start=a - lo)
+                        off += k
+                    osd = {"loss_scaler": ds.scaler(), "dynamic_loss_scale": True, "overflow": False, "clip_grad": 1.0,
+                           "base_optimizer_state": {"state": {0: {"step": step, "exp_avg": pad["exp_avg"][d*P:(d+1)*P].clone(),
+                                                                   "exp_avg_sq": pad["exp_avg_sq"][d*P:(d+1)*P].clone()}},
+                                                    "param_groups": [{**pg, "params": [0]}]},
+                           "single_partition_of_fp32_groups": [flat["param"][lo:hi].clone()],
+                           "zero_stage": ds.stage.gradients if stage == 2 else ds.stage.optimizer_states,
+                           "group_paddings": [padded - n_all if d == dp - 1 else 0], "partition_count": [dp],
+                           "ds_version": "0.16.0", "param_slice_mappings": [maps]}
+                torch.save({"optimizer_state_dict": osd, "ds_config": {}, "ds_version": "0.16.0"},
+                           out/f"{prefix}zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt")
+    return out
+
+V = 261
+INFO = {"universal_checkpoint_version": 0.4, "tp_replicated_parameter_patterns": [r".*norm\.weight$"],
+        "parameter_with_row_parallelism_patterns": [r".*o_proj\.weight$", r".*down_proj\.weight$"],
+        "parameter_with_2_sub_params_cat_dim_0": [r".*gate_up_proj\.weight$"],
+        "vocabulary_parameter_patterns": [r"model\.embed_tokens\.weight$", r"lm_head\.weight$"], "original_vocab_size": V}
+LAYOUT = TPLayout(replicated=[r"norm\.weight$"], row_parallel=[r"o_proj\.weight$", r"down_proj\.weight$"],
+                  sub_params={r"gate_up_proj\.weight$": {"n": 2}}, vocab=[r"embed_tokens\.weight$", r"lm_head\.weight$"], vocab_size=V)
+
+def _train(seed=0):
+    m = tiny_model(seed=seed, tie_word_embeddings=False, vocab_size=V).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed); xs = [torch.randint(0, 256, (2, 12), generator=g) for _ in range(8)]
+    def step(m, opt, i):
+        loss = m(input_ids=xs[i], labels=xs[i]).loss; opt.zero_grad(); loss.backward(); opt.step(); return loss.item()
+    for i in range(3): step(m, opt, i)
+    return m, opt, step
+
+def _full(m, opt, fuse=True):
+    "fp32 weights and Adam moments by name; with `fuse`, gate/up fused into one gate_up_proj (a 2-sub-parameter tensor)."
+    full = {"param": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    for n,p in m.named_parameters():
+        full["param"][n] = p.detach().clone()
+        for s in ("exp_avg", "exp_avg_sq"): full[s][n] = opt.state[p][s].clone()
+    if fuse:
+        for s,ts in full.items():
+            for k in [k for k in ts if k.endswith("gate_proj.weight")]:
+                ts[k.replace("gate_proj", "gate_up_proj")] = torch.cat([ts.pop(k), ts.pop(k.replace("gate_proj", "up_proj"))])
+    return full, next(iter(opt.state.values()))["step"].clone()
+
+@pytest.fixture(scope="module")
+def zero_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zero")
+    m, opt, _ = _train()
+    full, st = _full(m, opt)
+    return root, full, st
+
+@pytest.mark.parametrize("stage,prefix", [(1, ""), (2, "bf16_"), (3, "")])
+def test_zero_to_universal_exact(zero_src, stage, prefix):
+    root, full, st = zero_src
+    src = ds_fixture(root/f"s{stage}"/"global_step3", full, LAYOUT, tp=2, dp=2, stage=stage, step=st, info=INFO, prefix=prefix)
+    u = read_zero(src)
+    assert u["source"] == {"tp": 2, "dp": 2, "zero_stage": stage}
+    for s in full:
+        for n in full[s]: assert torch.equal(u["states"][s][n], full[s][n]), (s, n)
+    assert u["meta"]["model.layers.0.mlp.gate_up_proj.weight"]["kind"] == "sub_params"
+    out = ds_to_universal(src)
+    assert (out.parent/"latest_universal").read_text() == out.name and verify(out, strict=False) == []
+    u1 = load_deepspeed_universal(out.parent)
+    assert _eq_univ(u1, u) and all(float(v) == 3.0 for v in u1["step"].values())
+
+def test_zero_dp2_tp2_to_dp3_tp1_and_back_identical(zero_src):
+    root, full, st = zero_src
+    src = ds_fixture(root/"rt"/"global_step3", full, LAYOUT, tp=2, dp=2, step=st, info=INFO)
+    u1 = load_deepspeed_universal(ds_to_universal(src))
+    for stage in (1, 2, 3):
+        z = save_zero(u1, root/"rt"/f"dp3_tp1_s{stage}", tp=1, dp=3, stage=stage)
+        u2 = load_deepspeed_universal(ds_to_universal(z, latest=False))
+        assert u2["source"] == {"tp": 1, "dp": 3, "zero_stage": stage}
+        assert _eq_univ(u2, u1) and all(torch.equal(u2["step"][n], u1["step"][n]) for n in u1["step"])
+    z = reshard(src, root/"rt"/"tp4_dp1", tp=4, dp=1)                    # the front door: ZeRO folder -> TP=4 x DP=1 rank files
+    assert _eq_univ(read_zero(z), u1)
+    with fake_deepspeed() as ds:                                          # DeepSpeed's own classes come back out of our files
+        sd = torch.load(z/"zero_pp_rank_0_mp_rank_03_optim_states.pt", weights_only=False)
+        fa = next(iter(sd["optimizer_state_dict"]["param_slice_mappings"][0].values()))
+        assert type(fa) is ds.frag and fa.start == 0
+        assert type(torch.load(root/"rt"/"global_step3_universal"/"zero"/"optimizer_state.pt", weights_only=False)["loss_scaler"]) is ds.scaler
+
+def test_zero_resume_continues_adam_identically(zero_src, tmp_path):
+    m, opt, step = _train()
+    full, st = _full(m, opt, fuse=False)
+    src = ds_fixture(tmp_path/"global_step3", full, LAYOUT, tp=2, dp=2, step=st, info={**INFO, "parameter_with_2_sub_params_cat_dim_0": []})
+    ds_to_universal(src)
+    m2 = tiny_model(seed=5, tie_word_embeddings=False, vocab_size=V).train()
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=0.3, weight_decay=0.0)
+    r = load(tmp_path, m2, opt2)
+    assert r["step"] == 3 and opt2.param_groups[0]["lr"] == 1e-2 and opt2.param_groups[0]["weight_decay"] == 0.01
+    assert [step(m, opt, i) for i in range(3, 7)] == [step(m2, opt2, i) for i in range(3, 7)]
+    assert all(torch.equal(a, b) for a,b in zip(m.parameters(), m2.parameters()))
+
+def _copy_edit(src, dst, edit):
+    shutil.copytree(src, dst); edit(dst); return dst
+
+def _rewrite(f, fn):
+    d = _ds_load(f); fn(d); f.write_bytes(_ds_bytes(d))
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "zero_pp_rank_1_mp_rank_00_optim_states.pt: missing"),
+    ("missing_model", "mp_rank_01_model_states.pt: missing"),
+    ("world", "inconsistent data/tensor-parallel world sizes"),
+    ("numel", "numel mismatch for 'model.layers.1.self_attn.q_proj.weight'"),
+    ("step", "step of"),
+    ("pickle", "holds a Python object"),
+])
+def test_zero_errors_before_writing(zero_src, tmp_path, case, match):
+    root, full, st = zero_src
+    src = ds_fixture(tmp_path/"src", full, LAYOUT, tp=2, dp=2, step=st, info=INFO)
+    edits = {
+        "missing": lambda b: (b/"zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink(),
+        "missing_model": lambda b: (b/"mp_rank_01_model_states.pt").unlink(),
+        "world": lambda b: _rewrite(b/"zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                    lambda d: d["optimizer_state_dict"].update(partition_count=[3])),
+        "numel": lambda b: _rewrite(b/"mp_rank_01_model_states.pt",
+                                    lambda d: d["param_shapes"][0].update({"model.layers.1.self_attn.q_proj.weight": torch.Size([33, 64])})),
+        "step": lambda b: _rewrite(b/"zero_pp_rank_1_mp_rank_01_optim_states.pt",
+                                   lambda d: d["optimizer_state_dict"]["base_optimizer_state"]["state"][0].update(step=torch.tensor(4.0))),
+        "pickle": lambda b: (b/"mp_rank_01_model_states.pt").write_bytes(_ds_bytes({"x": _Opaque()})),
+    }
+    bad = _copy_edit(src, tmp_path/"bad", edits[case])
+    with pytest.raises(CheckpointError, match=re.escape(match)): ds_to_universal(bad, tmp_path/"out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "src"]                 # nothing written, no temporary left
+
+class _Opaque: "Any class outside the DeepSpeed records `_ds_load` knows."
+
+def test_expert_parallel_round_trip_and_errors(tmp_path):
+    E, g = 4, torch.Generator().manual_seed(1)
+    moe = {"l.attn.weight": torch.randn(16, 8, generator=g), "l.router.weight": torch.randn(E, 8, generator=g),
+           "l.experts.w1": torch.randn(E, 16, 8, generator=g), "l.experts.w2": torch.randn(E, 8, 16, generator=g),
+           "l.experts.gate_up": torch.randn(E, 32, 8, generator=g)}
+    L = TPLayout(replicated=[r"router"], row_parallel=[r"w2$"], sub_params={r"gate_up$": [16, 16]}, experts=[r"\.experts\."])
+    u = {"meta": {k: L.rule(k, v.ndim) for k,v in moe.items()}, "states": {"param": moe}}
+    grid = from_universal(u, tp=2, ep=2)
+    assert torch.equal(grid[1][1]["param"]["l.experts.w2"], moe["l.experts.w2"][2:, :, 8:])
+    assert torch.equal(grid[0][1]["param"]["l.experts.gate_up"], torch.cat([moe["l.experts.gate_up"][:2, 8:16], moe["l.experts.gate_up"][:2, 24:]], 1))
+    u1 = to_universal(grid, L, ep=2)
+    assert all(torch.equal(u1["states"]["param"][k], v) for k,v in moe.items()) and u1["meta"]["l.experts.w1"]["num_experts"] == E
+    for tp, ep in ((1, 4), (4, 1), (2, 4)):
+        assert _eq_univ(to_universal(from_universal(u1, tp, ep=ep), L, ep=ep), u1), (tp, ep)
+    with pytest.raises(CheckpointError, match="do not split over ep=3"): from_universal(u1, 1, ep=3)
+    bad = from_universal(u1, 1, ep=2); bad[1][0]["param"]["l.attn.weight"] = bad[1][0]["param"]["l.attn.weight"] * 2
+    with pytest.raises(CheckpointError, match="differs between EP ranks"): to_universal(bad, L, ep=2)
+    d = save_deepspeed_universal({**u1, "step": {}}, tmp_path/"moe_universal")
+    ds = _ds_load(d/"zero"/"l.experts.w1"/"fp32.pt")
+    assert ds["is_expert_param"] is True and ds["ep_num_experts"] == E
+    assert _eq_univ(load_deepspeed_universal(d), u1)
+
+def test_cli_ckpt_deepspeed(zero_src, tmp_path, capsys):
+    cli = pytest.importorskip("model_ops.cli")
+    root, full, st = zero_src
+    src = ds_fixture(tmp_path/"global_step3", full, LAYOUT, tp=2, dp=2, step=st, info=INFO)
+    cli.run_cli(["ckpt", "convert", str(src), "--out", str(tmp_path/"u"), "--to", "universal"])
+    assert cli.run_cli(["ckpt", "verify", str(tmp_path/"u")]) is True
+    cli.run_cli(["ckpt", "reshard", str(tmp_path/"u"), "--out", str(tmp_path/"z"), "--tp", "1", "--dp", "3", "--zero_stage", "3"])
+    assert read_zero(tmp_path/"z")["source"] == {"tp": 1, "dp": 3, "zero_stage": 3}
+    assert _eq_univ(read_zero(tmp_path/"z"), read_zero(src))
+
+def test_load_reads_biggest_tensor_first_over_all_files(tmp_path, monkeypatch):
+    "The biggest tensor, alone in the last shard, is read first (not last, alone on one core while the others wait)."
+    import model_ops.checkpoint as C
+    sd = {f"a{i}": torch.randn(64, 64) for i in range(8)}; sd["z_big"] = torch.randn(1024, 64)
+    d = save(tmp_path/"ck", model=sd, rng=False, max_shard_size="40KB")
+    m = read_manifest(d)
+    assert len(m["model_files"]) > 2 and "z_big" in m["files"][m["model_files"][-1]]["tensors"]
+    order, real = [], C._pread_into
+    monkeypatch.setattr(C, "_pread_into", lambda fd, off, dst, check: (order.append(len(dst)), real(fd, off, dst, check))[1])
+    dst = {k: torch.empty_like(v) for k,v in sd.items()}
+    load(d, model=dst, rng=False)
+    assert 1024*64*4 in order[:2] and len(order) == len(sd) and all(torch.equal(dst[k], sd[k]) for k in sd)

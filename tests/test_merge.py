@@ -328,7 +328,7 @@ def test_two_model_fast_path_bits(dtype):
     assert torch.equal(got3, M.ties(xs, base, weight=[0.7, 0.4], density=[0.3, 0.45]))
 
 def test_dare_chunked_equals_whole_tensor_reference():
-    "Seeded DARE-TIES in chunks: the masks of one `torch.rand` per tensor, the L1 rescale, mergekit's election (≤ 1e-6)."
+    "Seeded DARE-TIES in chunks: the masks of one `keep_mask` draw per tensor, the L1 rescale, mergekit's election (≤ 1e-6)."
     g = torch.Generator().manual_seed(4)
     n = 200_003
     base = torch.randn(n, generator=g); xs = [base + 0.01 * torch.randn(n, generator=g) for _ in range(2)]
@@ -336,7 +336,8 @@ def test_dare_chunked_equals_whole_tensor_reference():
     got = M.dare_ties(xs, base, weight=ws, density=ds, seed=9, name="t")
     deltas = []
     for i, (x, d) in enumerate(zip(xs, ds)):
-        keep = torch.rand(n, generator=M.tensor_generator(9, "t", i)) < d
+        keep = torch.from_numpy(M.keep_mask(M.tensor_bits(9, "t", i), n, d))
+        assert abs(keep.float().mean().item() - d) < 0.01
         m = (x - base) * keep
         deltas.append(m * ((x - base).abs().double().sum() / m.abs().double().sum()).float())
     ref = _gta_reference(xs, base, ws, deltas, normalize=False)
@@ -371,3 +372,22 @@ def test_recycled_buffers_and_direct_writes_keep_the_bits(models, tmp_path):
         assert verify_store(out) == len(mem)
         n = int.from_bytes((out / "model.safetensors").read_bytes()[:8], "little")
         assert (8 + n) % 4096 == 0
+
+@pytest.mark.skipif(not M._can_fork(), reason="worker processes need os.fork (Linux)")
+def test_worker_processes_equal_threads_and_report_errors(models, tmp_path):
+    "Forked workers (shared result slots, O_DIRECT from the slot, checksums from the workers) write the threads' bytes; a worker's error reaches the caller and nothing is written."
+    from model_ops.io import verify_store
+    for method in ("ties", "dare_ties", "linear"):
+        cfg = dict(merge_method=method, models=[
+            {"model": models["a"], "parameters": {"weight": 0.6, "density": 0.5}}, {"model": models["b"], "parameters": {"weight": 0.4, "density": 0.5}}])
+        if method != "linear": cfg["base_model"] = models["base"]
+        p = M.merge_config(cfg, tmp_path / f"p_{method}", seed=7, workers=3, processes=True)
+        t = M.merge_config(cfg, tmp_path / f"t_{method}", seed=7, workers=2, processes=False)
+        assert (p / "model.safetensors").read_bytes() == (t / "model.safetensors").read_bytes()
+        assert verify_store(p) == len(WeightStore.open(p).keys())
+    sd = _load(models["a"]); sd["model.layers.2.mlp.down_proj.weight"][0, 0] = float("inf")
+    bad = save_model(sd, tmp_path / "inf", config=json.loads((models["root"] / "base" / "config.json").read_text()))
+    cfg = dict(merge_method="ties", base_model=models["base"], models=[
+        {"model": str(bad), "parameters": {"weight": 0.5, "density": 0.5}}, {"model": models["b"], "parameters": {"weight": 0.5, "density": 0.5}}])
+    with pytest.raises(ValueError, match=r"down_proj.*NaN or inf"): M.merge_config(cfg, tmp_path / "o_inf", workers=2, processes=True)
+    assert not (tmp_path / "o_inf").exists() and not list(tmp_path.glob(".o_inf*"))
