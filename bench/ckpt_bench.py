@@ -10,7 +10,8 @@
 2. Peak memory of DCP -> HF conversion: `dcp_to_hf` (streaming, shard budget) against `dcp_to_torch_save`,
    each in a fresh subprocess (peak RSS above the process's RSS after imports).
 3. `--zero`: DeepSpeed ZeRO-2 rank files (TP=2 x DP=2, fp32 weights + Adam moments, written by `save_zero`) -> universal
-   folder with `ds_to_universal`: time and peak RSS of a fresh subprocess (the consolidated state is held in memory).
+   folder with `ds_to_universal`: time, CPU time and peak RSS of a fresh subprocess. The conversion streams one
+   parameter at a time, so the peak is compared with the largest parameter's consolidated states (fp32 + 2 moments).
 
 Run under the shared lock:  flock /tmp/bench.lock python bench/ckpt_bench.py [--gb 1.0] [--reps 3] [--shard 100MB]
 """
@@ -254,7 +255,7 @@ def bench_dcp_memory(sd:dict, work:Path, shard:str="100MB") -> dict:
     return res
 
 ZPEAK = r'''
-import sys, time, json, warnings
+import sys, time, json, warnings, resource
 warnings.simplefilter("ignore")
 from model_ops.checkpoint import ds_to_universal
 def status_mb(key):
@@ -263,7 +264,9 @@ def status_mb(key):
             if l.startswith(key): return int(l.split()[1]) / 1024
 base = status_mb("VmRSS"); t0 = time.time()
 ds_to_universal(sys.argv[1], sys.argv[2], latest=False)
-print(json.dumps({"base_mb": base, "peak_mb": status_mb("VmHWM"), "above_base_mb": status_mb("VmHWM") - base, "s": time.time() - t0}))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"base_mb": base, "peak_mb": status_mb("VmHWM"), "above_base_mb": status_mb("VmHWM") - base, "s": time.time() - t0,
+                  "cpu_s": ru.ru_utime + ru.ru_stime}))
 '''
 
 def bench_zero(sd:dict, work:Path) -> dict:
@@ -283,9 +286,11 @@ def bench_zero(sd:dict, work:Path) -> dict:
     r = subprocess.run([sys.executable, str(script), str(src), str(work/"global_step10_universal")], capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    res = {"zero_files_mb": state/1e6, **json.loads(r.stdout.strip().splitlines()[-1])}
-    print(f"ds_to_universal  {state/1e9:.2f} GB of ZeRO-2 rank files (tp=2 x dp=2): {res['s']:.1f}s, peak RSS "
-          f"+{res['above_base_mb']:.0f} MB above import baseline", flush=True)
+    big = 3 * max(v.numel() * 4 for v in sd.values())                    # the largest parameter's fp32 + exp_avg + exp_avg_sq
+    res = {"zero_files_mb": state/1e6, "largest_param_states_mb": big/1e6, **json.loads(r.stdout.strip().splitlines()[-1])}
+    print(f"ds_to_universal  {state/1e9:.2f} GB of ZeRO-2 rank files (tp=2 x dp=2): {res['s']:.1f}s wall ({res['cpu_s']:.1f}s CPU incl. imports), peak RSS "
+          f"{res['peak_mb']:.0f} MB (+{res['above_base_mb']:.0f} MB above import baseline; largest parameter's states "
+          f"{big/1e6:.0f} MB)", flush=True)
     shutil.rmtree(src); shutil.rmtree(work/"global_step10_universal")
     return res
 

@@ -1237,6 +1237,8 @@ def reshard(src,                 # a TP folder (`save_tp`), a universal folder, 
             zero_stage:int=2) -> Path: # ZeRO stage of those files (1, 2 or 3)
     "Reshard a TP or DeepSpeed checkpoint to another TP (and DP) degree through the universal form."
     kind = _ckpt_kind(src, None)
+    if kind == "zero" and tp is None and dp is None:      # ZeRO -> universal: streamed, one parameter in memory at a time
+        return _zero_stream(_zero_prepare(src, layout), out, overwrite=overwrite, latest=False)
     if kind == "zero": u = read_zero(src, layout)
     elif kind == "deepspeed_universal": u = load_deepspeed_universal(src)
     elif kind == "universal": u = load_universal(src)
@@ -1543,11 +1545,9 @@ def _ds_layout(info:dict) -> TPLayout:
 # %% ../nbs/60_checkpoint.ipynb #0dc0062b
 _SHARDED = ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups", "fp32_flat_groups", "optimizer_state_dict")
 
-def read_zero(src,                  # DeepSpeed checkpoint folder (`global_stepN`): `*zero_pp_rank_*_optim_states.pt` + model states
-              layout:TPLayout=None, # how TP slices merge; default: the `universal_checkpoint_info` patterns saved with the model states
-              strict:bool=True,     # every layout pattern must match a parameter
-              trust:bool=False) -> dict: # unpickle arbitrary objects (runs code; only for files you trust)
-    "Consolidate a DeepSpeed ZeRO-1/2/3 checkpoint (fp32 master weights and optimizer state, any TP x DP) into the universal form."
+def _zero_prepare(src, layout:TPLayout=None, strict:bool=True, trust:bool=False) -> dict:
+    """Every check of a DeepSpeed ZeRO folder, reading no tensor data: per TP rank, state and parameter its TP-local shape
+    and its dp pieces (views into the memory-mapped rank files), the TP rules, steps and the small common state."""
     plan = _zero_plan(src, trust)
     tp, dp, stage = plan["tp"], plan["dp"], plan["stage"]
     ms = {t: _ds_load(plan["model"][t], trust) for t in range(tp)}
@@ -1570,44 +1570,142 @@ def read_zero(src,                  # DeepSpeed checkpoint folder (`global_stepN
                 if not torch.equal(torch.as_tensor(prev), torch.as_tensor(s)):
                     raise CheckpointError(f"{plan['opt'][(t, d)].name}: step of {name!r} is {s}, another rank has {prev}")
             if common is None: common = osd
-    local = [{} for _ in range(tp)]                     # per TP rank: {state: {name: tensor in TP-local shape}}
+    local = [{} for _ in range(tp)]                     # per TP rank: {state: {name: (TP-local shape, dp pieces, frozen)}}
     for (t, name, k), ps in frags.items():
         ps.sort(key=lambda x: x[0])
         shape = next((g[name] for g in shapes[t] if name in g), None)
         if shape is None: raise CheckpointError(f"{plan['opt'][(t, 0)].name}: {name!r} has optimizer state but no entry in param_shapes")
-        flat = torch.cat([p for _,p in ps]) if len(ps) > 1 else ps[0][1]
-        if flat.numel() != _numel(shape):
-            raise CheckpointError(f"{src}: numel mismatch for {name!r} ({k}) on tp rank {t}: its dp fragments hold {flat.numel()} "
+        n = sum(p.numel() for _,p in ps)
+        if n != _numel(shape):
+            raise CheckpointError(f"{src}: numel mismatch for {name!r} ({k}) on tp rank {t}: its dp fragments hold {n} "
                                   f"elements, param_shapes says {tuple(shape)} = {_numel(shape)}")
-        local[t].setdefault(k, {})[name] = flat.reshape(tuple(shape))
+        local[t].setdefault(k, {})[name] = (tuple(shape), [p for _,p in ps], False)
     for t in range(tp):                                 # parameters without optimizer state (frozen): their model weights
         buffers = set(ms[t].get("buffer_names") or [])
         for name, v in (ms[t].get("module") or {}).items():
             if name not in buffers and torch.is_tensor(v) and name not in local[t].get("fp32", {}) and stage <= 2:
-                local[t].setdefault("fp32", {})[name] = v.float()
+                local[t].setdefault("fp32", {})[name] = (tuple(v.shape), [v], True)
     names = {n for r in local for n in r.get("fp32", {})}
     for t in range(tp):
         if set(local[t].get("fp32", {})) != names: raise CheckpointError(f"{src}: tp rank {t} lacks parameters {sorted(names - set(local[t]['fp32']))[:5]}")
-    ranks = [{("param" if k == "fp32" else k): v for k,v in r.items()} for r in local]
-    u = to_universal(ranks, layout, strict=strict)
+    meta = {}                                           # as `to_universal` makes it: rank 0's order, the rule of each name's first state
+    for k, ts in local[0].items():
+        for name, (shape, _, _) in ts.items():
+            if name not in meta:
+                r = layout.rule(name, len(shape))
+                meta[name] = {**r, "num_experts": int(shape[0])} if r.get("expert") else r
+    if strict: layout.check(list(meta))
     opt = {k: v for k,v in common.items() if k not in _SHARDED}
     base = common.get("base_optimizer_state") or common.get("optimizer_state_dict") or {}
     opt["param_groups"] = [{k: v for k,v in g.items() if k != "params"} for g in base.get("param_groups", [])]
-    u.update(step={n: steps[n] for n in names if n in steps}, optimizer=opt, groups=[list(g) for g in shapes[0]], info=info,
-             iteration=ms[0].get("iteration", ms[0].get("global_steps")), source={"tp": tp, "dp": dp, "zero_stage": stage},
-             model_files=plan["model_files"])
+    return {"plan": plan, "layout": layout, "local": local, "meta": meta, "step": {n: steps[n] for n in names if n in steps},
+            "optimizer": opt, "groups": [list(g) for g in shapes[0]], "info": info,
+            "iteration": ms[0].get("iteration", ms[0].get("global_steps")), "source": {"tp": tp, "dp": dp, "zero_stage": stage},
+            "model_files": plan["model_files"]}
+
+def _zero_local(p:dict, t:int, k:str, name:str) -> torch.Tensor:
+    "TP rank `t`'s tensor of state `k` of parameter `name`: its dp pieces concatenated (read now) and shaped."
+    shape, ps, frozen = p["local"][t][k][name]
+    if frozen: return ps[0].float()
+    return (torch.cat(ps) if len(ps) > 1 else ps[0]).reshape(shape)
+
+def read_zero(src,                  # DeepSpeed checkpoint folder (`global_stepN`): `*zero_pp_rank_*_optim_states.pt` + model states
+              layout:TPLayout=None, # how TP slices merge; default: the `universal_checkpoint_info` patterns saved with the model states
+              strict:bool=True,     # every layout pattern must match a parameter
+              trust:bool=False) -> dict: # unpickle arbitrary objects (runs code; only for files you trust)
+    "Consolidate a DeepSpeed ZeRO-1/2/3 checkpoint (fp32 master weights and optimizer state, any TP x DP) into the universal form."
+    p = _zero_prepare(src, layout, strict, trust)
+    ranks = [{("param" if k == "fp32" else k): {n: _zero_local(p, t, k, n) for n in ts} for k,ts in r.items()} for t,r in enumerate(p["local"])]
+    u = to_universal(ranks, p["layout"], strict=strict)
+    u.update({k: p[k] for k in ("step", "optimizer", "groups", "info", "iteration", "source", "model_files")})
     return u
 
 # %% ../nbs/60_checkpoint.ipynb #de676181
+def _mapped(paths) -> list:
+    "(start, end) addresses where the files `paths` are memory-mapped in this process (Linux `/proc/self/maps`; else none)."
+    ps, out = {os.path.realpath(p) for p in paths}, []
+    try:
+        with open("/proc/self/maps") as f:
+            for l in f:
+                x = l.rstrip("\n").split(None, 5)
+                if len(x) == 6 and x[5] in ps: a, b = x[0].split("-"); out.append((int(a, 16), int(b, 16)))
+    except OSError: pass
+    return out
+
+_MADV_DONTNEED = 4
+_madvise = getattr(ctypes.CDLL(None, use_errno=True), "madvise", None) if os.name == "posix" else None
+
+def _drop_pages(ts, ranges:list):
+    """Give back the resident pages of the mapped file under the tensors `ts` (madvise DONTNEED on a private read-only-used
+    file mapping: the pages are clean and would be read from the file again). Tensors outside `ranges` (copies) are left alone."""
+    if _madvise is None or not ranges: return
+    pg = mmap.PAGESIZE
+    for t in ts:
+        if not t.is_contiguous() or not t.numel(): continue
+        a = t.data_ptr(); b = a + t.numel() * t.element_size()
+        if any(lo <= a and b <= hi for lo,hi in ranges):
+            a0 = a // pg * pg; _madvise(ctypes.c_void_p(a0), ctypes.c_size_t(-(-b // pg) * pg - a0), _MADV_DONTNEED)
+
+class _HashingFile:
+    "Write-only file object over descriptor `fd` that hashes and counts what passes through (a `torch.save` target)."
+    def __init__(self, fd:int): self.fd, self.h, self.n = fd, hashlib.sha256(), 0
+    def write(self, b) -> int:
+        mv = memoryview(b).cast("B"); self.h.update(mv); _write_all(self.fd, mv); self.n += len(mv); return len(mv)
+    def flush(self): pass
+
+def _ds_write(path, obj) -> dict:
+    "`torch.save` `obj` (stand-ins under DeepSpeed's names) straight into `path`, hashed on the way, fsynced: its manifest entry. Same bytes as `_ds_bytes`, no copy of them in memory."
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    f = _HashingFile(fd)
+    try: torch.save(obj, f, pickle_module=_ds_pickle)
+    except BaseException: _done(fd, True, ok=False); raise
+    _done(fd, True)
+    return {"size": f.n, "sha256": f.h.hexdigest()}
+
+def _zero_stream(p:dict, out, copy:list=(), overwrite:bool=False, latest:bool=True) -> Path:
+    """Write the DeepSpeed universal folder of a prepared ZeRO folder (`_zero_prepare`) one parameter at a time: gather its
+    TP-local tensors from the mapped rank files, merge them over TP, write `zero/<param>/<state>.pt`, drop them, give the
+    mapped pages back. Same files, bytes and manifest entries as `save_deepspeed_universal(read_zero(...))`."""
+    meta, local, tp = p["meta"], p["local"], p["source"]["tp"]
+    _check_names(meta)
+    ranges = _mapped([*p["plan"]["opt"].values(), *p["plan"]["model"].values()])
+    out, files = Path(out), {}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        z = tmp/"zero"; z.mkdir()
+        for f in copy: files[Path(f).name] = _copy_hashed(f, tmp/Path(f).name)
+        files["zero/optimizer_state.pt"] = _write_small(z/"optimizer_state.pt", _ds_bytes(p["optimizer"]), True)
+        def one(name, k):                                 # one state of one parameter: its TP slices -> consolidated -> file
+            sl, pcs = [_zero_local(p, t, k, name) for t in range(tp)], [x for t in range(tp) for x in local[t][k][name][1]]
+            _drop_pages(pcs, ranges)                      # the pieces were read into the slices (those that are views read them again)
+            full = tp_merge(sl, meta[name], name); del sl
+            _drop_pages(pcs, ranges)
+            if meta[name].get("expert"): full = torch.cat([full], 0)        # as `to_universal` (one EP rank) makes it
+            return {f"zero/{name}/{k}.pt": _ds_write(z/name/f"{k}.pt", {"param": full, **_ds_keys(meta[name], full)})}
+        big = lambda n: -_numel(local[0]["fp32"][n][0])
+        for name in sorted(meta, key=big):              # one parameter at a time; its states on all cores
+            (z/name).mkdir()
+            futs = [_pool("ds-write", _NCPU).submit(one, name, k) for k in local[0] if name in local[0][k]]
+            wait(futs)                                    # all finished (or failed) before the next parameter or the cleanup
+            for f in futs: files.update(f.result())
+            del futs
+            if name in p["step"]: files[f"zero/{name}/step.pt"] = _write_small(z/name/"step.pt", _ds_bytes(p["step"][name]), True)
+            _fsync_dir(z/name)
+        files = dict(sorted(files.items()))
+        _fsync_dir(z)
+        _commit_manifest(tmp, files, "deepspeed_universal", iteration=p["iteration"], groups=p["groups"], source=p["source"],
+                         info=json.loads(json.dumps(p["info"] or {}, default=str)))
+    if latest: _write_latest(out.parent/"latest_universal", out.name)
+    return out
+
 def ds_to_universal(src,                 # DeepSpeed ZeRO checkpoint folder (`global_stepN`)
                     out=None,            # universal folder to create; default `<src>_universal` beside it
                     layout:TPLayout=None, strict:bool=True, trust:bool=False, overwrite:bool=False,
                     latest:bool=True) -> Path:  # write `latest_universal` beside `out`
-    "DeepSpeed's `ds_to_universal.py` without DeepSpeed: ZeRO-1/2/3 x TP rank files -> `zero/<param>/*.pt` (all checks before writing)."
+    "DeepSpeed's `ds_to_universal.py` without DeepSpeed: ZeRO-1/2/3 x TP rank files -> `zero/<param>/*.pt` (all checks before writing, one parameter in memory at a time)."
     src = Path(src)
-    u = read_zero(src, layout, strict, trust)
+    p = _zero_prepare(src, layout, strict, trust)
     out = Path(out) if out is not None else src.parent/f"{src.name}_universal"
-    return save_deepspeed_universal(u, out, copy=[src/f for f in u["model_files"]], overwrite=overwrite, latest=latest)
+    return _zero_stream(p, out, copy=[src/f for f in p["model_files"]], overwrite=overwrite, latest=latest)
 
 # %% ../nbs/60_checkpoint.ipynb #9de8b847
 def _ds_info(u:dict) -> dict:

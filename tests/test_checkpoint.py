@@ -572,6 +572,7 @@ def _rewrite(f, fn):
     ("numel", "numel mismatch for 'model.layers.1.self_attn.q_proj.weight'"),
     ("step", "step of"),
     ("pickle", "holds a Python object"),
+    ("replicated", "is declared replicated but TP rank 1 differs from rank 0"),    # found while streaming: the temporary goes
 ])
 def test_zero_errors_before_writing(zero_src, tmp_path, case, match):
     root, full, st = zero_src
@@ -586,12 +587,104 @@ def test_zero_errors_before_writing(zero_src, tmp_path, case, match):
         "step": lambda b: _rewrite(b/"zero_pp_rank_1_mp_rank_01_optim_states.pt",
                                    lambda d: d["optimizer_state_dict"]["base_optimizer_state"]["state"][0].update(step=torch.tensor(4.0))),
         "pickle": lambda b: (b/"mp_rank_01_model_states.pt").write_bytes(_ds_bytes({"x": _Opaque()})),
+        "replicated": lambda b: _rewrite(b/"zero_pp_rank_1_mp_rank_01_optim_states.pt", _bump_norm),
     }
     bad = _copy_edit(src, tmp_path/"bad", edits[case])
     with pytest.raises(CheckpointError, match=re.escape(match)): ds_to_universal(bad, tmp_path/"out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "src"]                 # nothing written, no temporary left
 
 class _Opaque: "Any class outside the DeepSpeed records `_ds_load` knows."
+
+def _bump_norm(d):
+    "Change TP rank 1's fp32 copy of the final (replicated) norm weight in this rank file."
+    osd = d["optimizer_state_dict"]; fa = osd["param_slice_mappings"][0]["model.norm.weight"]
+    osd["single_partition_of_fp32_groups"][0] = osd["single_partition_of_fp32_groups"][0].clone()
+    osd["single_partition_of_fp32_groups"][0][fa.start] += 1
+
+# --- streaming ZeRO -> universal: same bytes as the in-memory path, one parameter in memory at a time
+
+def _legacy_format(f):
+    "Rewrite DeepSpeed file `f` in torch's legacy (non-zip) format, which cannot be memory-mapped."
+    import io, model_ops.checkpoint as C
+    pm = types.SimpleNamespace(Pickler=C._DSPickler, __name__="pickle", dump=lambda o, fh, protocol=2: C._DSPickler(fh, protocol).dump(o))
+    b = io.BytesIO(); torch.save(_ds_load(f), b, pickle_module=pm, _use_new_zipfile_serialization=False); f.write_bytes(b.getvalue())
+
+def _same_folders(a, b):
+    fa = sorted(str(p.relative_to(a)) for p in Path(a).rglob("*") if p.is_file())
+    assert fa == sorted(str(p.relative_to(b)) for p in Path(b).rglob("*") if p.is_file())
+    assert [f for f in fa if f != "manifest.json" and (a/f).read_bytes() != (b/f).read_bytes()] == []
+    ma, mb = (json.loads((d/"manifest.json").read_text()) for d in (a, b))
+    assert {k: v for k,v in ma.items() if k not in ("time", "manifest_sha256")} == {k: v for k,v in mb.items() if k not in ("time", "manifest_sha256")}
+    return fa
+
+@pytest.mark.parametrize("stage,legacy", [(1, False), (2, False), (3, False), (2, True)])
+def test_zero_streaming_same_bytes_as_in_memory(zero_src, tmp_path, stage, legacy):
+    root, full, st = zero_src
+    src = ds_fixture(tmp_path/"global_step3", full, LAYOUT, tp=2, dp=2, stage=stage, step=st, info=INFO)
+    if legacy:                                                            # non-zip rank files: read whole, same output
+        for f in [src/"zero_pp_rank_1_mp_rank_00_optim_states.pt", src/"mp_rank_01_model_states.pt"]: _legacy_format(f)
+    u = read_zero(src)
+    mem = save_deepspeed_universal(u, tmp_path/"mem", copy=[src/f for f in u["model_files"]], latest=False)
+    fs = _same_folders(ds_to_universal(src, tmp_path/"stream", latest=False), mem)
+    assert len(fs) == 2 + 4 * len(u["meta"]) + (4 if stage == 3 else 2)  # manifest, optimizer_state, 4 per parameter, model states
+    _same_folders(reshard(src, tmp_path/"rs"), save_deepspeed_universal(u, tmp_path/"mem2", latest=False))
+
+def test_zero_streaming_holds_one_parameter_at_a_time(zero_src, tmp_path, monkeypatch):
+    "Every TP slice and consolidated tensor made while converting is tracked (weak references): all alive at once belong to one parameter."
+    import weakref, threading, model_ops.checkpoint as C
+    root, full, st = zero_src
+    src = ds_fixture(tmp_path/"global_step3", full, LAYOUT, tp=2, dp=2, step=st, info=INFO)
+    def tracked(run):
+        alive, peak, lock = [], {"bytes": 0, "names": set(), "n": 0}, threading.Lock()
+        def wrap(fn, name_of):
+            def w(*a, **k):
+                r = fn(*a, **k)
+                with lock:
+                    alive.append((name_of(a), weakref.ref(r), r.numel() * r.element_size()))
+                    live = [(n, b) for n, ref, b in alive if ref() is not None]
+                    peak["bytes"] = max(peak["bytes"], sum(b for _,b in live)); peak["n"] = max(peak["n"], len({n for n,_ in live}))
+                return r
+            return w
+        with monkeypatch.context() as m:
+            m.setattr(C, "_zero_local", wrap(C._zero_local, lambda a: a[3]))
+            m.setattr(C, "tp_merge", wrap(C.tp_merge, lambda a: a[2]))
+            run()
+        assert alive
+        return peak
+    n_params = len(full["param"])
+    largest = max(sum(full[s][n].numel() * 4 for s in full) for n in full["param"])   # one parameter's consolidated states
+    p = tracked(lambda: ds_to_universal(src, tmp_path/"stream", latest=False))
+    assert p["n"] == 1 and p["bytes"] <= 2 * largest, p                   # its TP slices + consolidated states, nothing else
+    q = tracked(lambda: save_deepspeed_universal(read_zero(src), tmp_path/"mem", latest=False))
+    assert q["n"] == n_params and q["bytes"] >= sum(v.numel() * 4 for ts in full.values() for v in ts.values())   # the tracker sees held tensors
+
+def _mapped_rss(paths) -> int:
+    "Resident bytes of this process's mappings of the files `paths` (/proc/self/smaps)."
+    ps, rss, cur = {os.path.realpath(p) for p in paths}, 0, False
+    for l in open("/proc/self/smaps"):
+        x = l.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", l): cur = len(x) >= 6 and l.rstrip("\n").split(None, 5)[5] in ps
+        elif cur and x[0] == "Rss:": rss += int(x[1]) * 1024
+    return rss
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_zero_pieces_stay_mapped_and_pages_are_given_back(tmp_path):
+    import model_ops.checkpoint as C
+    g = torch.Generator().manual_seed(0)                                  # MB-sized pieces: the kernel's fault-around (64 KiB) stays small beside them
+    full = {s: {f"l{i}.weight": torch.randn(4096, 256, generator=g) for i in range(4)} for s in ("param", "exp_avg", "exp_avg_sq")}
+    src = ds_fixture(tmp_path/"global_step3", full, TPLayout(), tp=2, dp=2, step=torch.tensor(3.0))
+    opt = sorted(src.glob("*optim_states.pt")); size = sum(f.stat().st_size for f in opt)
+    p = C._zero_prepare(src, TPLayout())
+    ranges = C._mapped(opt)
+    pieces = [x for r in p["local"] for ts in r.values() for _, ps, _ in ts.values() for x in ps]
+    assert len(ranges) == len(opt) and all(any(lo <= x.data_ptr() < hi for lo,hi in ranges) for x in pieces)   # views into the maps, not copies
+    assert _mapped_rss(opt) < 0.2 * size                                  # the checks read no tensor data
+    C._zero_stream(p, tmp_path/"u", latest=False)
+    after_stream = _mapped_rss(opt)
+    for t, r in enumerate(p["local"]):                                    # now read everything, as the in-memory path does
+        for k, ts in r.items():
+            for n in ts: C._zero_local(p, t, k, n).sum()
+    assert _mapped_rss(opt) > 0.8 * size and after_stream < 0.2 * size, (after_stream, _mapped_rss(opt), size)
 
 def test_expert_parallel_round_trip_and_errors(tmp_path):
     E, g = 4, torch.Generator().manual_seed(1)
