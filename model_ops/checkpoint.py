@@ -1986,14 +1986,16 @@ def demo_step(model, tok=None, log=print) -> dict:
         t0 = time.time(); p = save(d/"step-1", model=model, step=1, rng=False); t_save = time.time() - t0
         size = sum(f.stat().st_size for f in p.iterdir())
         log(f"checkpoint: saved {size/1e6:.1f} MB with SHA-256 manifest in {t_save:.2f}s ({size/1e6/t_save:.0f} MB/s)")
-        m = read_manifest(p); name = sorted(m["files"]["model.safetensors"]["tensors"])[len(m["files"]["model.safetensors"]["tensors"])//2]
+        m = read_manifest(p)
+        fn = max((f for f in m["files"] if f.startswith("model") and f.endswith(".safetensors")), key=lambda f: m["files"][f]["size"])
+        ts = sorted(m["files"][fn]["tensors"]); name = ts[len(ts)//2]   # big models are saved in several shards
         shutil.copytree(p, d/"bad")
-        a,b = tensor_byte_range(d/"bad", "model.safetensors", name)
-        with open(d/"bad"/"model.safetensors", "r+b") as f: f.seek((a+b)//2); x = f.read(1); f.seek(-1, 1); f.write(bytes([x[0] ^ 1]))
+        a,b = tensor_byte_range(d/"bad", fn, name)
+        with open(d/"bad"/fn, "r+b") as f: f.seek((a+b)//2); x = f.read(1); f.seek(-1, 1); f.write(bytes([x[0] ^ 1]))
         iss = verify(d/"bad", strict=False)
         log(f"checkpoint: flipped one byte of {name!r}; verify says: {_fmt_issue(iss[0]).strip()}")
         t0 = time.time(); back = load(p, rng=False)["model"]; t_load = time.time() - t0
         same = all(torch.equal(back[k], v.detach().cpu()) for k,v in model.state_dict().items() if k in back)
         log(f"checkpoint: verified load in {t_load:.2f}s; identical tensors: {same}")
-        return {"size_mb": size/1e6, "save_s": t_save, "load_s": t_load, "corruption_found": bool(iss) and iss[0].tensor == name, "identical": same}
+        return {"size_mb": size/1e6, "save_s": t_save, "load_s": t_load, "corruption_found": bool(iss) and iss[0].tensor == name, "identical": same, "file": fn}
     finally: shutil.rmtree(d, ignore_errors=True)

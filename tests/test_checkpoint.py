@@ -730,3 +730,11 @@ def test_load_reads_biggest_tensor_first_over_all_files(tmp_path, monkeypatch):
     dst = {k: torch.empty_like(v) for k,v in sd.items()}
     load(d, model=dst, rng=False)
     assert 1024*64*4 in order[:2] and len(order) == len(sd) and all(torch.equal(dst[k], sd[k]) for k in sd)
+
+def test_demo_step_on_a_sharded_checkpoint(monkeypatch):
+    "`demo_step` corrupts and catches a byte in whichever shard holds the model (a real model is saved in several)."
+    import model_ops.checkpoint as C
+    from model_ops.nn import tiny_model
+    monkeypatch.setattr(C, "_MIN_SHARD", 2**16)
+    r = C.demo_step(tiny_model(), log=lambda *a: None)
+    assert r["file"].startswith("model-00") and r["corruption_found"] and r["identical"]

