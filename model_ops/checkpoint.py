@@ -1951,7 +1951,7 @@ from fastcore.script import call_parse
 
 @call_parse
 def cli_ckpt(cmd:str,                  # verify | convert | reshard
-             src:str,                  # checkpoint folder to read
+             src:str,                  # checkpoint folder to read (verify: also a model folder, by its per-tensor checksums)
              out:str=None,             # folder to write (convert, reshard)
              to:str="hf",              # convert target: hf (from DCP), dcp (from HF), universal (from a TP or DeepSpeed ZeRO folder)
              tp:int=None,              # reshard: target tensor-parallel degree (omit: universal form)
@@ -1962,6 +1962,11 @@ def cli_ckpt(cmd:str,                  # verify | convert | reshard
              overwrite:bool=False):    # replace `out` if it exists
     "Verify, convert (DCP <-> HF; TP or DeepSpeed ZeRO -> universal) and reshard checkpoints (any TP, and DP for DeepSpeed)."
     if cmd == "verify":
+        if not (Path(src)/"manifest.json").exists() and (Path(src).is_file() or any(Path(src).glob("*.safetensors"))):
+            from model_ops.io import verify_store     # a model folder (merge, prune, edit, transfer output): its per-tensor checksums
+            n = verify_store(src)
+            print(f"OK {src}: model weights, {n} tensors free of NaN/inf and equal to their stored xxh3 checksums where the files carry them")
+            return True
         m = read_manifest(src)
         verify(src)
         n = sum(len(e.get("tensors", e.get("chunks", {}))) for e in m["files"].values())

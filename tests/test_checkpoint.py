@@ -738,3 +738,15 @@ def test_demo_step_on_a_sharded_checkpoint(monkeypatch):
     monkeypatch.setattr(C, "_MIN_SHARD", 2**16)
     r = C.demo_step(tiny_model(), log=lambda *a: None)
     assert r["file"].startswith("model-00") and r["corruption_found"] and r["identical"]
+
+def test_cli_verify_model_folder(tmp_path):
+    "`model-ops ckpt verify` on a model folder (merge/prune/edit output, no manifest) checks its per-tensor checksums."
+    from model_ops.io import save_model, ModelIOError
+    from model_ops.checkpoint import cli_ckpt
+    sd = {"a.weight": torch.randn(64, 32), "b.weight": torch.randn(32)}
+    p = save_model(sd, tmp_path / "m", config={"model_type": "llama"})
+    assert cli_ckpt("verify", str(p)) is True
+    f = next(p.glob("*.safetensors")); b = bytearray(f.read_bytes()); b[-3] ^= 1; f.write_bytes(bytes(b))   # last bytes: a tensor's data
+    with pytest.raises(ModelIOError, match="is corrupt"): cli_ckpt("verify", str(p))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="manifest"): cli_ckpt("verify", str(tmp_path / "empty"))
