@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_merge.ipynb #97dd941d
 from __future__ import annotations
-import copy, gc, hashlib, json, logging, math, os, re, threading, time
+import copy, gc, hashlib, itertools, json, logging, math, mmap, os, re, threading, time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -1002,6 +1002,7 @@ def _header(fn):
         return _HDR_CACHE[key]
 
 _MADV_POPULATE_READ = 22
+_MADV_REMOVE = getattr(mmap, "MADV_REMOVE", None)   # frees the pages of shared anonymous memory (Linux)
 _POPULATE = hasattr(os, "sched_getaffinity")        # Linux
 
 def read_tensor(store, name:str)->torch.Tensor:
@@ -1232,6 +1233,8 @@ class _Workers:
         n_slots = per_worker * workers + 2        # (two results may wait for their turn, or be written, meanwhile)
         self.slots = mmap.mmap(-1, size * n_slots)       # anonymous, shared: the children write, we read (only the
         self.free = deque(range(n_slots))                # pages a result touches become resident)
+        self.nbytes, self.hw = nbytes, [0] * n_slots     # per slot: bytes a result has touched (resident until trimmed)
+        self.tail = list(itertools.accumulate(reversed(nbytes), max))[::-1] + [0]   # largest output from job i on
         outs = [(dt, nb) for (_, dt), nb in zip(self.shapes, nbytes)]
         try:
             for k in range(workers):
@@ -1261,8 +1264,18 @@ class _Workers:
         if not self.free or len(kid["q"]) >= self.per: return False
         slot = self.free.popleft()
         os.write(kid["w"], self.nxt.to_bytes(4, "little", signed=True) + slot.to_bytes(4, "little", signed=True))
-        kid["q"].append((self.nxt, slot)); self.nxt += 1
+        kid["q"].append((self.nxt, slot)); self.hw[slot] = max(self.hw[slot], self.nbytes[self.nxt]); self.nxt += 1
         return True
+
+    def _trim(self, slot):
+        """Give back the pages of a free `slot` that no job still to be handed out can need (jobs run largest first, so
+        after the embeddings and the LM head the slots shrink to the next largest output): shared pages a result touched
+        otherwise stay resident until the merge ends."""
+        keep = -(-self.tail[self.nxt] // mmap.PAGESIZE) * mmap.PAGESIZE
+        if self.hw[slot] <= keep or _MADV_REMOVE is None: return
+        try: self.slots.madvise(_MADV_REMOVE, slot * self.size + keep, self.hw[slot] - keep)
+        except OSError: return
+        self.hw[slot] = keep
 
     def _receive(self, kid, done):
         import pickle
@@ -1317,7 +1330,7 @@ class _Workers:
                 yield jobs[want].out, t, digest
                 del t
                 want += 1
-                with cv: self.free.append(slot)
+                with cv: self._trim(slot); self.free.append(slot)
                 os.write(wake_w, b"x")                    # a free slot: the scheduler may hand out a job
             self.ok = True
         finally:

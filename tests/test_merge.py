@@ -391,3 +391,37 @@ def test_worker_processes_equal_threads_and_report_errors(models, tmp_path):
         {"model": str(bad), "parameters": {"weight": 0.5, "density": 0.5}}, {"model": models["b"], "parameters": {"weight": 0.5, "density": 0.5}}])
     with pytest.raises(ValueError, match=r"down_proj.*NaN or inf"): M.merge_config(cfg, tmp_path / "o_inf", workers=2, processes=True)
     assert not (tmp_path / "o_inf").exists() and not list(tmp_path.glob(".o_inf*"))
+
+def _resident_kb(mm):
+    "Resident size (kB) of the memory map `mm` in this process, from /proc/self/smaps."
+    import ctypes
+    a = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    lines, rss = open("/proc/self/smaps").read().splitlines(), None
+    for i, l in enumerate(lines):
+        f = l.split()
+        if "-" in f[0] and len(f) >= 5 and all(c in "0123456789abcdef-" for c in f[0]):
+            lo, hi = (int(x, 16) for x in f[0].split("-"))
+            if lo <= a < hi:
+                rss = next(int(x.split()[1]) for x in lines[i + 1:] if x.startswith("Rss:"))
+                break
+    return rss
+
+@pytest.mark.skipif(not M._can_fork(), reason="worker processes need os.fork (Linux)")
+def test_worker_slots_give_back_pages_no_job_needs(tmp_path):
+    "After the largest tensor, result slots shrink to the largest output still to come: its pages do not stay resident."
+    g = torch.Generator().manual_seed(0)
+    sd = lambda: {"big.weight": torch.randn(1024, 1024, generator=g), **{f"s{i}.weight": torch.randn(32, 32, generator=g) for i in range(12)}}
+    paths = [save_model(sd(), tmp_path / n) for n in ("base", "a", "b")]
+    plan = M.plan_merge(dict(merge_method="ties", base_model=str(paths[0]), models=[
+        {"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in paths[1:]]))
+    plan = M.MergePlan(**{**plan.__dict__, "jobs": sorted(plan.jobs, key=lambda j: -M.math.prod(M._job_shape(plan, j)))})
+    w = M._Workers(plan, workers=2)
+    try:
+        seen = []
+        for name, t, _ in w:
+            seen.append((name, float(t.abs().sum())))
+            if name == "big.weight": during = _resident_kb(w.slots)
+        after = _resident_kb(w.slots)
+    finally: w.close()
+    assert len(seen) == 13 and seen[0][0] == "big.weight"
+    assert during >= 4096 and after < 256, (during, after)     # 4 MB result resident while in use; given back once done
