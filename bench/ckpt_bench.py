@@ -213,7 +213,7 @@ import sys, resource, time, warnings, json
 warnings.simplefilter("ignore")
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from model_ops.checkpoint import dcp_to_hf
+from model_ops.checkpoint import dcp_to_hf, ds_to_universal
 def status_mb(key):
     with open("/proc/self/status") as f:
         for l in f:
@@ -223,9 +223,11 @@ base = status_mb("VmRSS")
 which, src, dst, shard = sys.argv[1:5]
 t0 = time.time()
 if which == "dcp_to_torch_save": dcp_to_torch_save(src, dst)
-else: dcp_to_hf(src, dst, max_shard_size=shard)
-peak = status_mb("VmHWM")
-print(json.dumps({"base_mb": base, "peak_mb": peak, "above_base_mb": peak - base, "s": time.time() - t0}))
+elif which == "dcp_to_hf": dcp_to_hf(src, dst, max_shard_size=shard)
+else: ds_to_universal(src, dst, latest=False)
+peak, ru = status_mb("VmHWM"), resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"base_mb": base, "peak_mb": peak, "above_base_mb": peak - base, "s": time.time() - t0,
+                  "cpu_s": ru.ru_utime + ru.ru_stime}))
 '''
 
 def bench_dcp_memory(sd:dict, work:Path, shard:str="100MB") -> dict:
@@ -254,21 +256,6 @@ def bench_dcp_memory(sd:dict, work:Path, shard:str="100MB") -> dict:
           f"{res['target_mb']:.0f} MB; dcp_to_hf {'meets' if ok else 'MISSES'} it", flush=True)
     return res
 
-ZPEAK = r'''
-import sys, time, json, warnings, resource
-warnings.simplefilter("ignore")
-from model_ops.checkpoint import ds_to_universal
-def status_mb(key):
-    with open("/proc/self/status") as f:
-        for l in f:
-            if l.startswith(key): return int(l.split()[1]) / 1024
-base = status_mb("VmRSS"); t0 = time.time()
-ds_to_universal(sys.argv[1], sys.argv[2], latest=False)
-ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"base_mb": base, "peak_mb": status_mb("VmHWM"), "above_base_mb": status_mb("VmHWM") - base, "s": time.time() - t0,
-                  "cpu_s": ru.ru_utime + ru.ru_stime}))
-'''
-
 def bench_zero(sd:dict, work:Path) -> dict:
     "ds_to_universal of a TP=2 x DP=2 ZeRO-2 folder holding `sd` with Adam moments: seconds and peak RSS (subprocess)."
     from model_ops.checkpoint import TPLayout, save_zero
@@ -282,8 +269,8 @@ def bench_zero(sd:dict, work:Path) -> dict:
                   "parameter_with_row_parallelism_patterns": [r".*o_proj\.weight$", r".*down_proj\.weight$"]}}
     src = save_zero(u, work/"global_step10", tp=2, dp=2, stage=2); del u
     state = sum(f.stat().st_size for f in src.iterdir())
-    script = work/"zpeak.py"; script.write_text(ZPEAK)
-    r = subprocess.run([sys.executable, str(script), str(src), str(work/"global_step10_universal")], capture_output=True, text=True,
+    script = work/"peak.py"; script.write_text(PEAK)
+    r = subprocess.run([sys.executable, str(script), "ds_to_universal", str(src), str(work/"global_step10_universal"), "-"], capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     big = 3 * max(v.numel() * 4 for v in sd.values())                    # the largest parameter's fp32 + exp_avg + exp_avg_sq
