@@ -234,20 +234,11 @@ def _run_block(layer, hidden, args, kwargs):
 class _InputStats:
     "Per-feature sum of squares (Wanda) and optionally the Gram matrix X^T X (SparseGPT) of one linear's inputs."
     def __init__(self, mod, gram):
-        self.n, cols = 0, weight_2d(mod).shape[1]
-        dev = mod.weight.device
-        self.sq = torch.zeros(cols, device=dev, dtype=torch.float32)
+        cols, dev = weight_2d(mod).shape[1], mod.weight.device
+        self.sq = None if gram else torch.zeros(cols, device=dev, dtype=torch.float32)   # SparseGPT reads only H
         self.H = torch.zeros(cols, cols, device=dev, dtype=torch.float32) if gram else None
     @property
     def xnorm(self): return self.sq.sqrt()
-
-class _Scratch:
-    "Reusable float32 buffers by shape: large temporaries allocated afresh at every call cost page faults on CPU."
-    def __init__(self): self.bufs = {}
-    def get(self, key, shape, device):
-        k = (key, tuple(shape), device)
-        if k not in self.bufs: self.bufs[k] = torch.empty(shape, device=device, dtype=torch.float32)
-        return self.bufs[k]
 
 def _sumsq_chunked(x:torch.Tensor) -> torch.Tensor:
     "Float32 column sums of squares of `x` (tokens, features), converted and squared in pieces that stay in the CPU's L2 cache."
@@ -262,30 +253,27 @@ class _BlockStats:
     gate/up) share one computation, and once every linear has seen its input the block forward is cut short (`_Stop`):
     the rest of it (e.g. the down projection) cannot change the statistics. `chunked`: sums of squares by
     `_sumsq_chunked` on CPU (2-3x less time than whole-tensor passes, but not bit for bit the same sums)."""
-    def __init__(self, mods:dict, gram:bool, scratch:_Scratch=None, chunked:bool=False):
+    def __init__(self, mods:dict, gram:bool, chunked:bool=False):
         self.stats = {n: _InputStats(m, gram) for n, m in mods.items()}
-        self.scratch, self.chunked = scratch or _Scratch(), chunked
+        self.chunked = chunked
         self.left, self.last = set(), (None, None, None)
         self.hooks = [m.register_forward_pre_hook(self._hook(n), with_kwargs=True) for n, m in mods.items()]
     def _sums(self, x, gram):
-        "Column sums of squares (and X^T X) of `x` (tokens, features) in float32; unless chunked the same numbers as `xf = x.float(); (xf*xf).sum(0)`."
-        if self.chunked and not gram and x.device.type == "cpu": return _sumsq_chunked(x), None
-        if x.dtype == torch.float32: xf = x
-        else: xf = self.scratch.get("xf", x.shape, x.device).copy_(x)
-        H = xf.T @ xf if gram else None
-        sq = torch.mul(xf, xf, out=self.scratch.get("sq", x.shape, x.device))
-        return sq.sum(0), H
+        "X^T X (gram) or the column sums of squares of `x` (tokens, features), in float32."
+        if gram: xf = x.float(); return None, xf.T @ xf
+        if self.chunked and x.device.type == "cpu": return _sumsq_chunked(x), None
+        xf = x.float(); return (xf * xf).sum(0), None
     def _hook(self, name):
         def pre(mod, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
             if self.last[0] is not x or self.last[1] != x._version:   # a new tensor (or one changed in place)
                 x2 = x.detach().reshape(-1, x.shape[-1])
                 sq, H = self._sums(x2, self.stats[name].H is not None)
-                self.last = (x, x._version, (sq, H, x2.shape[0]))
-            sq, H, n = self.last[2]
+                self.last = (x, x._version, (sq, H))
+            sq, H = self.last[2]
             st = self.stats[name]
-            st.sq += sq; st.n += n
             if st.H is not None: st.H += H
+            else: st.sq += sq
             self.left.discard(name)
             if not self.left: raise _Stop
         return pre
@@ -351,7 +339,7 @@ def calibrated_prune(model:nn.Module, # transformers model, pruned in place
     t_metric, t0 = 0.0, time.perf_counter()
     cache = _first_block_inputs(model, ids, batch_size)
     if cd is not None: cache = [(_cast(a, cd), _cast(k, cd)) for a, k in cache]
-    hidden, scratch = [_hidden(a, k) for a, k in cache], _Scratch()
+    hidden = [_hidden(a, k) for a, k in cache]
     try: from tqdm.auto import tqdm
     except ImportError: tqdm = lambda x, **k: x
     for i in tqdm(range(len(layers)), desc="pruning blocks", disable=None if progress else True, leave=False):
@@ -360,7 +348,7 @@ def calibrated_prune(model:nn.Module, # transformers model, pruned in place
         mine = {n: m for n, m in mods.items() if n.startswith(pre)}
         if mine:
             runs = {n: block.get_submodule(n[len(pre):]) for n in mine}
-            stats = _BlockStats(runs, gram, scratch, chunked=cd is not None).run(block, hidden, cache)
+            stats = _BlockStats(runs, gram, chunked=cd is not None).run(block, hidden, cache)
             _sync(dev); t1 = time.perf_counter()
             for n, m in mine.items(): prune_fn(n, m, stats[n])
             _sync(dev); t_metric += time.perf_counter() - t1
@@ -411,6 +399,7 @@ def magnitude(model:nn.Module, # transformers model, pruned in place
               timings:dict=None, # if given, gets 'calib_s' (0: no calibration) and 'metric_s' seconds
              ) -> nn.Module:
     "Magnitude pruning of every linear layer in the blocks: smallest |W| over each matrix (or per N:M group)."
+    _check_calib_dtype(calib_dtype)                       # (unused, but a bad value is an error as for the other pruners)
     s, nm, extra = _prepare(model, sparsity, pattern, targets, include_embeddings, include_head)
     t0 = time.perf_counter()
     _prune_extra(extra, s, nm)
