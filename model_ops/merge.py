@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_merge.ipynb #97dd941d
 from __future__ import annotations
-import copy, gc, hashlib, itertools, json, logging, math, mmap, os, re, threading, time
+import contextlib, copy, gc, hashlib, itertools, json, logging, math, mmap, os, re, threading, time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 import numpy as np, torch
 from fastcore.script import call_parse
-from .io import WeightStore, ShardWriter, ModelIOError, read_header, finalize_parts, atomic_dir
+from .io import WeightStore, ShardWriter, ModelIOError, read_header, finalize_parts, atomic_dir, _crc, _meta_crc
 
 log = logging.getLogger("model_ops.merge")
 
@@ -186,10 +186,9 @@ def sparsify_della(x, density, epsilon=0.15, rescale=False, gen=None, rescale_mo
 # %% ../nbs/10_merge.ipynb #feda0f3d
 CHUNK = 1 << 16     # elements per chunk of the element-wise phase (256 KB per float32 row: a few rows stay in L2)
 
-def _chunks(n, chunk=None):
+def _chunks(n, chunk):
     "(start, end) of the chunks of a flat tensor of `n` elements."
-    c = chunk or CHUNK
-    return ((s, min(s + c, n)) for s in range(0, n, c))
+    return ((s, min(s + chunk, n)) for s in range(0, n, chunk))
 
 class _BufferPool:
     """Flat CPU buffers reused across tensors by the streaming executor: fresh memory costs a page fault per 4 KB each
@@ -237,7 +236,7 @@ def _sample_at(n, m):
         _SAMPLES[key] = np.sort(torch.randint(n, (m,), generator=torch.Generator().manual_seed(n)).numpy())
     return _SAMPLES[key]
 
-def _magnitude_plans(xs, base, densities, rescale, chunk=None):
+def _magnitude_plans(xs, base, densities, rescale):
     """Exact top-k of |x − base| for each x (TIES trim), found in one chunked pass over the inputs (no full-size
     temporaries). Per model: `lam`, the hardshrink threshold that keeps the top-k (|d| > lam); `ties`, the flat positions
     of kept entries equal to the k-th value when the threshold alone cannot separate them (duplicates straddling the
@@ -252,7 +251,7 @@ def _magnitude_plans(xs, base, densities, rescale, chunk=None):
         if dens <= 0 or n == 0: plans[i] = dict(zero=True); continue
         todo.append((i, max(1, int(dens * n))))
     if not todo: return plans
-    c = min(chunk or CHUNK, n)
+    c = min(CHUNK, n)
     dev = base.device
     use_np = dev.type == "cpu" and all(X[i].dtype == B.dtype == dt for i, _ in todo)
     if use_np: Xs, Bs = [x.detach().numpy() if x.dtype == dt else None for x in X], B.detach().numpy()
@@ -358,7 +357,7 @@ def _sum64(a)->float:
 def _l1_scale(before, after, eps=1e-7):
     return None if (before < eps or after < eps) else torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32)
 
-def _random_plan(x, base, density, rescale, bits, rescale_mode, chunk=None):
+def _random_plan(x, base, density, rescale, bits, rescale_mode):
     """DARE's mask in chunks, kept as one byte per entry (the delta is recomputed later, which is cheaper than storing
     it), the factor applied to the masked delta, and whether x and base are finite. The mask is `keep_mask` drawn
     chunk after chunk from `bits` (the same mask as one draw for the whole tensor: the chunks have even lengths)."""
@@ -366,7 +365,7 @@ def _random_plan(x, base, density, rescale, bits, rescale_mode, chunk=None):
     n = B.numel()
     M = _empty(n, torch.bool, B.device)
     Mn = M.numpy()
-    c = min(chunk or CHUNK, max(n, 1)); c += c & 1
+    c = min(CHUNK, max(n, 1)); c += c & 1
     T = torch.empty(c, dtype=B.dtype); Tn = T.numpy()
     before = after = 0.0
     l1 = rescale and rescale_mode == "l1"
@@ -1008,7 +1007,6 @@ _POPULATE = hasattr(os, "sched_getaffinity")        # Linux
 def read_tensor(store, name:str)->torch.Tensor:
     """Tensor `name` of `store`. From safetensors files: a private (copy-on-write) memory map of just this tensor's bytes,
     released with the tensor (no copy through a read buffer, and nothing of the file stays mapped afterwards)."""
-    import mmap
     real = store.tied.get(name, name)
     fn = store.file_of(real)
     if fn is None or not str(fn).endswith(".safetensors"): return store[name]
@@ -1187,7 +1185,7 @@ class _SlotPool(_BufferPool):
 
 def _child_loop(plan, device, seed, check_finite, rfd, wfd, slots, size, outs):
     "A merge worker process: job and slot numbers in, the result's bytes in the shared slot and (dtype, shape, xxh3) out."
-    import pickle, traceback, xxhash
+    import pickle, traceback
     torch.set_num_threads(1)
     pool = _SlotPool()
     while True:
@@ -1202,7 +1200,7 @@ def _child_loop(plan, device, seed, check_finite, rfd, wfd, slots, size, outs):
             pool.slot = None
             b = y.detach().contiguous().reshape(-1).view(torch.uint8)
             if b.numel() and b.data_ptr() != dst.data_ptr(): dst[:b.numel()].copy_(b)
-            digest = xxhash.xxh3_64_hexdigest(b.numpy()) if b.numel() else None
+            digest = _crc(b) if b.numel() else None
             msg = ("ok", ji, y.dtype, tuple(y.shape), digest)
             pool.give(y); del y, b
         except BaseException as e:
@@ -1221,13 +1219,13 @@ class _Workers:
     the caller writes (in I/O, without the GIL). `close()` stops the processes."""
     def __init__(self, plan:MergePlan, device="cpu", seed:int=0, workers:int=2, check_finite:bool=True, progress=False,
                  per_worker:int=2):
-        import mmap
+        self.it = None                                   # the running iteration (`__iter__`), closed by `close`
         self.plan, self.jobs, self.progress, self.per = plan, plan.jobs, progress, per_worker
         self.kids, self.ok, self.bar, self.stop = [], False, None, (-1).to_bytes(4, "little", signed=True) * 2
         self.collect = gc.isenabled(); gc.disable()
         jobs = self.jobs
-        self.shapes = [(_job_shape(plan, j), _job_dtype(plan, j)) for j in jobs]
-        nbytes = [math.prod(sh) * torch.empty((), dtype=dt).element_size() for sh, dt in self.shapes]
+        shapes = [(_job_shape(plan, j), _job_dtype(plan, j)) for j in jobs]
+        nbytes = [math.prod(sh) * dt.itemsize for sh, dt in shapes]
         self.size = size = -(-max(nbytes + [1]) // 4096) * 4096     # one slot holds the largest output; page-aligned
         workers = max(1, min(workers, len(jobs)))
         n_slots = per_worker * workers + 2        # (two results may wait for their turn, or be written, meanwhile)
@@ -1235,7 +1233,7 @@ class _Workers:
         self.free = deque(range(n_slots))                # pages a result touches become resident)
         self.nbytes, self.hw = nbytes, [0] * n_slots     # per slot: bytes a result has touched (resident until trimmed)
         self.tail = list(itertools.accumulate(reversed(nbytes), max))[::-1] + [0]   # largest output from job i on
-        outs = [(dt, nb) for (_, dt), nb in zip(self.shapes, nbytes)]
+        outs = [(dt, nb) for (_, dt), nb in zip(shapes, nbytes)]
         try:
             for k in range(workers):
                 p2c, c2p = os.pipe(), os.pipe()
@@ -1293,6 +1291,9 @@ class _Workers:
         done[ji] = (slot, msg[2], msg[3], msg[4])
 
     def __iter__(self):
+        self.it = self._results(); return self.it
+
+    def _results(self):
         import select
         from tqdm.auto import tqdm
         jobs, done, want, cv = self.jobs, {}, 0, threading.Condition()
@@ -1341,6 +1342,7 @@ class _Workers:
     def close(self):
         "Stop the workers (kill them if the merge did not finish) and free the slots."
         import signal
+        if self.it is not None: self.it.close(); self.it = None    # (stops the scheduler thread)
         if self.bar is not None: self.bar.close(); self.bar = None
         for kid in self.kids:
             try:
@@ -1359,13 +1361,12 @@ class _Workers:
 
 def process_merge(plan:MergePlan, device="cpu", seed:int=0, workers:int=2, check_finite:bool=True, progress=False,
                   per_worker:int=2):
-    """Like `stream_merge(..., recycle=True)`, with `workers` forked processes instead of threads (CPU, Linux): yield
-    (name, tensor, xxh3 hex digest or None) in plan order; each tensor lives in a shared-memory slot, valid until the
-    next one is asked for. Each process has up to `per_worker` jobs queued (see `_Workers`)."""
-    if not plan.jobs: return
-    w = _Workers(plan, device, seed, workers, check_finite, progress, per_worker)
-    try: yield from w
-    finally: w.close()
+    """Like `stream_merge(..., recycle=True)`, with `workers` forked processes instead of threads (CPU, Linux): an
+    iterable of (name, tensor, xxh3 hex digest or None) in plan order; each tensor lives in a shared-memory slot, valid
+    until the next one is asked for. The processes start now (the caller prepares its writer meanwhile) and stop at
+    `close()`. Each has up to `per_worker` jobs queued (see `_Workers`)."""
+    if not plan.jobs: return (r for r in ())
+    return _Workers(plan, device, seed, workers, check_finite, progress, per_worker)
 
 # %% ../nbs/10_merge.ipynb #0c97d422
 def _job_dtype(plan, job):
@@ -1386,7 +1387,6 @@ class _DirectSink:
     than the merge arithmetic on some machines). Falls back to plain writes where O_DIRECT is refused (tmpfs, macOS)."""
     BLOCK, SIZE = 4096, 8 << 20
     def __init__(self, path, offset:int):
-        import mmap
         self.path, self.pos, self.fill = path, offset, 0      # offset: where the data start (a multiple of BLOCK)
         self.fd = None
         if hasattr(os, "O_DIRECT") and hasattr(os, "pwrite"):
@@ -1460,14 +1460,13 @@ class PlannedWriter:
         self.total = sum(e[3] for s in self.shards for e in s)
         self.tmp, self._pos = None, (0, 0)
     def _header(self, shard, sums, block=_DirectSink.BLOCK):
-        import xxhash
         hdr, off = {}, 0
         for name, shape, dt, nb in shard:
             hdr[name] = {"dtype": _ST_CODE[dt], "shape": list(shape), "data_offsets": [off, off + nb]}; off += nb
         meta = {"format": "pt", "model_ops": self.meta_json}
         if self.checksums:
             s = dict(sums)
-            s["__metadata__"] = xxhash.xxh3_64_hexdigest(json.dumps(meta, sort_keys=True).encode())
+            s["__metadata__"] = _meta_crc(meta)
             meta["model_ops.xxh3"] = json.dumps(s)
         else: meta["model_ops.nocrc"] = "1"
         hdr["__metadata__"] = meta
@@ -1557,6 +1556,19 @@ def _write_extras(plan, write_json, copy_file, copy_tokenizer, meta):
         copy_file(p, "mergekit_config.yml")
     write_json("merge_provenance.json", meta)
 
+@contextlib.contextmanager
+def _gc_paused():
+    "Python's cyclic garbage collector off for the block (restored after)."
+    on = gc.isenabled(); gc.disable()
+    try: yield
+    finally:
+        if on: gc.enable()
+
+def _largest_first(plan:MergePlan)->MergePlan:
+    """The plan with its largest tensors first: the embeddings and the LM head (a third of a small model) then run side by
+    side instead of one of them alone at the end; tensor order inside a safetensors file is immaterial."""
+    return MergePlan(**{**plan.__dict__, "jobs": sorted(plan.jobs, key=lambda j: (-j.nbytes, j.out))})
+
 def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
                  out_dir, # folder to create (atomically)
                  device="cpu", # where the math runs: 'cpu', 'cuda', 'cuda:1', ...
@@ -1572,54 +1584,40 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
                  processes:bool|None=None, # CPU workers as forked processes (default: on Linux when workers ≥ torch threads), else threads
                 )->Path:
     "Run a mergekit-style merge config, streaming tensor by tensor into an HF folder with config, tokenizer, the config used and provenance."
-    collect = gc.isenabled(); gc.disable()   # full collections of a process that holds torch cost tens of ms each
-    try: return _merge_config(config, out_dir, device, seed, workers, max_shard_size, overwrite, check_finite, progress,
-                              copy_tokenizer, rank, world_size, processes)
-    finally:
-        if collect: gc.enable()
-
-def _merge_config(config, out_dir, device, seed, workers, max_shard_size, overwrite, check_finite, progress,
-                  copy_tokenizer, rank, world_size, processes):
-    import sys
-    check_device(device)
-    plan = config if isinstance(config, MergePlan) else plan_merge(config)
-    seed = 0 if seed is None else int(seed)
-    if progress is None: progress = sys.stderr.isatty()
-    out = Path(out_dir).expanduser()
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if world_size > 1:
-        return _merge_distributed(plan, out, rank, world_size, device, seed, workers, max_shard_size, overwrite,
-                                  check_finite, progress, copy_tokenizer, provenance(plan, seed, device))
-    t0 = time.time()
-    # write (and so compute) the largest tensors first: the embeddings and the LM head, a third of a small model, then
-    # run side by side instead of one of them alone at the end; tensor order inside a safetensors file is immaterial
-    plan = MergePlan(**{**plan.__dict__, "jobs": sorted(plan.jobs, key=lambda j: -math.prod(_job_shape(plan, j)))})
-    entries = [(j.out, _job_shape(plan, j), _job_dtype(plan, j)) for j in plan.jobs]
-    # processes by default where each worker would get a single torch thread anyway (workers ≥ cores): they run the
-    # chunk loops without sharing a GIL; with fewer workers than cores, threads keep torch's intra-op parallelism
-    if processes is None: processes = _can_fork() and workers >= torch.get_num_threads()
-    procs = None
-    if processes and workers > 1 and torch.device(device).type == "cpu" and plan.jobs:
-        if out.is_dir() and any(out.iterdir()) and not overwrite:    # (the writer's own check, before any work starts)
-            raise ModelIOError(f"{out}: folder exists and is not empty; pass overwrite=True to replace it")
-        procs = _Workers(plan, device, seed, workers, check_finite, progress)   # they start while we prepare the writer
-    results = iter(procs) if procs is not None else stream_merge(plan, device, seed, workers, check_finite, progress, recycle=True)
-    try:
-        meta = provenance(plan, seed, device)
-        with PlannedWriter(out, entries, max_shard_size=max_shard_size, overwrite=overwrite,
-                           metadata={k: meta[k] for k in ("operation", "method", "inputs", "seed")}) as w:
-            if procs is not None:
-                for name, t, digest in results: w.add(name, t, digest)
-                procs.close()
-            else:
-                for name, t in results: w.add(name, t)
-            meta["seconds"] = round(time.time() - t0, 3)
-            _write_extras(plan, w.write_json, w.copy_file, copy_tokenizer, meta)
-    finally:
-        results.close()              # (an unfinished generator stops its scheduler thread / thread pool now)
-        if procs is not None: procs.close()
-    return out
+    with _gc_paused():        # full collections of a process that holds torch cost tens of ms each (one during the YAML import: 60 ms)
+        import sys
+        check_device(device)
+        plan = config if isinstance(config, MergePlan) else plan_merge(config)
+        seed = 0 if seed is None else int(seed)
+        if progress is None: progress = sys.stderr.isatty()
+        out = Path(out_dir).expanduser()
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        if world_size > 1:
+            return _merge_distributed(plan, out, rank, world_size, device, seed, workers, max_shard_size, overwrite,
+                                      check_finite, progress, copy_tokenizer, provenance(plan, seed, device))
+        t0 = time.time()
+        plan = _largest_first(plan)    # (write, and so compute, the largest tensors first)
+        entries = [(j.out, _job_shape(plan, j), _job_dtype(plan, j)) for j in plan.jobs]
+        # processes by default where each worker would get a single torch thread anyway (workers ≥ cores): they run the
+        # chunk loops without sharing a GIL; with fewer workers than cores, threads keep torch's intra-op parallelism
+        if processes is None: processes = _can_fork() and workers >= torch.get_num_threads()
+        if processes and workers > 1 and torch.device(device).type == "cpu" and plan.jobs:
+            if out.is_dir() and any(out.iterdir()) and not overwrite:    # (the writer's own check, before any work starts)
+                raise ModelIOError(f"{out}: folder exists and is not empty; pass overwrite=True to replace it")
+            results = process_merge(plan, device, seed, workers, check_finite, progress)   # they start while we prepare the writer
+        else: results = stream_merge(plan, device, seed, workers, check_finite, progress, recycle=True)
+        try:
+            meta = provenance(plan, seed, device)
+            with PlannedWriter(out, entries, max_shard_size=max_shard_size, overwrite=overwrite,
+                               metadata={k: meta[k] for k in ("operation", "method", "inputs", "seed")}) as w:
+                for name, t, *digest in results: w.add(name, t, *digest)   # (worker processes also send the checksum)
+                results.close()          # workers gone before the extras are written
+                meta["seconds"] = round(time.time() - t0, 3)
+                _write_extras(plan, w.write_json, w.copy_file, copy_tokenizer, meta)
+        finally:
+            results.close()              # (an unfinished merge stops its processes / thread pool now)
+        return out
 
 
 def merge(models:list, # models: HF folders, files, `nn.Module`s, state dicts or `WeightStore`s
