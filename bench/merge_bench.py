@@ -82,17 +82,17 @@ def _status(pid, keys=("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")):
         if k in r: r[k] = int(line.split()[1]) // 1024
     return r
 
-def _private_mb(pid):
-    r = 0
+def _pss_mb(pid):
+    "Proportional set size: each page shared by k processes counts 1/k in each, so a tree's sum counts it once."
     for line in open(f"/proc/{pid}/smaps_rollup"):
-        if line.startswith(("Private_Clean:", "Private_Dirty:")): r += int(line.split()[1])
-    return r // 1024
+        if line.startswith("Pss:"): return int(line.split()[1]) // 1024
+    return 0
 
 def run(cmd, label):
     """Run `cmd` as a child; return wall seconds and memory peaks (MB) sampled from /proc every 50 ms.
     peak_rss_mb: the memory of the whole process tree, every page counted once: the main process's VmHWM, or, when it
-    has worker processes, max(VmHWM, its VmRSS + the workers' private pages (smaps_rollup, sampled every 0.25 s)),
-    since the workers share the main process's libraries and memory (fork) and the shared output slots.
+    has worker processes, max(VmHWM, the sum of every process's Pss (smaps_rollup, sampled every 0.25 s)), since the
+    workers share the main process's libraries and memory (fork) and the shared output slots.
     peak_rss_sum_mb: the sum of every process's VmRSS (counts shared pages once per process: an upper bound)."""
     os.sync()   # every tool starts with no dirty pages left by the previous one (write throttling otherwise lands on whoever runs next)
     t0 = time.perf_counter()
@@ -105,17 +105,18 @@ def run(cmd, label):
                 st = _status(p.pid)
                 for k in ("RssAnon", "RssFile", "VmHWM"): peaks[k] = max(peaks[k], st[k])
                 kids = _tree(p.pid)[1:]
-                tot, priv = st["VmRSS"], 0
+                tot = st["VmRSS"]
                 for q in kids:
                     try: tot += _status(q)["VmRSS"]
                     except OSError: pass
                 peaks["sum"] = max(peaks["sum"], tot); peaks["procs"] = max(peaks["procs"], 1 + len(kids))
                 if kids and time.perf_counter() - last_smaps >= 0.25:
                     last_smaps = time.perf_counter()
-                    for q in kids:
-                        try: priv += _private_mb(q)
+                    pss = 0
+                    for q in [p.pid, *kids]:
+                        try: pss += _pss_mb(q)
                         except OSError: pass
-                    peaks["tree"] = max(peaks["tree"], _status(p.pid)["VmRSS"] + priv)
+                    peaks["tree"] = max(peaks["tree"], pss)
             except OSError: return
             if p.poll() is not None: return
             time.sleep(0.05)
