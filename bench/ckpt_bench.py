@@ -173,8 +173,8 @@ def profile(sd:dict, work:Path, reps:int=3) -> dict:
     rows["safetensors save_file + fsync file and folder (process CPU, wall)"] = proc(lambda: (save_file(sd, work/"p.st"), _durable(work/"p.st")), lambda: (_rm(work/"p.st"), os.sync()))
     # load: the copy out of the page cache, with and without xxh3, and the whole loads
     dst = {k: torch.empty_like(v) for k, v in sd.items()}
-    jobs = [(memoryview(C._as_bytes(dst[k])), 8 + len(C.read_header(work/"p.st")[1]) + v["data_offsets"][0])
-            for k, v in C.read_header(work/"p.st")[0].items() if k != "__metadata__"]
+    header, _, start = C.read_header(work/"p.st")
+    jobs = [(memoryview(C._as_bytes(dst[k])), start + v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"]
     def rd(check):
         def run():
             fd = os.open(work/"p.st", os.O_RDONLY)
@@ -209,7 +209,7 @@ def ratios(res:dict) -> dict:
     }
 
 PEAK = r'''
-import sys, resource, time, warnings, json
+import sys, resource, time, warnings, json, threading
 warnings.simplefilter("ignore")
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -219,15 +219,23 @@ def status_mb(key):
         for l in f:
             if l.startswith(key): return int(l.split()[1]) / 1024
 # VmHWM (this process's own peak RSS); ru_maxrss would inherit the parent's peak across fork+exec
-base = status_mb("VmRSS")
+# (it counts file-backed mapped pages too: clean page cache the kernel can drop). RssAnon -- anonymous memory only, what
+# the conversion really holds -- has no high-water mark, so a thread samples it every 10 ms.
+base, base_anon = status_mb("VmRSS"), status_mb("RssAnon")
+anon, done = [base_anon], threading.Event()
+def sample():
+    while not done.wait(0.01): anon.append(status_mb("RssAnon"))
+th = threading.Thread(target=sample, daemon=True); th.start()
 which, src, dst, shard = sys.argv[1:5]
 t0 = time.time()
 if which == "dcp_to_torch_save": dcp_to_torch_save(src, dst)
 elif which == "dcp_to_hf": dcp_to_hf(src, dst, max_shard_size=shard)
 else: ds_to_universal(src, dst, latest=False)
+s = time.time() - t0
+done.set(); th.join(); anon.append(status_mb("RssAnon"))
 peak, ru = status_mb("VmHWM"), resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"base_mb": base, "peak_mb": peak, "above_base_mb": peak - base, "s": time.time() - t0,
-                  "cpu_s": ru.ru_utime + ru.ru_stime}))
+print(json.dumps({"base_mb": base, "peak_mb": peak, "above_base_mb": peak - base, "peak_anon_mb": max(anon) - base_anon,
+                  "base_anon_mb": base_anon, "s": s, "cpu_s": ru.ru_utime + ru.ru_stime}))
 '''
 
 def bench_dcp_memory(sd:dict, work:Path, shard:str="100MB") -> dict:
@@ -276,8 +284,8 @@ def bench_zero(sd:dict, work:Path) -> dict:
     big = 3 * max(v.numel() * 4 for v in sd.values())                    # the largest parameter's fp32 + exp_avg + exp_avg_sq
     res = {"zero_files_mb": state/1e6, "largest_param_states_mb": big/1e6, **json.loads(r.stdout.strip().splitlines()[-1])}
     print(f"ds_to_universal  {state/1e9:.2f} GB of ZeRO-2 rank files (tp=2 x dp=2): {res['s']:.1f}s wall ({res['cpu_s']:.1f}s CPU incl. imports), peak RSS "
-          f"{res['peak_mb']:.0f} MB (+{res['above_base_mb']:.0f} MB above import baseline; largest parameter's states "
-          f"{big/1e6:.0f} MB)", flush=True)
+          f"{res['peak_mb']:.0f} MB (+{res['above_base_mb']:.0f} MB above import baseline), peak anonymous memory "
+          f"+{res['peak_anon_mb']:.0f} MB above import baseline (largest parameter's states {big/1e6:.0f} MB)", flush=True)
     shutil.rmtree(src); shutil.rmtree(work/"global_step10_universal")
     return res
 

@@ -62,17 +62,16 @@ def _as_bytes(t:torch.Tensor):
 
 _PIECE = 1 << 18          # 256 KiB: hash-then-write / read-then-hash granularity (a piece stays in the core's L2 cache)
 _WBACK = 1 << 25          # 32 MiB: disk writeback is started every this many bytes of a file
-_RPIECE = _PIECE
 _NCPU = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
-try:
-    _sfr = ctypes.CDLL(None, use_errno=True).sync_file_range
-    _sfr.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-except (OSError, AttributeError): _sfr = None
-try:
-    _falloc = ctypes.CDLL(None, use_errno=True).fallocate
-    _falloc.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-except (OSError, AttributeError): _falloc = None
+try: _libc = ctypes.CDLL(None, use_errno=True)          # loaded once; each function below is None where libc lacks it
+except OSError: _libc = None
+def _cfn(name:str, argtypes:list):
+    f = getattr(_libc, name, None)
+    if f is not None: f.argtypes = argtypes
+    return f
+_sfr = _cfn("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+_falloc = _cfn("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
 
 def _prealloc(fd:int, n:int):
     """Reserve `n` bytes of disk for `fd` before writing (Linux `fallocate` with KEEP_SIZE: the size still grows only as
@@ -231,7 +230,7 @@ def _tensor_digest(ent:dict):
 def _pread_into(fd:int, off:int, dst, check:bool):
     "Read len(dst) bytes at `off` into the writable buffer `dst` (piece by piece, with the xxh3 of the bytes, when `check`)."
     h = xxhash.xxh3_64() if check else None
-    n = len(dst); step = _RPIECE if check else max(n, 1)       # unchecked: one read (the loop below finishes short ones)
+    n = len(dst); step = _PIECE if check else max(n, 1)       # unchecked: one read (the loop below finishes short ones)
     for i in range(0, n, step):
         mv = dst[i:i+step]
         got = os.preadv(fd, [mv], off + i)
@@ -508,6 +507,13 @@ def tree_sha256(header_sha256:str, tensor_sha256s:list) -> str:
 
 _VPIECE = 1 << 23
 
+def _file_sha256(p) -> str:
+    "SHA-256 of file `p`, read in `_VPIECE` pieces into one buffer (never the whole file in memory)."
+    h, mv = hashlib.sha256(), memoryview(bytearray(_VPIECE))
+    with open(p, "rb", buffering=0) as f:
+        while n := f.readinto(mv): h.update(mv[:n])
+    return h.hexdigest()
+
 def _verify_file(dir, fname, ent, full:bool=True) -> list:
     "Issues for one file: existence, size, header, every tensor's hash, and (`full`) the file's SHA-256, in one sequential read."
     if "chunks" in ent: return _verify_dcp_file(dir, fname, ent)
@@ -516,7 +522,7 @@ def _verify_file(dir, fname, ent, full:bool=True) -> list:
     size = p.stat().st_size
     if "tensors" not in ent:
         if size != ent["size"]: return [Issue(fname, None, f"size {size} bytes, manifest says {ent['size']}")]
-        return [] if _sha256(p.read_bytes()) == ent["sha256"] else [Issue(fname, None, "SHA-256 differs from the manifest")]
+        return [] if _file_sha256(p) == ent["sha256"] else [Issue(fname, None, "SHA-256 differs from the manifest")]
     try: header, hb, start = read_header(p)
     except CheckpointError as e:
         return [Issue(fname, None, str(e).split(": ", 1)[-1])]
@@ -611,9 +617,8 @@ def load(dir,                      # checkpoint folder written by `save`, or a D
     "Load checkpoint `dir` into the given objects; returns a dict with `step`, `extra`, `model` (tensors) and the manifest."
     if verify not in (True, False, "fast", "full"): raise ValueError(f"verify must be True, False, 'fast' or 'full', not {verify!r}")
     dir = Path(dir)
-    if not (dir/"manifest.json").exists() and _ckpt_kind(dir, None) == "deepspeed_universal": return _load_ds(dir, model, optimizer, strict, verify)
+    if _ckpt_kind(dir) == "deepspeed_universal": return _load_ds(dir, model, optimizer, strict, verify)
     m = read_manifest(dir)
-    if m.get("kind") == "deepspeed_universal": return _load_ds(dir, model, optimizer, strict, verify)
     files = m["files"]
     if verify:
         for f in files:
@@ -1311,19 +1316,35 @@ def _ds_bytes(obj) -> bytes:
     "`torch.save` bytes of `obj` (stand-ins under DeepSpeed's names)."
     b = io.BytesIO(); torch.save(obj, b, pickle_module=_ds_pickle); return b.getvalue()
 
+class _HashingFile:
+    "Write-only file object over descriptor `fd` that hashes and counts what passes through (a `torch.save` target)."
+    def __init__(self, fd:int): self.fd, self.h, self.n = fd, hashlib.sha256(), 0
+    def write(self, b) -> int:
+        mv = memoryview(b).cast("B"); self.h.update(mv); _write_all(self.fd, mv); self.n += len(mv); return len(mv)
+    def flush(self): pass
+
+def _ds_write(path, obj) -> dict:
+    "`torch.save` `obj` (stand-ins under DeepSpeed's names) straight into `path`, hashed on the way, fsynced: its manifest entry. Same bytes as `_ds_bytes`, no copy of them in memory."
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    f = _HashingFile(fd)
+    try: torch.save(obj, f, pickle_module=_ds_pickle)
+    except BaseException: _done(fd, True, ok=False); raise
+    _done(fd, True)
+    return {"size": f.n, "sha256": f.h.hexdigest()}
+
 # %% ../nbs/60_checkpoint.ipynb #cf2288c4
 _DS_FILE = {"param": "fp32"}
-_DS_STATE = {"fp32": "param"}
+_DS_STATE = {v: k for k,v in _DS_FILE.items()}
 
 def _ds_keys(rule:dict, t:torch.Tensor) -> dict:
     "The keys DeepSpeed's loader reads next to `param` for `rule`, plus our exact rule (ignored by DeepSpeed)."
-    k, d = rule["kind"], {}
+    r, d = _per_expert(rule), {}                        # expert parameters: dims of the stacked [experts, ...] tensor
+    k = r["kind"]
     if rule.get("expert"): d.update(is_expert_param=True, ep_num_experts=int(t.shape[0]))
-    if k == "split": d["cat_dim"] = rule["dim"] + bool(rule.get("expert"))
+    if k == "split": d["cat_dim"] = r["dim"]
     elif k == "vocab": d.update(cat_dim=0, vocab_tensor=True)
     elif k == "sub_params":
-        sizes = rule.get("sizes") or [t.shape[rule["dim"]] // rule["n"]] * rule["n"]
-        d["cat_dim"] = rule["dim"]
+        d["cat_dim"] = r["dim"]; sizes = _sub_sizes(r, t.shape[r["dim"]])
         if len(set(sizes)) == 1: d["param_n_sub_params"] = len(sizes)
     d["model_ops_rule"] = json.dumps(rule)
     return d
@@ -1360,38 +1381,50 @@ def _copy_hashed(src, dst) -> dict:
         fo.flush(); os.fsync(fo.fileno())
     return {"size": n, "sha256": h.hexdigest()}
 
+def _write_ds_universal(out, meta:dict, states:dict, tensor_of, order:list, step:dict, optimizer:dict, iteration, groups,
+                        source, info, copy:list=(), overwrite:bool=False, latest:bool=True, stream:bool=False) -> Path:
+    """Write DeepSpeed's universal layout atomically, with a manifest: `states[name]` lists the files (`fp32`, `exp_avg`, ...)
+    of parameter `name`, `tensor_of(name, state)` gives the consolidated tensor of one, written on all cores in the order
+    `order`. `stream`: one parameter at a time (its files in parallel), so only its tensors are in memory."""
+    _check_names(meta)
+    out, files = Path(out), {}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        z = tmp/"zero"; z.mkdir()
+        for f in copy: files[Path(f).name] = _copy_hashed(f, tmp/Path(f).name)
+        files["zero/optimizer_state.pt"] = _ds_write(z/"optimizer_state.pt", optimizer)
+        def one(name, k):                                 # one state of one parameter -> zero/<name>/<k>.pt
+            t = tensor_of(name, k)
+            return f"zero/{name}/{k}.pt", _ds_write(z/name/f"{k}.pt", {"param": t, **_ds_keys(meta[name], t)})
+        def finish(futs, names):
+            wait(futs)                                    # all finished (or failed) before the next ones or the cleanup
+            for f in futs: fn, e = f.result(); files[fn] = e
+            for n in names:
+                if n in step: files[f"zero/{n}/step.pt"] = _ds_write(z/n/"step.pt", step[n])
+                _fsync_dir(z/n)
+        for name in order: (z/name).mkdir()
+        futs, names = [], []
+        for name in order:
+            futs += [_pool("ds-write", _NCPU).submit(one, name, k) for k in states[name]]; names.append(name)
+            if stream: finish(futs, names); futs, names = [], []
+        finish(futs, names); del futs
+        files = dict(sorted(files.items()))
+        _fsync_dir(z)
+        _commit_manifest(tmp, files, "deepspeed_universal", iteration=iteration, groups=groups, source=source,
+                         info=json.loads(json.dumps(info or {}, default=str)))
+    if latest: _write_latest(out.parent/"latest_universal", out.name)
+    return out
+
 def save_deepspeed_universal(u:dict,              # universal form (`read_zero`, `to_universal`, `load_deepspeed_universal`)
                              out,                 # folder to create, e.g. `ckpt/global_step100_universal`
                              copy:list=(),        # files to copy in unchanged (DeepSpeed's model-states files)
                              overwrite:bool=False,
                              latest:bool=True) -> Path: # also write `<out.parent>/latest_universal` naming `out`
     "Write DeepSpeed's universal layout (`zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`, `zero/optimizer_state.pt`) atomically, with a manifest."
-    _check_names(u["meta"])
-    out, files = Path(out), {}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        z = tmp/"zero"; z.mkdir()
-        for f in copy: files[Path(f).name] = _copy_hashed(f, tmp/Path(f).name)
-        opt = {**(u.get("optimizer") or {}), "param_groups": (u.get("optimizer") or {}).get("param_groups", [])}
-        files["zero/optimizer_state.pt"] = _write_small(z/"optimizer_state.pt", _ds_bytes(opt), True)
-        def one(name, rule):                             # one parameter's files; parameters are written on all cores
-            fs = {}
-            for st, ts in u["states"].items():
-                if name in ts:
-                    fn = f"zero/{name}/{_DS_FILE.get(st, st)}.pt"
-                    fs[fn] = _write_small(tmp/fn, _ds_bytes({"param": ts[name], **_ds_keys(rule, ts[name])}), True)
-            if name in (u.get("step") or {}): fs[f"zero/{name}/step.pt"] = _write_small(z/name/"step.pt", _ds_bytes(u["step"][name]), True)
-            _fsync_dir(z/name)
-            return fs
-        for name in u["meta"]: (z/name).mkdir()
-        futs = [_pool("ds-write", _NCPU).submit(one, n, r) for n,r in sorted(u["meta"].items(), key=lambda x: -u["states"]["param"][x[0]].numel())]
-        wait(futs)                                       # all finished (or failed) before the temporary folder can go
-        for f in futs: files.update(f.result())
-        files = dict(sorted(files.items()))
-        _fsync_dir(z)
-        _commit_manifest(tmp, files, "deepspeed_universal", iteration=u.get("iteration"), groups=u.get("groups"), source=u.get("source"),
-                         info=json.loads(json.dumps(u.get("info") or {}, default=str)))
-    if latest: _write_latest(out.parent/"latest_universal", out.name)
-    return out
+    opt = {**(u.get("optimizer") or {}), "param_groups": (u.get("optimizer") or {}).get("param_groups", [])}
+    states = {n: [_DS_FILE.get(st, st) for st,ts in u["states"].items() if n in ts] for n in u["meta"]}
+    order = sorted(u["meta"], key=lambda n: -u["states"]["param"][n].numel())
+    return _write_ds_universal(out, u["meta"], states, lambda n, k: u["states"][_DS_STATE.get(k, k)][n], order, u.get("step") or {},
+                               opt, u.get("iteration"), u.get("groups"), u.get("source"), u.get("info"), copy, overwrite, latest)
 
 def _ds_shapes(dir, trust:bool) -> dict:
     "name -> shape from the model-states files of a DeepSpeed folder (for ZeRO-3 universal files holding flat tensors)."
@@ -1484,7 +1517,7 @@ def _zero_plan(src, trust:bool=False) -> dict:
                                       [Issue(f, None, "missing") for f in missing])
     return {"src": src, "stage": stage, "tp": tp, "dp": dp, "opt": {k: src/v[1] for k,v in opt.items()},
             "model": {t: src/mfile(t, 0) for t in range(tp)}, "model_files": sorted({mfile(t, d) for t in range(tp) for d in range(dp)}),
-            "first": first}
+            "first": first, "ms0": ms0}
 
 def _fragments(plan:dict, t:int, d:int, shapes:list, trust:bool) -> tuple:
     "({(name, state): flat piece}, {name: step}, osd) of one (tp, dp) rank file: the pieces of each parameter this rank owns."
@@ -1550,7 +1583,7 @@ def _zero_prepare(src, layout:TPLayout=None, strict:bool=True, trust:bool=False)
     and its dp pieces (views into the memory-mapped rank files), the TP rules, steps and the small common state."""
     plan = _zero_plan(src, trust)
     tp, dp, stage = plan["tp"], plan["dp"], plan["stage"]
-    ms = {t: _ds_load(plan["model"][t], trust) for t in range(tp)}
+    ms = {t: plan["ms0"] if t == 0 else _ds_load(plan["model"][t], trust) for t in range(tp)}
     shapes = {t: [OrderedDict(g) for g in (ms[t].get("param_shapes") or [])] for t in range(tp)}
     for t in range(tp):
         if not shapes[t]: raise CheckpointError(f"{plan['model'][t]} has no param_shapes: not DeepSpeed model states")
@@ -1621,81 +1654,16 @@ def read_zero(src,                  # DeepSpeed checkpoint folder (`global_stepN
     return u
 
 # %% ../nbs/60_checkpoint.ipynb #de676181
-def _mapped(paths) -> list:
-    "(start, end) addresses where the files `paths` are memory-mapped in this process (Linux `/proc/self/maps`; else none)."
-    ps, out = {os.path.realpath(p) for p in paths}, []
-    try:
-        with open("/proc/self/maps") as f:
-            for l in f:
-                x = l.rstrip("\n").split(None, 5)
-                if len(x) == 6 and x[5] in ps: a, b = x[0].split("-"); out.append((int(a, 16), int(b, 16)))
-    except OSError: pass
-    return out
-
-_MADV_DONTNEED = 4
-_madvise = getattr(ctypes.CDLL(None, use_errno=True), "madvise", None) if os.name == "posix" else None
-
-def _drop_pages(ts, ranges:list):
-    """Give back the resident pages of the mapped file under the tensors `ts` (madvise DONTNEED on a private read-only-used
-    file mapping: the pages are clean and would be read from the file again). Tensors outside `ranges` (copies) are left alone."""
-    if _madvise is None or not ranges: return
-    pg = mmap.PAGESIZE
-    for t in ts:
-        if not t.is_contiguous() or not t.numel(): continue
-        a = t.data_ptr(); b = a + t.numel() * t.element_size()
-        if any(lo <= a and b <= hi for lo,hi in ranges):
-            a0 = a // pg * pg; _madvise(ctypes.c_void_p(a0), ctypes.c_size_t(-(-b // pg) * pg - a0), _MADV_DONTNEED)
-
-class _HashingFile:
-    "Write-only file object over descriptor `fd` that hashes and counts what passes through (a `torch.save` target)."
-    def __init__(self, fd:int): self.fd, self.h, self.n = fd, hashlib.sha256(), 0
-    def write(self, b) -> int:
-        mv = memoryview(b).cast("B"); self.h.update(mv); _write_all(self.fd, mv); self.n += len(mv); return len(mv)
-    def flush(self): pass
-
-def _ds_write(path, obj) -> dict:
-    "`torch.save` `obj` (stand-ins under DeepSpeed's names) straight into `path`, hashed on the way, fsynced: its manifest entry. Same bytes as `_ds_bytes`, no copy of them in memory."
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-    f = _HashingFile(fd)
-    try: torch.save(obj, f, pickle_module=_ds_pickle)
-    except BaseException: _done(fd, True, ok=False); raise
-    _done(fd, True)
-    return {"size": f.n, "sha256": f.h.hexdigest()}
-
 def _zero_stream(p:dict, out, copy:list=(), overwrite:bool=False, latest:bool=True) -> Path:
     """Write the DeepSpeed universal folder of a prepared ZeRO folder (`_zero_prepare`) one parameter at a time: gather its
-    TP-local tensors from the mapped rank files, merge them over TP, write `zero/<param>/<state>.pt`, drop them, give the
-    mapped pages back. Same files, bytes and manifest entries as `save_deepspeed_universal(read_zero(...))`."""
+    TP-local tensors from the mapped rank files, merge them over TP, write `zero/<param>/<state>.pt`, drop them.
+    Same files, bytes and manifest entries as `save_deepspeed_universal(read_zero(...))`."""
     meta, local, tp = p["meta"], p["local"], p["source"]["tp"]
-    _check_names(meta)
-    ranges = _mapped([*p["plan"]["opt"].values(), *p["plan"]["model"].values()])
-    out, files = Path(out), {}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        z = tmp/"zero"; z.mkdir()
-        for f in copy: files[Path(f).name] = _copy_hashed(f, tmp/Path(f).name)
-        files["zero/optimizer_state.pt"] = _write_small(z/"optimizer_state.pt", _ds_bytes(p["optimizer"]), True)
-        def one(name, k):                                 # one state of one parameter: its TP slices -> consolidated -> file
-            sl, pcs = [_zero_local(p, t, k, name) for t in range(tp)], [x for t in range(tp) for x in local[t][k][name][1]]
-            _drop_pages(pcs, ranges)                      # the pieces were read into the slices (those that are views read them again)
-            full = tp_merge(sl, meta[name], name); del sl
-            _drop_pages(pcs, ranges)
-            if meta[name].get("expert"): full = torch.cat([full], 0)        # as `to_universal` (one EP rank) makes it
-            return {f"zero/{name}/{k}.pt": _ds_write(z/name/f"{k}.pt", {"param": full, **_ds_keys(meta[name], full)})}
-        big = lambda n: -_numel(local[0]["fp32"][n][0])
-        for name in sorted(meta, key=big):              # one parameter at a time; its states on all cores
-            (z/name).mkdir()
-            futs = [_pool("ds-write", _NCPU).submit(one, name, k) for k in local[0] if name in local[0][k]]
-            wait(futs)                                    # all finished (or failed) before the next parameter or the cleanup
-            for f in futs: files.update(f.result())
-            del futs
-            if name in p["step"]: files[f"zero/{name}/step.pt"] = _write_small(z/name/"step.pt", _ds_bytes(p["step"][name]), True)
-            _fsync_dir(z/name)
-        files = dict(sorted(files.items()))
-        _fsync_dir(z)
-        _commit_manifest(tmp, files, "deepspeed_universal", iteration=p["iteration"], groups=p["groups"], source=p["source"],
-                         info=json.loads(json.dumps(p["info"] or {}, default=str)))
-    if latest: _write_latest(out.parent/"latest_universal", out.name)
-    return out
+    states = {n: [k for k in local[0] if n in local[0][k]] for n in meta}
+    merged = lambda n, k: tp_merge([_zero_local(p, t, k, n) for t in range(tp)], meta[n], n)   # a fresh tensor (as `to_universal` makes it)
+    order = sorted(meta, key=lambda n: -_numel(local[0]["fp32"][n][0]))
+    return _write_ds_universal(out, meta, states, merged, order, p["step"], p["optimizer"], p["iteration"], p["groups"],
+                               p["source"], p["info"], copy, overwrite, latest, stream=True)
 
 def ds_to_universal(src,                 # DeepSpeed ZeRO checkpoint folder (`global_stepN`)
                     out=None,            # universal folder to create; default `<src>_universal` beside it
@@ -1732,7 +1700,7 @@ def save_zero(u:dict,                # universal form
     it, info = u.get("iteration"), _ds_info(u)
     sts = [s for s in u["states"] if s != "param"]
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        def put(name, obj): _write_small(tmp/name, _ds_bytes(obj), True)
+        def put(name, obj): _ds_write(tmp/name, obj)
         for t in range(tp):
             loc = ranks[t]
             shapes = [OrderedDict((n, torch.Size(loc["param"][n].shape)) for n in g) for g in groups]

@@ -667,24 +667,26 @@ def _mapped_rss(paths) -> int:
         elif cur and x[0] == "Rss:": rss += int(x[1]) * 1024
     return rss
 
+def _maps(paths) -> list:
+    "(start, end) addresses where the files `paths` are memory-mapped in this process (/proc/self/maps)."
+    ps, out = {os.path.realpath(p) for p in paths}, []
+    for l in open("/proc/self/maps"):
+        x = l.rstrip("\n").split(None, 5)
+        if len(x) == 6 and x[5] in ps: a, b = x[0].split("-"); out.append((int(a, 16), int(b, 16)))
+    return out
+
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
-def test_zero_pieces_stay_mapped_and_pages_are_given_back(tmp_path):
+def test_zero_pieces_stay_mapped(tmp_path):
     import model_ops.checkpoint as C
     g = torch.Generator().manual_seed(0)                                  # MB-sized pieces: the kernel's fault-around (64 KiB) stays small beside them
     full = {s: {f"l{i}.weight": torch.randn(4096, 256, generator=g) for i in range(4)} for s in ("param", "exp_avg", "exp_avg_sq")}
     src = ds_fixture(tmp_path/"global_step3", full, TPLayout(), tp=2, dp=2, step=torch.tensor(3.0))
     opt = sorted(src.glob("*optim_states.pt")); size = sum(f.stat().st_size for f in opt)
     p = C._zero_prepare(src, TPLayout())
-    ranges = C._mapped(opt)
+    ranges = _maps(opt)
     pieces = [x for r in p["local"] for ts in r.values() for _, ps, _ in ts.values() for x in ps]
     assert len(ranges) == len(opt) and all(any(lo <= x.data_ptr() < hi for lo,hi in ranges) for x in pieces)   # views into the maps, not copies
     assert _mapped_rss(opt) < 0.2 * size                                  # the checks read no tensor data
-    C._zero_stream(p, tmp_path/"u", latest=False)
-    after_stream = _mapped_rss(opt)
-    for t, r in enumerate(p["local"]):                                    # now read everything, as the in-memory path does
-        for k, ts in r.items():
-            for n in ts: C._zero_local(p, t, k, n).sum()
-    assert _mapped_rss(opt) > 0.8 * size and after_stream < 0.2 * size, (after_stream, _mapped_rss(opt), size)
 
 def test_expert_parallel_round_trip_and_errors(tmp_path):
     E, g = 4, torch.Generator().manual_seed(1)
@@ -706,6 +708,8 @@ def test_expert_parallel_round_trip_and_errors(tmp_path):
     d = save_deepspeed_universal({**u1, "step": {}}, tmp_path/"moe_universal")
     ds = _ds_load(d/"zero"/"l.experts.w1"/"fp32.pt")
     assert ds["is_expert_param"] is True and ds["ep_num_experts"] == E
+    gu, w2 = _ds_load(d/"zero"/"l.experts.gate_up"/"fp32.pt"), _ds_load(d/"zero"/"l.experts.w2"/"fp32.pt")
+    assert gu["cat_dim"] == 1 and gu["param_n_sub_params"] == 2 and w2["cat_dim"] == 2      # dims of the stacked [experts, ...] tensor
     assert _eq_univ(load_deepspeed_universal(d), u1)
 
 def test_cli_ckpt_deepspeed(zero_src, tmp_path, capsys):
