@@ -61,7 +61,7 @@ save_file(res, out)
 OURS = r'''
 import sys
 from model_ops.merge import merge_config
-merge_config(sys.argv[1], sys.argv[2], seed=42, workers=int(sys.argv[3]), progress=False)
+merge_config(sys.argv[1], sys.argv[2], seed=42, workers=int(sys.argv[3]), device=sys.argv[4], progress=False)
 '''
 
 def _tree(pid):
@@ -134,6 +134,7 @@ def main():
     ap.add_argument("--root", default="/tmp/merge_bench")
     ap.add_argument("--methods", default="ties,dare_ties,linear,task_arithmetic")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where model_ops runs the math (cuda: the GPU; the floor and mergekit stay on CPU)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool (the fastest is compared)")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -153,7 +154,7 @@ def main():
         r = {}
         outs = {"model_ops": root / "out_model_ops", "mergekit": root / "out_mergekit"}
         for label, cmd in [("io_floor", [sys.executable, "-c", FLOOR, *ins, str(root / "floor.safetensors")]),
-                           ("model_ops", [sys.executable, "-c", OURS, str(cfgp), str(outs["model_ops"]), str(a.workers)]),
+                           ("model_ops", [sys.executable, "-c", OURS, str(cfgp), str(outs["model_ops"]), str(a.workers), a.device]),
                            ("mergekit", [mk, str(cfgp), str(outs["mergekit"]), "--no-copy-tokenizer", "--quiet", "--random-seed", "42"])]:
             if label == "mergekit" and (a.skip_mergekit or mk is None): continue
             for o in outs.values():

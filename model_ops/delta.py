@@ -525,7 +525,8 @@ def dare(t:Tensor, # a delta tensor
         mask = torch.rand(flat.numel(), generator=g) < density
     idx = mask.nonzero().reshape(-1).to(t.device)
     v = flat[idx].clone()
-    if rescale == 'inv' and 0 < density < 1: v = (v.to(_acc(v.dtype)) / density).to(v.dtype)
+    if rescale == 'inv' and 0 < density < 1:   # (÷ a tensor on v's device: CUDA multiplies by the reciprocal of a Python scalar)
+        v = (v.to(_acc(v.dtype)) / torch.tensor(density, dtype=_acc(v.dtype), device=v.device)).to(v.dtype)
     elif rescale == 'l1' and v.numel():
         kept = v.double().abs().sum()
         if kept > 0: v = (v.double() * (flat.double().abs().sum() / kept)).to(v.dtype)

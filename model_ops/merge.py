@@ -17,15 +17,16 @@ from .io import WeightStore, ShardWriter, ModelIOError, read_header, finalize_pa
 log = logging.getLogger("model_ops.merge")
 
 # %% auto #0
-__all__ = ['log', 'REQUIRED', 'METHODS', 'CHUNK', 'task_arithmetic', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs',
-           'breadcrumbs_ties', 'della', 'della_linear', 'TOKENIZER_FILES', 'PROPAGATE_NONFINITE', 'MergeMethod',
-           'register', 'get_method', 'tensor_seed', 'tensor_generator', 'tensor_bits', 'keep_mask', 'rescale_l1',
-           'kth_largest', 'topk_mask', 'sparsify_magnitude', 'sparsify_outliers', 'sparsify_random', 'sparsify_della',
-           'generalized_task_arithmetic', 'linear', 'slerp_tensors', 'slerp', 'nuslerp_tensors', 'nuslerp',
-           'model_stock', 'passthrough', 'pcb_scores', 'pcb', 'layer_swap', 'evaluate_setting', 'Layout', 'layout',
-           'TensorJob', 'MergePlan', 'plan_merge', 'read_tensor', 'check_device', 'compute_job', 'stream_merge',
-           'process_merge', 'PlannedWriter', 'provenance', 'merge_config', 'merge', 'split_jobs', 'cli_merge',
-           'sign_conflicts', 'per_layer', 'plot_sign_conflicts', 'demo_step', 'merge_widget']
+__all__ = ['log', 'REQUIRED', 'METHODS', 'CHUNK', 'CUDA_CHUNK', 'task_arithmetic', 'ties', 'dare_linear', 'dare_ties',
+           'breadcrumbs', 'breadcrumbs_ties', 'della', 'della_linear', 'TOKENIZER_FILES', 'PROPAGATE_NONFINITE',
+           'MergeMethod', 'register', 'get_method', 'tensor_seed', 'tensor_generator', 'tensor_bits', 'keep_mask',
+           'rescale_l1', 'kth_largest', 'topk_mask', 'sparsify_magnitude', 'sparsify_outliers', 'sparsify_random',
+           'sparsify_della', 'torch_path', 'generalized_task_arithmetic', 'linear', 'slerp_tensors', 'slerp',
+           'nuslerp_tensors', 'nuslerp', 'model_stock', 'passthrough', 'pcb_scores', 'pcb', 'layer_swap',
+           'evaluate_setting', 'Layout', 'layout', 'TensorJob', 'MergePlan', 'plan_merge', 'read_tensor',
+           'check_device', 'compute_job', 'stream_merge', 'process_merge', 'PlannedWriter', 'provenance',
+           'merge_config', 'merge', 'split_jobs', 'cli_merge', 'sign_conflicts', 'per_layer', 'plot_sign_conflicts',
+           'demo_step', 'merge_widget']
 
 # %% ../nbs/10_merge.ipynb #c70292e5
 REQUIRED = "<required>"
@@ -183,8 +184,250 @@ def sparsify_della(x, density, epsilon=0.15, rescale=False, gen=None, rescale_mo
     if rescale: masked = rescale_l1(xw, masked) if rescale_mode == "l1" else masked / probs
     return masked.to(x.dtype).reshape(shape)
 
+# %% ../nbs/10_merge.ipynb #f0f2f4bd
+_C_SRC = r"""
+#include <stdint.h>
+#include <math.h>
+#include <float.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* |x - b| over [0, n): counts t > hi, copies the t with lo <= t <= hi into mid (in position order, at most cap of them;
+   mid has room for cap + 16) and returns how many there were; *finite: every t was finite. */
+int64_t mo_bracket(const float *restrict x, const float *restrict b, int64_t n, float lo, float hi,
+                   float *restrict mid, int64_t cap, int64_t *above, int32_t *finite) {
+    int64_t a = 0, m = 0, j = 0; int32_t ok = 1;
+#if defined(__AVX512F__)
+    const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), vmax = _mm512_set1_ps(FLT_MAX);
+    const __m512i sign = _mm512_set1_epi32(0x7fffffff);
+    __mmask16 okm = 0xffff;
+    for (; j + 16 <= n; j += 16) {
+        __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(b + j));
+        __m512 t = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(d), sign));
+        a += __builtin_popcount(_mm512_cmp_ps_mask(t, vhi, _CMP_GT_OQ));
+        okm &= _mm512_cmp_ps_mask(t, vmax, _CMP_LE_OQ);
+        __mmask16 in = _mm512_cmp_ps_mask(t, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(t, vhi, _CMP_LE_OQ);
+        if (in) {
+            if (m + 16 <= cap) _mm512_mask_compressstoreu_ps(mid + m, in, t);
+            m += __builtin_popcount(in);
+        }
+    }
+    ok = okm == 0xffff;
+#endif
+    for (; j < n; j++) {
+        float t = fabsf(x[j] - b[j]);
+        a += t > hi; ok &= t <= FLT_MAX;
+        if ((t >= lo) & (t <= hi)) { if (m < cap) mid[m] = t; m++; }
+    }
+    *above = a; *finite = ok; return m;
+}
+
+/* DARE's planning pass over [0, n): keep-mask bytes m[j] = (word j of NumPy's SFC64 stream < thr), the stream's state
+   advanced in place (ceil(n/2) 64-bit outputs, each two words, low half first: `keep_mask`'s draw), t = |x - b| and,
+   when tk is given, tk = t * m (the L1 sums are taken from t and tk by torch). */
+void mo_dare(const float *restrict x, const float *restrict b, int64_t n, uint64_t *state, uint32_t thr,
+             float *restrict t, float *restrict tk, uint8_t *restrict m) {
+    uint64_t s0 = state[0], s1 = state[1], s2 = state[2], s3 = state[3];
+    for (int64_t j = 0; j < n; j += 2) {
+        uint64_t r = s0 + s1 + s3++;
+        s0 = s1 ^ (s1 >> 11); s1 = s2 + (s2 << 3); s2 = ((s2 << 24) | (s2 >> 40)) + r;
+        m[j] = (uint32_t)r < thr;
+        if (j + 1 < n) m[j + 1] = (uint32_t)(r >> 32) < thr;
+    }
+    state[0] = s0; state[1] = s1; state[2] = s2; state[3] = s3;
+    for (int64_t j = 0; j < n; j++) t[j] = fabsf(x[j] - b[j]);
+    if (tk) for (int64_t j = 0; j < n; j++) tk[j] = t[j] * (float)m[j];
+}
+
+/* The two-model merge over [0, n). Per model i: d = x_i - b; zeroed where -lam_i <= d <= lam_i (hardshrink; lam_i = NaN
+   keeps every entry, as do its listed tie positions); then times mask_i, times scale_i, divided by div_i, times w_i.
+   consensus: TIES's weighted sign election (s = copysign(1, p + q); relu(s p), relu(s q); their sum times s, divided by
+   the agreeing weights, at least `tiny`, when normalize); else the plain sum (divided by `divisor` when normalize).
+   Then times lambda (1 when unused), plus b. Returns 1 when every output is finite. */
+typedef struct { float l0, l1, s0, s1, v0, v1, w0, w1, tiny, divisor, lambda; int32_t normalize; } mo_p;
+
+static inline float mo_one(int consensus, int divs, float x0, float x1, float b, float k0, float k1, float l0, float l1, const mo_p P) {
+    float d0 = x0 - b, d1 = x1 - b;
+    float p = ((d0 >= -l0) & (d0 <= l0)) ? 0.0f : d0;
+    float q = ((d1 >= -l1) & (d1 <= l1)) ? 0.0f : d1;
+    p = p * k0; p = p * P.s0; if (divs) p = p / P.v0; p = p * P.w0;
+    q = q * k1; q = q * P.s1; if (divs) q = q / P.v1; q = q * P.w1;
+    float r;
+    if (consensus) {
+        float sg = copysignf(1.0f, p + q);
+        float pa = p * sg; pa = pa < 0.0f ? 0.0f : pa;
+        float qa = q * sg; qa = qa < 0.0f ? 0.0f : qa;
+        r = (pa + qa) * sg;
+        float e0 = (pa > 0.0f ? 1.0f : 0.0f) * P.w0, e1 = (qa > 0.0f ? 1.0f : 0.0f) * P.w1;
+        float dv = e0 + e1; dv = dv < P.tiny ? P.tiny : dv;
+        if (P.normalize) r = r / dv;
+    } else {
+        r = p + q;
+        if (P.normalize) r = r / P.divisor;
+    }
+    r = r * P.lambda;
+    return b + r;
+}
+
+/* one loop per case, so that each compiles to straight vector code: sign election or not, divisions by div_i or not
+   (only DARE's 1/density rescale has them), byte masks on both models, neither, or one */
+#define MO_LOOP(C, D, K0, K1) for (int64_t j = i; j < stop; j++) { \
+        float o = mo_one(C, D, x0[j], x1[j], b[j], K0, K1, P.l0, P.l1, P); out[j] = o; okr &= fabsf(o) <= FLT_MAX; }
+#define MO_LOOPS(C, D) \
+    if (m0 && m1) MO_LOOP(C, D, (float)m0[j], (float)m1[j]) \
+    else if (!m0 && !m1) MO_LOOP(C, D, 1.0f, 1.0f) \
+    else MO_LOOP(C, D, m0 ? (float)m0[j] : 1.0f, m1 ? (float)m1[j] : 1.0f)
+
+int32_t mo_merge2(const float *restrict x0, const float *restrict x1, const float *restrict b, float *restrict out, int64_t n,
+                  const float *lam, const float *sc, const float *dv, const float *w,
+                  const uint8_t *restrict m0, const uint8_t *restrict m1, const int64_t *t0, int64_t n0, const int64_t *t1, int64_t n1,
+                  int32_t consensus, int32_t normalize, float tiny, float divisor, float lambda) {
+    const mo_p P = {lam[0], lam[1], sc[0], sc[1], dv[0], dv[1], w[0], w[1], tiny, divisor, lambda, normalize};
+    int32_t ok = 1;
+    int64_t i = 0, k0 = 0, k1 = 0;
+    while (i < n) {
+        int64_t stop = n;
+        if (k0 < n0 && t0[k0] < stop) stop = t0[k0];
+        if (k1 < n1 && t1[k1] < stop) stop = t1[k1];
+        int32_t okr = 1;
+        int divs = P.v0 != 1.0f || P.v1 != 1.0f;
+        if (consensus) { if (divs) { MO_LOOPS(1, 1) } else { MO_LOOPS(1, 0) } }
+        else { if (divs) { MO_LOOPS(0, 1) } else { MO_LOOPS(0, 0) } }
+        ok &= okr;
+        i = stop;
+        if (i < n) {          /* a tie position of one model or both: kept although |d| equals the threshold */
+            int a = k0 < n0 && t0[k0] == i, c = k1 < n1 && t1[k1] == i;
+            float o = mo_one(consensus, 1, x0[i], x1[i], b[i], m0 ? (float)m0[i] : 1.0f, m1 ? (float)m1[i] : 1.0f,
+                             a ? NAN : P.l0, c ? NAN : P.l1, P);
+            out[i] = o; ok &= fabsf(o) <= FLT_MAX;
+            k0 += a; k1 += c; i++;
+        }
+    }
+    return ok;
+}
+"""
+
+_CK, _CK_LOCK = None, threading.Lock()
+
+def _ckernel():
+    "The fused kernels (a `ctypes` library), compiled once per machine and cached; None without a C compiler or with MODEL_OPS_NO_CC=1."
+    global _CK
+    with _CK_LOCK:
+        if _CK is None: _CK = _build_ckernel() or False
+    return _CK or None
+
+def _build_ckernel():
+    import ctypes, shutil, subprocess, sys, tempfile
+    if os.environ.get("MODEL_OPS_NO_CC"): return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None: return None
+    # no -ffast-math and no FMA contraction: the kernels must round exactly like the torch path (not trapping only lets
+    # the compiler turn selects into vector blends; no value changes)
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+    try: cpu = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+    except OSError: cpu = ""
+    key = hashlib.sha256("\0".join([_C_SRC, cc, *flags, cpu, sys.platform]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MODEL_OPS_CACHE") or Path.home() / ".cache" / "model_ops")
+    so = cache / f"merge_kernels_{key}.so"
+    try:
+        if not so.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:    # build aside, then rename: concurrent builds are safe
+                src = Path(tmp) / "k.c"; src.write_text(_C_SRC)
+                subprocess.run([cc, *flags, "-o", str(Path(tmp) / "k.so"), str(src)], check=True, capture_output=True, timeout=300)
+                os.replace(Path(tmp) / "k.so", so)
+        lib = ctypes.CDLL(str(so))
+    except (OSError, subprocess.SubprocessError) as e:
+        logging.getLogger(__name__).info("model_ops.merge: no compiled kernel (%s); using the torch path", e)
+        return None
+    P, I64, I32, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+    lib.mo_bracket.argtypes = [P, P, I64, F, F, P, I64, P, P]; lib.mo_bracket.restype = I64
+    lib.mo_merge2.argtypes = [P, P, P, P, I64, P, P, P, P, P, P, P, I64, P, I64, I32, I32, F, F, F]
+    lib.mo_merge2.restype = I32
+    lib.mo_dare.argtypes = [P, P, I64, P, ctypes.c_uint32, P, P, P]; lib.mo_dare.restype = None
+    return lib
+
+@contextlib.contextmanager
+def torch_path():
+    "Within this block the merge methods run their torch path, not the compiled kernels (to compare the two, or to time them)."
+    global _CK
+    old = _CK; _CK = False
+    try: yield
+    finally: _CK = old
+
+_CK_POOL = None
+
+def _ranges(n, min_len=1 << 20):
+    "Split [0, n) into one range per torch thread (ranges of at least `min_len`; the kernels are single-threaded)."
+    k = max(1, min(torch.get_num_threads(), n // min_len))
+    cuts = [n * i // k for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+def _run_ranges(f, rs):
+    "f(s, e) for each range, on threads when there are several (ctypes releases the GIL), results in range order."
+    global _CK_POOL
+    if len(rs) == 1: return [f(*rs[0])]
+    with _CK_LOCK:
+        if _CK_POOL is None or _CK_POOL._max_workers < len(rs): _CK_POOL = ThreadPoolExecutor(len(rs), thread_name_prefix="merge-kernel")
+    return list(_CK_POOL.map(lambda r: f(*r), rs))
+
+def _c_bracket(lib, x:np.ndarray, b:np.ndarray, lo, hi, expect:int):
+    """The planning pass of one model in C: (count above hi, the values in [lo, hi] in position order, all finite),
+    or None when more values than room for them fell inside the bracket (the NumPy pass runs then)."""
+    import ctypes
+    n = b.size
+    def part(s, e):
+        cap = int(2 * expect * (e - s) / n) + (1 << 16)
+        mid, above, fin = np.empty(cap + 16, np.float32), ctypes.c_int64(), ctypes.c_int32()
+        m = lib.mo_bracket(x.ctypes.data + 4 * s, b.ctypes.data + 4 * s, e - s, float(lo), float(hi), mid.ctypes.data, cap,
+                           ctypes.byref(above), ctypes.byref(fin))
+        return None if m > cap else (above.value, mid[:m], bool(fin.value))
+    got = _run_ranges(part, _ranges(n))
+    if any(g is None for g in got): return None
+    return sum(g[0] for g in got), np.concatenate([g[1] for g in got]), all(g[2] for g in got)
+
+def _c_model(p):
+    "Model parameters of `mo_merge2` for one model's phase-1 plan: (lam, scale, div, byte mask, tie positions), or None if unsupported."
+    if p is None: return (math.nan, 1.0, 1.0, None, None)                 # the plain delta (NaN: nothing is zeroed)
+    kind, data, f = p[0], p[1], p[2]
+    if kind == "mag":
+        if data is None: return (math.nan, 1.0, 1.0, None, None)
+        if data.get("zero"): return (math.inf, 1.0, 1.0, None, None)
+        t = data["ties"]
+        return (data["lam"], 1.0 if data["scale"] is None else float(data["scale"]), 1.0, None, None if t is None else t.numpy())
+    if kind == "mask":
+        s, v = (1.0, 1.0) if f is None else ((float(f), 1.0) if torch.is_tensor(f) else (1.0, f[1]))
+        return (math.nan, s, v, data.numpy().view(np.uint8), None)
+    return None
+
+def _c_merge2(lib, prep, X, B, out, wf, consensus, normalize, tiny, divisor, lambda_):
+    "The element-wise phase of two models in C (see `mo_merge2`), on ranges of the tensor in parallel; returns whether the output is finite, or None if unsupported."
+    import ctypes
+    ms = [_c_model(p) for p in prep]
+    if None in ms or not all(x.dtype == torch.float32 and x.is_contiguous() for x in (*X, B, out)): return None
+    n = B.numel()
+    f4 = ctypes.c_float * 2
+    lam, sc, dv, w = [f4(*[m[k] for m in ms]) for k in range(3)] + [f4(*wf)]
+    xp, bp, op = [x.data_ptr() for x in X], B.data_ptr(), out.data_ptr()
+    def part(s, e):
+        ptr = lambda a: None if a is None else a.ctypes.data + s
+        ties = []
+        for m in ms:
+            t = m[4]
+            if t is not None: t = np.ascontiguousarray(t[np.searchsorted(t, s):np.searchsorted(t, e)] - s)
+            ties += [t, 0 if t is None else t.size]
+        return lib.mo_merge2(xp[0] + 4 * s, xp[1] + 4 * s, bp + 4 * s, op + 4 * s, e - s, lam, sc, dv, w,
+                             ptr(ms[0][3]), ptr(ms[1][3]), None if ties[0] is None else ties[0].ctypes.data, ties[1],
+                             None if ties[2] is None else ties[2].ctypes.data, ties[3],
+                             int(consensus), int(normalize), tiny, divisor, float(lambda_))
+    return all(_run_ranges(part, _ranges(n)))
+
 # %% ../nbs/10_merge.ipynb #feda0f3d
 CHUNK = 1 << 16     # elements per chunk of the element-wise phase (256 KB per float32 row: a few rows stay in L2)
+CUDA_CHUNK = 1 << 22  # on a GPU chunks only bound the temporaries: large ones keep kernel launches and syncs few
+
+def _chunk(device)->int: return CHUNK if torch.device(device).type == "cpu" else CUDA_CHUNK
 
 def _chunks(n, chunk):
     "(start, end) of the chunks of a flat tensor of `n` elements."
@@ -251,11 +494,11 @@ def _magnitude_plans(xs, base, densities, rescale):
         if dens <= 0 or n == 0: plans[i] = dict(zero=True); continue
         todo.append((i, max(1, int(dens * n))))
     if not todo: return plans
-    c = min(CHUNK, n)
     dev = base.device
+    c = min(_chunk(dev), n)
     use_np = dev.type == "cpu" and all(X[i].dtype == B.dtype == dt for i, _ in todo)
     if use_np: Xs, Bs = [x.detach().numpy() if x.dtype == dt else None for x in X], B.detach().numpy()
-    bounds = {}
+    bounds, expect = {}, {}
     if n > (1 << 18):
         # bracket each k-th largest between two order statistics of a random sample (margins of `_SIGMAS` standard
         # deviations of the sample rank; a miss costs one more pass); the sample size balances its own cost (gathers
@@ -267,6 +510,7 @@ def _magnitude_plans(xs, base, densities, rescale):
         for i, k in todo:
             q, m = (n - k + 0.5) / n * m_s, _SIGMAS * 0.5 * math.sqrt(m_s) + 16
             r = (max(0, int(q - m)), min(m_s - 1, int(q + m)))
+            expect[i] = n * (r[1] - r[0] + 1) / m_s     # values expected inside the bracket
             if use_np:
                 smp = np.partition(np.abs(np.subtract(Xs[i].take(idx), bs)), r)
                 bounds[i] = (smp[r[0]], smp[r[1]])
@@ -279,10 +523,16 @@ def _magnitude_plans(xs, base, densities, rescale):
     else:
         T, T2 = torch.empty(c, dtype=dt, device=dev), torch.empty(c, dtype=dt, device=dev)
         U, M = torch.empty(c, dtype=torch.bool, device=dev), torch.empty(c, dtype=torch.bool, device=dev)
+    lib = _ckernel() if use_np and dt == torch.float32 and not rescale else None
     def scan(which):
         "Per model: entries above the bracket (count, L1), the bracketed values and their flat positions, total L1."
         acc = {i: [0, 0.0, 0.0, [], [], True] for i in which}
-        for s, e in _chunks(n, c):
+        if lib is not None:     # the compiled pass (the same counts and values, in the same order)
+            for i in [i for i in which if i in bounds]:
+                got = _c_bracket(lib, Xs[i], Bs, *bounds[i], expect[i])
+                if got is not None: acc[i] = [got[0], 0.0, 0.0, [got[1]], ["scan"], got[2]]
+            which = [i for i in which if not (i in bounds and acc[i][4])]
+        for s, e in _chunks(n, c) if which else ():
             L = e - s
             for i in which:
                 a = acc[i]
@@ -330,7 +580,7 @@ def _magnitude_plans(xs, base, densities, rescale):
         scale = _l1_scale(l1_all, l1_above + float(mid[gt].sum(dtype=torch.float64)) + need * float(thr)) if rescale else None
         eq = (mid == thr).nonzero().squeeze(1)
         if need == eq.numel() and X[i].dtype == B.dtype == dt:   # every entry equal to it is kept: |d| >= thr, one pass
-            lam = float(torch.nextafter(thr, torch.tensor(-math.inf, dtype=dt))) if float(thr) > 0 else 0.0
+            lam = float(torch.nextafter(thr, torch.tensor(-math.inf, dtype=dt, device=thr.device))) if float(thr) > 0 else 0.0
             plans[i] = dict(lam=lam, ties=None, scale=scale, finite=finite if use_np else None)
         else:
             eq = eq[:need]
@@ -369,7 +619,20 @@ def _random_plan(x, base, density, rescale, bits, rescale_mode):
     T = torch.empty(c, dtype=B.dtype); Tn = T.numpy()
     before = after = 0.0
     l1 = rescale and rescale_mode == "l1"
-    for s, e in _chunks(n, c):
+    lib = _ckernel() if B.dtype == X.dtype == torch.float32 and X.is_contiguous() and B.is_contiguous() else None
+    if lib is not None:     # the compiled pass: the same mask bytes and |d| values (the sums stay torch's, the same bits)
+        st = bits.state
+        words = np.array(st["state"]["state"], dtype=np.uint64)
+        TK = torch.empty(c, dtype=B.dtype) if l1 else None
+        thr = int(_keep_threshold(density))
+        for s, e in _chunks(n, c):
+            L = e - s
+            lib.mo_dare(X.data_ptr() + 4 * s, B.data_ptr() + 4 * s, L, words.ctypes.data, thr, T.data_ptr(),
+                        None if TK is None else TK.data_ptr(), Mn.ctypes.data + s)
+            before += _sum64(T[:L])
+            if l1: after += _sum64(TK[:L])
+        st["state"]["state"] = words; bits.state = st          # (the stream moved on, as `keep_mask` leaves it)
+    for s, e in _chunks(n, c) if lib is None else ():
         L = e - s
         d = torch.sub(X[s:e], B[s:e], out=T[:L])
         before += _sum64(d.abs_())         # (also tells whether x and base are finite)
@@ -425,12 +688,12 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
             raise _NonFinite(name)
     X, B = [x.reshape(-1) for x in tensors], base.reshape(-1)
     N = B.numel()
-    ties_at = [None] * n
+    ties_at, C = [None] * n, _chunk(B.device)
     for i, p in enumerate(prep):    # per chunk, the slice of the (sorted) tie positions that fall into it
         if p is not None and p[0] == "mag" and p[1] is not None and p[1].get("ties") is not None:
             t = p[1]["ties"]
-            ties_at[i] = (t, torch.searchsorted(t, torch.arange(0, N + CHUNK, CHUNK, device=t.device)).tolist())
-    c = min(CHUNK, max(N, 1))
+            ties_at[i] = (t, torch.searchsorted(t, torch.arange(0, N + C, C, device=t.device)).tolist())
+    c = min(C, max(N, 1))
     # the chunks' views, made once (a torch slice costs about a microsecond, which adds up over 30 views per chunk)
     Xc, Bc = [x.split(c) for x in X], B.split(c)
     def delta(i, ci, s, e, buf):
@@ -449,7 +712,7 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
         torch.hardshrink(buf, mp["lam"], out=buf)                  # keeps |d| > lam, zeroes the rest: one pass
         if ties_at[i] is not None:                                 # kept entries equal to the threshold (rare)
             t, cuts = ties_at[i]
-            t = t[cuts[s // CHUNK]:cuts[s // CHUNK + 1]] - s
+            t = t[cuts[s // C]:cuts[s // C + 1]] - s
             if t.numel(): buf[t] = X[i][s:e][t] - B[s:e][t]
         if mp["scale"] is not None: buf.mul_(mp["scale"])
         return buf
@@ -462,6 +725,15 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
     # and positive weights, or up to two models without election
     two = consensus and election == "weighted" and n == 2 and dt.is_floating_point and all(w >= tiny for w in wf)
     plain = not consensus and n <= 2 and dt.is_floating_point
+    lib = _ckernel() if (two or plain) and n == 2 and dt == torch.float32 and B.device.type == "cpu" else None
+    if lib is not None:         # the whole element-wise phase in one compiled pass (the same bits)
+        div = float(torch.tensor(wf, dtype=dt).sum()); div = 1.0 if abs(div) < 1e-8 else div
+        fin = _c_merge2(lib, prep, X, B, out, wf, two, normalize, tiny, div, lambda_)
+        if fin is not None:
+            _release(prep)
+            r = out.reshape(base.shape)
+            r._finite = fin
+            return r
     if two or plain:
         # scalars as 0-dim tensors of the math dtype (the same products; a Python scalar costs a conversion per call)
         w0, w1, lam_t = [torch.tensor(v, dtype=dt, device=B.device) for v in (wf[0], wf[-1], float(lambda_))]
@@ -1234,6 +1506,11 @@ class _Workers:
         self.nbytes, self.hw = nbytes, [0] * n_slots     # per slot: bytes a result has touched (resident until trimmed)
         self.tail = list(itertools.accumulate(reversed(nbytes), max))[::-1] + [0]   # largest output from job i on
         outs = [(dt, nb) for (_, dt), nb in zip(shapes, nbytes)]
+        if torch.device(device).type == "cpu": _ckernel()   # (compiled or loaded once, here, not in every child)
+        # the objects alive now (torch's and the plan's) go to the collector's permanent generation, as Python's docs advise
+        # before forking without exec: no collection in a child touches them (their pages stay shared), and neither does
+        # the final collection at exit (about 0.2 s less per run with torch imported)
+        gc.freeze()
         try:
             for k in range(workers):
                 p2c, c2p = os.pipe(), os.pipe()

@@ -422,3 +422,50 @@ def test_worker_slots_give_back_pages_no_job_needs(tmp_path):
     finally: w.close()
     assert len(seen) == 13 and seen[0][0] == "big.weight"
     assert during >= 4096 and after < 256, (during, after)     # 4 MB result resident while in use; given back once done
+
+def _kernel_calls(monkeypatch):
+    "Count the calls into the compiled kernels (and whether each was taken or fell back)."
+    import collections
+    calls = collections.Counter()
+    for name in ("_c_merge2", "_c_bracket"):
+        orig = getattr(M, name)
+        def wrapped(*a, _orig=orig, _name=name, **k):
+            r = _orig(*a, **k); calls[_name + (" ran" if r is not None else " fell back")] += 1; return r
+        monkeypatch.setattr(M, name, wrapped)
+    return calls
+
+@pytest.mark.skipif(M._ckernel() is None, reason="no C compiler: only the torch path exists here")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_kernels_give_the_torch_paths_bits(monkeypatch, threads):
+    "Every option of the two-model recipe, with signed zeros and threshold ties, on 1 or 2 threads: the same bits and the same finiteness flag as the torch path."
+    calls = _kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    old = torch.get_num_threads(); torch.set_num_threads(threads)
+    try:
+        for n in (1000, 300_001, 2_500_000):
+            b = 0.02 * torch.randn(n, generator=g); b[:50] = 0.0; b[50:100] = -0.0
+            xs = [b + torch.round(0.002 * torch.randn(n, generator=g) * 2000) / 2000 for _ in range(2)]   # ties at the cut
+            xs[0][:30] = b[:30]; xs[1][10:40] = b[10:40]                                                  # zero deltas
+            for meth in ("ties", "dare_ties", "task_arithmetic", "dare_linear"):
+                for kw in [dict(weight=[0.5, 0.5], density=[0.5, 0.3]), dict(weight=[0.7, 0.4], density=[1.0, 0.2], lambda_=0.8),
+                           dict(weight=[0.5, 0.5], density=[0.0, 0.5]), dict(weight=[0.3, 1.2], density=[0.5, 0.5], normalize=True),
+                           dict(weight=[0.3, 0.9], density=[0.4, 0.6], rescale=True),
+                           dict(weight=[0.3, 0.9], density=[0.4, 0.6], rescale=True, rescale_mode="inverse"),
+                           dict(weight=[-0.3, 0.9], density=[0.4, 0.6], normalize=False)]:
+                    got = M.METHODS[meth](xs, b, seed=3, name="t", _check_finite=True, **kw)
+                    with M.torch_path(): ref = M.METHODS[meth](xs, b, seed=3, name="t", _check_finite=True, **kw)
+                    assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), (n, meth, kw)
+                    assert getattr(got, "_finite", None) == getattr(ref, "_finite", None)
+    finally: torch.set_num_threads(old)
+    assert calls["_c_merge2 ran"] >= 60 and calls["_c_bracket ran"] >= 10, calls   # (the rest: cases the kernels do not take)
+
+def test_no_compiler_means_the_torch_path(monkeypatch, tmp_path):
+    "A compiler that fails, or MODEL_OPS_NO_CC, leaves no kernel (and no half-built file in the cache): the torch path runs."
+    monkeypatch.setenv("MODEL_OPS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    assert M._build_ckernel() is None and not list(tmp_path.glob("*.so"))
+    monkeypatch.delenv("CC"); monkeypatch.setenv("MODEL_OPS_NO_CC", "1")
+    assert M._build_ckernel() is None
+    monkeypatch.setattr(M, "_CK", False)          # as after a failed build: the methods still merge
+    b = torch.randn(3000); xs = [b + 0.01 * torch.randn(3000) for _ in range(2)]
+    assert torch.isfinite(M.ties(xs, b, weight=[0.5, 0.5], density=[0.5, 0.5])).all()
