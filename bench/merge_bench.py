@@ -39,12 +39,20 @@ def make_models(root:Path):
         del sd
     return [root / n for n in names]
 
+NO_BASE = ("linear", "nuslerp")          # methods without a base model (slerp's base is the first fine-tune)
+SPARSE = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+MERGEKIT = NO_BASE + SPARSE + ("task_arithmetic", "slerp", "model_stock")   # (pcb is ours alone)
+
 def yaml_for(method, base, ft1, ft2):
-    if method == "linear":
-        return f"merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5}}\ndtype: float32\n"
-    dens = "" if method == "task_arithmetic" else ", density: 0.5"
-    return (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5{dens}}}\n"
-            f"  - model: {ft2}\n    parameters: {{weight: 0.5{dens}}}\ndtype: float32\n")
+    "The bench's config for `method`: weights 0.5 (and density 0.5 for the sparsifying methods), float32."
+    if method == "slerp":
+        return f"merge_method: slerp\nbase_model: {ft1}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters:\n  t: 0.4\ndtype: float32\n"
+    p = "" if method == "model_stock" else "\n    parameters: {weight: 0.5" + (", density: 0.5" if method in SPARSE else "") + "}"
+    head = f"merge_method: {method}\n" + ("" if method in NO_BASE else f"base_model: {base}\n")
+    return head + f"models:\n  - model: {ft1}{p}\n  - model: {ft2}{p}\ndtype: float32\n"
+
+def inputs_of(method, base, ft1, ft2):
+    return [ft1, ft2] if method in NO_BASE + ("slerp",) else [base, ft1, ft2]
 
 FLOOR = r'''
 import sys, time
@@ -132,7 +140,8 @@ def run(cmd, label):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="/tmp/merge_bench")
-    ap.add_argument("--methods", default="ties,dare_ties,linear,task_arithmetic")
+    ap.add_argument("--methods", default="ties,dare_ties,linear,task_arithmetic",
+                    help="comma-separated; also: dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, model_stock, pcb")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="where model_ops runs the math (cuda: the GPU; the floor and mergekit stay on CPU)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool (the fastest is compared)")
@@ -150,13 +159,13 @@ def main():
     results = {}
     for method in a.methods.split(","):
         cfgp = root / f"{method}.yml"; cfgp.write_text(yaml_for(method, base, ft1, ft2))
-        ins = [str(x / "model.safetensors") for x in ([ft1, ft2] if method == "linear" else [base, ft1, ft2])]
+        ins = [str(x / "model.safetensors") for x in inputs_of(method, base, ft1, ft2)]
         r = {}
         outs = {"model_ops": root / "out_model_ops", "mergekit": root / "out_mergekit"}
         for label, cmd in [("io_floor", [sys.executable, "-c", FLOOR, *ins, str(root / "floor.safetensors")]),
                            ("model_ops", [sys.executable, "-c", OURS, str(cfgp), str(outs["model_ops"]), str(a.workers), a.device]),
                            ("mergekit", [mk, str(cfgp), str(outs["mergekit"]), "--no-copy-tokenizer", "--quiet", "--random-seed", "42"])]:
-            if label == "mergekit" and (a.skip_mergekit or mk is None): continue
+            if label == "mergekit" and (a.skip_mergekit or mk is None or method not in MERGEKIT): continue
             for o in outs.values():
                 if label in outs and o == outs[label]: shutil.rmtree(o, ignore_errors=True)
             (root / "floor.safetensors").unlink(missing_ok=True)

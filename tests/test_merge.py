@@ -469,3 +469,26 @@ def test_no_compiler_means_the_torch_path(monkeypatch, tmp_path):
     monkeypatch.setattr(M, "_CK", False)          # as after a failed build: the methods still merge
     b = torch.randn(3000); xs = [b + 0.01 * torch.randn(3000) for _ in range(2)]
     assert torch.isfinite(M.ties(xs, b, weight=[0.5, 0.5], density=[0.5, 0.5])).all()
+
+@pytest.mark.parametrize("n", [1000, 300_001, 2_000_003])
+def test_breadcrumbs_band_without_sort(n):
+    "The executor's sort-free breadcrumbs band equals `sparsify_outliers` (stable order), with many equal magnitudes at both cuts and degenerate bands."
+    g = torch.Generator().manual_seed(7)
+    b = 0.02 * torch.randn(n, generator=g)
+    xs = [b + torch.round(0.002 * torch.randn(n, generator=g) * 500) / 500 for _ in range(2)]    # heavy ties
+    w = torch.tensor([0.6, 0.4]).unsqueeze(1)
+    for dens, gam in [([0.5, 0.3], [0.01, 0.05]), ([0.9, 0.2], [0.2, 0.0]), ([1.0, 0.4], [0.1, 0.1]), ([0.0, 0.5], [0.01, 0.6])]:
+        for meth in ("breadcrumbs", "breadcrumbs_ties"):
+            got = M.METHODS[meth](xs, b, weight=[0.6, 0.4], density=dens, gamma=gam)
+            D = torch.stack([M.sparsify_outliers(x - b, d, gm).reshape(-1) for x, d, gm in zip(xs, dens, gam)]) * w
+            if meth == "breadcrumbs_ties": D = D * (D.sign() == ((D.sum(0) >= 0).to(D.dtype) * 2 - 1)).to(D.dtype)
+            assert torch.equal(got, b + D.sum(0)), (meth, dens, gam)
+    t = torch.tensor([3.0, -1.0, 2.0, 2.0, -2.0, 0.5, 2.0, 1.0])      # the reference's own order: largest first, ties by position
+    test_eq = lambda a, e: torch.equal(a, e)
+    assert test_eq(M.sparsify_outliers(t, 0.5, gamma=0.125), torch.tensor([0.0, 0.0, 2.0, 2.0, -2.0, 0.0, 2.0, 0.0]))
+    assert test_eq(M.sparsify_outliers(t, 0.25, gamma=0.25), torch.tensor([0.0, 0.0, 0.0, 2.0, -2.0, 0.0, 0.0, 0.0]))
+
+def test_della_ranks_are_mergekits():
+    "DELLA's ranks from one argsort and a scatter equal mergekit's double argsort, ties included."
+    a = (torch.randn(64, 1024, generator=torch.Generator().manual_seed(1)) * 8).round().abs()
+    assert torch.equal(M._row_ranks(a), torch.argsort(a, dim=1).argsort(dim=1))
