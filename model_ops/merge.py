@@ -206,34 +206,43 @@ _C_SRC = r"""
 #include <immintrin.h>
 #endif
 
-/* |x - b| over [0, n): counts t > hi, copies the t with lo <= t <= hi into mid (in position order, at most cap of them;
-   mid has room for cap + 16) and returns how many there were; *finite: every t was finite. */
-int64_t mo_bracket(const float *restrict x, const float *restrict b, int64_t n, float lo, float hi,
-                   float *restrict mid, int64_t cap, int64_t *above, int32_t *finite) {
-    int64_t a = 0, m = 0, j = 0; int32_t ok = 1;
+/* |x - b| over [0, n) against K <= 2 brackets [lo_k, hi_k] (two cuts of the same model share the pass): counts
+   t > hi_k in above[k], copies the t with lo_k <= t <= hi_k into mid[k] (in position order, at most cap[k] of them;
+   mid[k] has room for cap[k] + 16) and sets count[k] to how many there were; *finite: every t was finite. */
+void mo_bracket(const float *restrict x, const float *restrict b, int64_t n, int32_t K, const float *lo, const float *hi,
+                float *const *mid, const int64_t *cap, int64_t *above, int64_t *count, int32_t *finite) {
+    int64_t a[2] = {0, 0}, m[2] = {0, 0}, j = 0; int32_t ok = 1;
 #if defined(__AVX512F__)
-    const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), vmax = _mm512_set1_ps(FLT_MAX);
+    const __m512 vmax = _mm512_set1_ps(FLT_MAX);
     const __m512i sign = _mm512_set1_epi32(0x7fffffff);
+    __m512 vlo[2], vhi[2];
+    for (int k = 0; k < K; k++) { vlo[k] = _mm512_set1_ps(lo[k]); vhi[k] = _mm512_set1_ps(hi[k]); }
     __mmask16 okm = 0xffff;
     for (; j + 16 <= n; j += 16) {
         __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(b + j));
         __m512 t = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(d), sign));
-        a += __builtin_popcount(_mm512_cmp_ps_mask(t, vhi, _CMP_GT_OQ));
         okm &= _mm512_cmp_ps_mask(t, vmax, _CMP_LE_OQ);
-        __mmask16 in = _mm512_cmp_ps_mask(t, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(t, vhi, _CMP_LE_OQ);
-        if (in) {
-            if (m + 16 <= cap) _mm512_mask_compressstoreu_ps(mid + m, in, t);
-            m += __builtin_popcount(in);
+        for (int k = 0; k < K; k++) {
+            a[k] += __builtin_popcount(_mm512_cmp_ps_mask(t, vhi[k], _CMP_GT_OQ));
+            __mmask16 in = _mm512_cmp_ps_mask(t, vlo[k], _CMP_GE_OQ) & _mm512_cmp_ps_mask(t, vhi[k], _CMP_LE_OQ);
+            if (in) {
+                if (m[k] + 16 <= cap[k]) _mm512_mask_compressstoreu_ps(mid[k] + m[k], in, t);
+                m[k] += __builtin_popcount(in);
+            }
         }
     }
     ok = okm == 0xffff;
 #endif
     for (; j < n; j++) {
         float t = fabsf(x[j] - b[j]);
-        a += t > hi; ok &= t <= FLT_MAX;
-        if ((t >= lo) & (t <= hi)) { if (m < cap) mid[m] = t; m++; }
+        ok &= t <= FLT_MAX;
+        for (int k = 0; k < K; k++) {
+            a[k] += t > hi[k];
+            if ((t >= lo[k]) & (t <= hi[k])) { if (m[k] < cap[k]) mid[k][m[k]] = t; m[k]++; }
+        }
     }
-    *above = a; *finite = ok; return m;
+    for (int k = 0; k < K; k++) { above[k] = a[k]; count[k] = m[k]; }
+    *finite = ok;
 }
 
 /* DARE's planning pass over [0, n): keep-mask bytes m[j] = (word j of NumPy's SFC64 stream < thr), the stream's state
@@ -360,7 +369,7 @@ def _build_ckernel():
         logging.getLogger(__name__).info("model_ops.merge: no compiled kernel (%s); using the torch path", e)
         return None
     P, I64, I32, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
-    lib.mo_bracket.argtypes = [P, P, I64, F, F, P, I64, P, P]; lib.mo_bracket.restype = I64
+    lib.mo_bracket.argtypes = [P, P, I64, I32, P, P, P, P, P, P, P]; lib.mo_bracket.restype = None
     lib.mo_merge2.argtypes = [P, P, P, P, I64, P, P, P, P, P, P, P, I64, P, I64, I32, I32, F, F, F]
     lib.mo_merge2.restype = I32
     lib.mo_dare.argtypes = [P, P, I64, P, ctypes.c_uint32, P, P, P]; lib.mo_dare.restype = None
@@ -391,20 +400,24 @@ def _run_ranges(f, rs):
         if _CK_POOL is None or _CK_POOL._max_workers < len(rs): _CK_POOL = ThreadPoolExecutor(len(rs), thread_name_prefix="merge-kernel")
     return list(_CK_POOL.map(lambda r: f(*r), rs))
 
-def _c_bracket(lib, x:np.ndarray, b:np.ndarray, lo, hi, expect:int):
-    """The planning pass of one model in C: (count above hi, the values in [lo, hi] in position order, all finite),
-    or None when more values than room for them fell inside the bracket (the NumPy pass runs then)."""
+def _c_bracket(lib, x:np.ndarray, b:np.ndarray, brackets:list):
+    """The planning pass of one model in C, for one or two brackets (lo, hi, expected count) of |x − b| at once: per
+    bracket (count above hi, the values in [lo, hi] in position order, all finite), or None for a bracket that caught
+    more values than room for them (the NumPy pass runs then)."""
     import ctypes
-    n = b.size
+    n, K = b.size, len(brackets)
+    f2, i2 = ctypes.c_float * 2, ctypes.c_int64 * 2
+    lo, hi = f2(*[float(br[0]) for br in brackets]), f2(*[float(br[1]) for br in brackets])
     def part(s, e):
-        cap = int(2 * expect * (e - s) / n) + (1 << 16)
-        mid, above, fin = np.empty(cap + 16, np.float32), ctypes.c_int64(), ctypes.c_int32()
-        m = lib.mo_bracket(x.ctypes.data + 4 * s, b.ctypes.data + 4 * s, e - s, float(lo), float(hi), mid.ctypes.data, cap,
-                           ctypes.byref(above), ctypes.byref(fin))
-        return None if m > cap else (above.value, mid[:m], bool(fin.value))
+        caps = [int(2 * br[2] * (e - s) / n) + (1 << 16) for br in brackets]
+        mids = [np.empty(cp + 16, np.float32) for cp in caps]
+        above, count, fin = i2(), i2(), ctypes.c_int32()
+        lib.mo_bracket(x.ctypes.data + 4 * s, b.ctypes.data + 4 * s, e - s, K, lo, hi,
+                       (ctypes.c_void_p * 2)(*[m.ctypes.data for m in mids]), i2(*caps), above, count, ctypes.byref(fin))
+        return [None if count[k] > caps[k] else (above[k], mids[k][:count[k]], bool(fin.value)) for k in range(K)]
     got = _run_ranges(part, _ranges(n))
-    if any(g is None for g in got): return None
-    return sum(g[0] for g in got), np.concatenate([g[1] for g in got]), all(g[2] for g in got)
+    return [None if any(g[k] is None for g in got) else
+            (sum(g[k][0] for g in got), np.concatenate([g[k][1] for g in got]), all(g[k][2] for g in got)) for k in range(K)]
 
 def _c_model(p):
     "Model parameters of `mo_merge2` for one model's phase-1 plan: (lam, scale, div, byte mask, tie positions), or None if unsupported."
@@ -547,9 +560,13 @@ def _magnitude_plans(xs, base, densities, rescale, ks=None):
         "Per model: entries above the bracket (count, L1), the bracketed values and their flat positions, total L1."
         acc = {i: [0, 0.0, 0.0, [], [], True] for i in which}
         if lib is not None:     # the compiled pass (the same counts and values, in the same order)
-            for i in [i for i in which if i in bounds]:
-                got = _c_bracket(lib, Xs[i], Bs, *bounds[i], expect[i])
-                if got is not None: acc[i] = [got[0], 0.0, 0.0, [got[1]], ["scan"], got[2]]
+            groups = {}                  # models that are the same array (breadcrumbs' two cuts) share one pass
+            for i in [i for i in which if i in bounds]: groups.setdefault(Xs[i].ctypes.data, []).append(i)
+            for g in groups.values():
+                for i0 in range(0, len(g), 2):
+                    ids = g[i0:i0 + 2]
+                    for i, got in zip(ids, _c_bracket(lib, Xs[ids[0]], Bs, [(*bounds[i], expect[i]) for i in ids])):
+                        if got is not None: acc[i] = [got[0], 0.0, 0.0, [got[1]], ["scan"], got[2]]
             which = [i for i in which if not (i in bounds and acc[i][4])]
         for s, e in _chunks(n, c) if which else ():
             L = e - s
