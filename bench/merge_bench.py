@@ -2,7 +2,7 @@
 
 Three Llama-shaped float32 models (hidden 1024, intermediate 2816, 12 layers, 16 heads, 32k vocabulary, untied
 embeddings; 219.7M parameters, 0.88 GB each) are generated once under --root. For each method, every tool runs as a
-fresh process; we report whole-process wall time, peak RSS (VmHWM of the child; with worker processes, the whole tree's
+fresh process (ours as `model-ops merge CONFIG OUT`, mergekit as `mergekit-yaml CONFIG OUT`); we report whole-process wall time, peak RSS (VmHWM of the child; with worker processes, the whole tree's
 pages counted once, see `run`) and the peak RssAnon / RssFile split of the main process sampled from /proc (mergekit's RSS
 includes the memory-mapped input pages).
 
@@ -66,11 +66,6 @@ for p in ins:
 save_file(res, out)
 '''
 
-OURS = r'''
-import sys
-from model_ops.merge import merge_config
-merge_config(sys.argv[1], sys.argv[2], seed=42, workers=int(sys.argv[3]), device=sys.argv[4], progress=False)
-'''
 
 def _tree(pid):
     "pid and its descendants (from /proc/PID/task/*/children)."
@@ -137,6 +132,11 @@ def run(cmd, label):
     return {"wall_s": round(wall, 2), "peak_rss_mb": max(peaks["VmHWM"], peaks["tree"]), "peak_rss_sum_mb": max(peaks["VmHWM"], peaks["sum"]),
             "processes": peaks["procs"], "peak_anon_mb": peaks["RssAnon"], "peak_file_mb": peaks["RssFile"]}
 
+def _tool(name):
+    "A console script of this interpreter's environment (beside sys.executable, not a shell shim that re-dispatches)."
+    p = Path(sys.executable).parent / name
+    return str(p) if p.is_file() else shutil.which(name)
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="/tmp/merge_bench")
@@ -155,7 +155,9 @@ def main():
     # generate in a child process, so that this process stays small
     subprocess.run([sys.executable, __file__, "--make-only", "--root", str(root)], check=True)
     base, ft1, ft2 = make_models(root); print(f"models ready in {time.time() - t:.1f}s under {root}", flush=True)
-    mk = shutil.which("mergekit-yaml")
+    mk = _tool("mergekit-yaml")
+    # our command-line tool against mergekit's (`model-ops merge CONFIG OUT`, as a user runs it)
+    ours = [_tool("model-ops") or sys.executable, *([] if _tool("model-ops") else ["-c", "from model_ops.cli import main; main()"])]
     results = {}
     for method in a.methods.split(","):
         cfgp = root / f"{method}.yml"; cfgp.write_text(yaml_for(method, base, ft1, ft2))
@@ -163,7 +165,8 @@ def main():
         r = {}
         outs = {"model_ops": root / "out_model_ops", "mergekit": root / "out_mergekit"}
         for label, cmd in [("io_floor", [sys.executable, "-c", FLOOR, *ins, str(root / "floor.safetensors")]),
-                           ("model_ops", [sys.executable, "-c", OURS, str(cfgp), str(outs["model_ops"]), str(a.workers), a.device]),
+                           ("model_ops", [*ours, "merge", str(cfgp), str(outs["model_ops"]), "--workers", str(a.workers),
+                                          "--device", a.device, "--seed", "42"]),
                            ("mergekit", [mk, str(cfgp), str(outs["mergekit"]), "--no-copy-tokenizer", "--quiet", "--random-seed", "42"])]:
             if label == "mergekit" and (a.skip_mergekit or mk is None or method not in MERGEKIT): continue
             for o in outs.values():

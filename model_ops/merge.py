@@ -155,7 +155,7 @@ def sparsify_outliers(x, density, gamma=0.01, rescale=False):
     if density >= 1: return x
     n = x.numel(); skip, target = _band(n, density, gamma)
     w = x.abs().reshape(-1)
-    if w.device.type == "cpu": w = w.float()
+    if w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16): w = w.float()
     idx = torch.sort(w, descending=True, stable=True).indices[skip:skip + target]
     mask = torch.zeros(n, dtype=x.dtype, device=x.device); mask[idx] = 1
     masked = x * mask.reshape(x.shape)
@@ -225,8 +225,8 @@ void mo_bracket(const float *restrict x, const float *restrict b, int64_t n, int
         for (int k = 0; k < K; k++) {
             a[k] += __builtin_popcount(_mm512_cmp_ps_mask(t, vhi[k], _CMP_GT_OQ));
             __mmask16 in = _mm512_cmp_ps_mask(t, vlo[k], _CMP_GE_OQ) & _mm512_cmp_ps_mask(t, vhi[k], _CMP_LE_OQ);
-            if (in) {
-                if (m[k] + 16 <= cap[k]) _mm512_mask_compressstoreu_ps(mid[k] + m[k], in, t);
+            if (in) {                   /* (a full 16-float store: mid[k] has 16 slots of room past cap[k]) */
+                if (m[k] <= cap[k]) _mm512_storeu_ps(mid[k] + m[k], _mm512_maskz_compress_ps(in, t));
                 m[k] += __builtin_popcount(in);
             }
         }
@@ -378,7 +378,8 @@ def _build_ckernel():
 
 @contextlib.contextmanager
 def torch_path():
-    "Within this block the merge methods run their torch path, not the compiled kernels (to compare the two, or to time them)."
+    """Within this block the merge methods run their torch path, not the compiled kernels (to compare the two, or to time
+    them). It switches the kernels off for the whole process, other threads included."""
     global _CK
     old = _CK; _CK = False
     try: yield
@@ -397,7 +398,9 @@ def _run_ranges(f, rs):
     global _CK_POOL
     if len(rs) == 1: return [f(*rs[0])]
     with _CK_LOCK:
-        if _CK_POOL is None or _CK_POOL._max_workers < len(rs): _CK_POOL = ThreadPoolExecutor(len(rs), thread_name_prefix="merge-kernel")
+        if _CK_POOL is None or _CK_POOL._max_workers < len(rs):
+            if _CK_POOL is not None: _CK_POOL.shutdown(wait=False)
+            _CK_POOL = ThreadPoolExecutor(len(rs), thread_name_prefix="merge-kernel")
     return list(_CK_POOL.map(lambda r: f(*r), rs))
 
 def _c_bracket(lib, x:np.ndarray, b:np.ndarray, brackets:list):
@@ -406,6 +409,7 @@ def _c_bracket(lib, x:np.ndarray, b:np.ndarray, brackets:list):
     more values than room for them (the NumPy pass runs then)."""
     import ctypes
     n, K = b.size, len(brackets)
+    assert 1 <= K <= 2 and x.flags.c_contiguous and b.flags.c_contiguous
     f2, i2 = ctypes.c_float * 2, ctypes.c_int64 * 2
     lo, hi = f2(*[float(br[0]) for br in brackets]), f2(*[float(br[1]) for br in brackets])
     def part(s, e):
@@ -425,7 +429,7 @@ def _c_model(p):
     kind, data, f = p[0], p[1], p[2]
     if kind == "mag":
         if data is None: return (math.nan, 1.0, 1.0, None, None)
-        if data.get("zero"): return (math.inf, 1.0, 1.0, None, None)
+        if data.get("zero"): return None       # (zero_() also zeroes NaN; the torch path keeps those bits)
         t = data["ties"]
         return (data["lam"], 1.0 if data["scale"] is None else float(data["scale"]), 1.0, None, None if t is None else t.numpy())
     if kind == "mask":
@@ -511,6 +515,15 @@ def _sample_at(n, m):
         _SAMPLES[key] = np.sort(torch.randint(n, (m,), generator=torch.Generator().manual_seed(n)).numpy())
     return _SAMPLES[key]
 
+def _sample_size(n)->int:
+    "How many random entries bracket an order statistic of n values (its own cost balanced against the bracket's)."
+    return min(n >> 3, max(1 << 12, int(_SAMPLE_K * n ** (2 / 3))))
+
+def _sample_ranks(pos:int, n:int, m_s:int)->tuple:
+    "Ranks (ascending) in a sorted sample of m_s that bracket the value at ascending position `pos` of n, ±`_SIGMAS` σ."
+    q, m = (pos + 0.5) / n * m_s, _SIGMAS * 0.5 * math.sqrt(m_s) + 16
+    return max(0, int(q - m)), min(m_s - 1, int(q + m))
+
 def _magnitude_plans(xs, base, densities, rescale, ks=None):
     """Exact top-k of |x − base| for each x (TIES trim), found in one chunked pass over the inputs (no full-size
     temporaries). Per model: `lam`, the hardshrink threshold that keeps the top-k (|d| > lam); `ties`, the flat positions
@@ -535,13 +548,12 @@ def _magnitude_plans(xs, base, densities, rescale, ks=None):
         # bracket each k-th largest between two order statistics of a random sample (margins of `_SIGMAS` standard
         # deviations of the sample rank; a miss costs one more pass); the sample size balances its own cost (gathers
         # and a selection) against the bracket's (its width ∝ 1/√size; the pass extracts the values inside it)
-        m_s = min(n >> 3, max(1 << 12, int(_SAMPLE_K * n ** (2 / 3))))
+        m_s = _sample_size(n)
         if use_np: idx = _sample_at(n, m_s)
         else: idx = torch.randint(n, (m_s,), generator=torch.Generator(device=dev).manual_seed(n), device=dev)
         if use_np: bs = Bs.take(idx)
         for i, k in todo:
-            q, m = (n - k + 0.5) / n * m_s, _SIGMAS * 0.5 * math.sqrt(m_s) + 16
-            r = (max(0, int(q - m)), min(m_s - 1, int(q + m)))
+            r = _sample_ranks(n - k, n, m_s)
             expect[i] = n * (r[1] - r[0] + 1) / m_s     # values expected inside the bracket
             if use_np:
                 smp = np.partition(np.abs(np.subtract(Xs[i].take(idx), bs)), r)
@@ -555,7 +567,8 @@ def _magnitude_plans(xs, base, densities, rescale, ks=None):
     else:
         T, T2 = torch.empty(c, dtype=dt, device=dev), torch.empty(c, dtype=dt, device=dev)
         U, M = torch.empty(c, dtype=torch.bool, device=dev), torch.empty(c, dtype=torch.bool, device=dev)
-    lib = _ckernel() if use_np and dt == torch.float32 and not rescale else None
+    lib = _ckernel() if use_np and dt == torch.float32 and not rescale and Bs.flags.c_contiguous \
+        and all(Xs[i].flags.c_contiguous for i, _ in todo) else None      # (the kernels read flat memory)
     def scan(which):
         "Per model: entries above the bracket (count, L1), the bracketed values and their flat positions, total L1."
         acc = {i: [0, 0.0, 0.0, [], [], True] for i in which}
@@ -640,11 +653,11 @@ def _outlier_plan(xs, base, densities, gammas):
         top, hi = plans[2 * j], plans[2 * j + 1]
         X = xs[i].reshape(-1).numpy()
         M = _empty(n, torch.bool, base.device); Mn = M.numpy()
-        c = min(CHUNK, max(n, 1)); T = np.empty(c, B.dtype); U = np.empty(c, bool)
-        lib = _ckernel() if B.dtype == np.float32 else None
+        lib = _ckernel() if B.dtype == np.float32 and B.flags.c_contiguous and X.flags.c_contiguous else None
         if lib is not None:       # the same comparisons in one compiled pass
             _run_ranges(lambda s, e: lib.mo_band(X.ctypes.data + 4 * s, B.ctypes.data + 4 * s, e - s, lam(hi), lam(top),
                                                  Mn.ctypes.data + s), _ranges(n))
+        else: c = min(CHUNK, max(n, 1)); T = np.empty(c, B.dtype); U = np.empty(c, bool)
         for s, e in _chunks(n, c) if lib is None else ():
             t = np.abs(np.subtract(X[s:e], B[s:e], out=T[:e - s]), out=T[:e - s])
             np.greater(t, lam(hi), out=Mn[s:e]); np.greater(t, lam(top), out=U[:e - s])
@@ -796,10 +809,11 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
     # and positive weights, or up to two models without election
     two = consensus and election == "weighted" and n == 2 and dt.is_floating_point and all(w >= tiny for w in wf)
     plain = not consensus and n <= 2 and dt.is_floating_point
+    if plain:
+        div = float(torch.tensor(wf, dtype=dt).sum()); div = 1.0 if abs(div) < 1e-8 else div
     lib = _ckernel() if (two or plain) and n == 2 and dt == torch.float32 and B.device.type == "cpu" else None
     if lib is not None:         # the whole element-wise phase in one compiled pass (the same bits)
-        div = float(torch.tensor(wf, dtype=dt).sum()); div = 1.0 if abs(div) < 1e-8 else div
-        fin = _c_merge2(lib, prep, X, B, out, wf, two, normalize, tiny, div, lambda_)
+        fin = _c_merge2(lib, prep, X, B, out, wf, two, normalize, tiny, div if plain else 1.0, lambda_)
         if fin is not None:
             _release(prep)
             r = out.reshape(base.shape)
@@ -810,8 +824,6 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
         w0, w1, lam_t = [torch.tensor(v, dtype=dt, device=B.device) for v in (wf[0], wf[-1], float(lambda_))]
         bufs = [torch.empty(c, dtype=dt, device=B.device) for _ in range(5 if two else 2)]
         one = torch.ones((), dtype=dt, device=B.device)
-        if not two:
-            div = float(torch.tensor(wf, dtype=dt).sum()); div = 1.0 if abs(div) < 1e-8 else div
         s, acc = 0, torch.zeros((), dtype=torch.float64, device=B.device)
         for ci, bc in enumerate(Bc):
             L = bc.numel(); e = s + L
@@ -911,14 +923,12 @@ def slerp_tensors(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
     if a.numel() == 0: return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype)
     na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
     na = na if na > eps else torch.ones_like(na); nb = nb if nb > eps else torch.ones_like(nb)
-    # (the cosine as one dot product over the norms, not a dot of normalised copies; the weights as one product and
-    # one fused add: three passes fewer, within 1e-6 of mergekit)
-    dot = (torch.dot(a, b) / (na * nb)).clamp(-1, 1)
+    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)      # (mergekit's own operations: the same cosine)
     if dot.abs() > dot_threshold: ca, cb = 1 - t, t
     else:
         theta = torch.acos(dot); s = torch.sin(theta)
         ca, cb = float(torch.sin((1 - t) * theta) / s), float(torch.sin(t * theta) / s)
-    return torch.mul(a, ca).add_(b, alpha=cb).reshape(v0.shape).to(v0.dtype)
+    return torch.mul(a, ca).add_(b, alpha=cb).reshape(v0.shape).to(v0.dtype)   # (one product and one fused add)
 
 @register("slerp", base="required", min_models=1, max_models=1, shared_params={"t": REQUIRED})
 def slerp(tensors, base, *, t, **_):
@@ -930,16 +940,15 @@ def nuslerp_tensors(t, v0, v1, dim=-1, eps=1e-8, flatten=False):
     shape = v0.shape
     if flatten: v0, v1 = v0.reshape(-1), v1.reshape(-1)
     elif dim != -1: v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
-    n0, n1 = [torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7) for x in (v0, v1)]
-    dots = torch.dot(v0, v1).reshape(1) if v0.dim() == 1 else torch.sum(v0 * v1, dim=-1, keepdim=True)
-    cos = (dots / (n0 * n1)).clamp(-1, 1)          # (mergekit normalises copies first: the same within 1e-6)
+    nrm = lambda x: x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(nrm(v0) * nrm(v1), dim=-1, keepdim=True).clamp(-1, 1)     # (mergekit's own operations)
     colinear = (1 - cos.square()) <= eps ** 2
     if v0.dim() == 1:                              # flattened: one pair of scalar weights, one fused pass
         if bool(colinear): ca, cb = 1 - t, t
         else:
             theta = torch.acos(cos); s = torch.sin(theta)
             ca, cb = float(torch.sin((1 - t) * theta) / s), float(torch.sin(t * theta) / s)
-        return torch.mul(v0, ca).add_(v1, alpha=cb).reshape(shape)
+        return torch.mul(v0.to(torch.promote_types(v0.dtype, v1.dtype)), ca).add_(v1, alpha=cb).reshape(shape)
     theta = torch.acos(torch.where(colinear, 0, cos)); s = torch.sin(theta)
     res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / s
     res = torch.where(colinear, (1 - t) * v0 + t * v1, res)
@@ -971,8 +980,7 @@ def model_stock(tensors, base, *, filter_wise=False, **_):
     for i, a in enumerate(offs):
         for j in range(i + 1, len(offs)):
             b = offs[j]
-            ab = torch.dot(a, b) if a.dim() == 1 else (a * b).sum(dim=-1)
-            cos.append((ab / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+            cos.append(((a * b).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
     del offs
     c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
     n = len(ws); den = 1 + (n - 1) * c
@@ -980,8 +988,8 @@ def model_stock(tensors, base, *, filter_wise=False, **_):
     t = torch.where(sing, torch.zeros_like(c), (n * c) / torch.where(sing, torch.ones_like(den), den))
     if not filter_wise:       # scalar t: t/n·Σxᵢ + (1−t)·base in fused passes (within 1e-6 of mergekit's order)
         tf = float(t)
-        acc = torch.add(ws[0], ws[1]) if n > 1 else ws[0].clone()
-        for x in ws[2:]: acc.add_(x)
+        acc = torch.add(ws[0], ws[1]).to(torch.promote_types(torch.result_type(ws[0], ws[1]), w0.dtype))
+        for x in ws[2:]: acc = acc.add_(x) if acc.dtype == torch.promote_types(acc.dtype, x.dtype) else acc + x
         return acc.mul_(tf / n).add_(w0, alpha=1 - tf).reshape(shape)
     return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
 
@@ -1003,10 +1011,9 @@ def _select(v:np.ndarray, k:int):
     random sample, then selected among the values inside the bracket (`np.partition` of everything if the sample missed)."""
     n = v.size
     if n <= (1 << 18): return np.partition(v, k)[k]
-    m_s = min(n >> 3, max(1 << 12, int(_SAMPLE_K * n ** (2 / 3))))
+    m_s = _sample_size(n)
     smp = v.take(_sample_at(n, m_s))
-    q, m = (k + 0.5) / n * m_s, _SIGMAS * 0.5 * math.sqrt(m_s) + 16
-    r = (max(0, int(q - m)), min(m_s - 1, int(q + m)))
+    r = _sample_ranks(k, n, m_s)
     smp = np.partition(smp, r); lo, hi = smp[r[0]], smp[r[1]]
     below, mids = 0, []
     for s, e in _chunks(n, CHUNK):
@@ -1621,10 +1628,6 @@ class _Workers:
         self.tail = list(itertools.accumulate(reversed(nbytes), max))[::-1] + [0]   # largest output from job i on
         outs = [(dt, nb) for (_, dt), nb in zip(shapes, nbytes)]
         if torch.device(device).type == "cpu": _ckernel()   # (compiled or loaded once, here, not in every child)
-        # the objects alive now (torch's and the plan's) go to the collector's permanent generation, as Python's docs advise
-        # before forking without exec: no collection in a child touches them (their pages stay shared), and neither does
-        # the final collection at exit (about 0.2 s less per run with torch imported)
-        gc.freeze()
         try:
             for k in range(workers):
                 p2c, c2p = os.pipe(), os.pipe()
