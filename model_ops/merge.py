@@ -916,19 +916,28 @@ def linear(tensors, base=None, *, weight, normalize=True, **_):
     if normalize: out.div_(float(sum(ws)))
     return out.to(xs[0].dtype)
 
+_PIECE = 1 << 20    # mergekit's SLERP chunk (entries) for norms, the cosine and the result
+
+def _pieces(n): return [(s, min(n, s + _PIECE)) for s in range(0, n, _PIECE)]
+
 def slerp_tensors(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
-    "Spherical interpolation from v0 (t=0) to v1 (t=1) over the flattened tensors; lerp when nearly colinear."
+    """Spherical interpolation from v0 (t=0) to v1 (t=1) over the flattened tensors; lerp when nearly colinear.
+    Computed as mergekit 0.1.5 computes it, on 1M-entry pieces: each norm as the norm of the pieces' norms, the cosine
+    as the sum of the pieces' sums of normalised products, the result piece by piece (no full-size temporaries)."""
     dt = torch.float64 if v0.dtype == torch.float64 else torch.float32
-    a, b = v0.reshape(-1).to(dt), v1.reshape(-1).to(dt)
-    if a.numel() == 0: return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype)
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    if a.numel() == 0: return ((1 - t) * a.to(dt) + t * b.to(dt)).reshape(v0.shape).to(v0.dtype)
+    ps = _pieces(a.numel())
+    na, nb = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x[s:e].to(dt)) for s, e in ps])) for x in (a, b)]
     na = na if na > eps else torch.ones_like(na); nb = nb if nb > eps else torch.ones_like(nb)
-    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)      # (mergekit's own operations: the same cosine)
+    dot = torch.stack([((a[s:e].to(dt) / na) * (b[s:e].to(dt) / nb)).sum() for s, e in ps]).sum().clamp(-1, 1)
     if dot.abs() > dot_threshold: ca, cb = 1 - t, t
     else:
-        theta = torch.acos(dot); s = torch.sin(theta)
-        ca, cb = float(torch.sin((1 - t) * theta) / s), float(torch.sin(t * theta) / s)
-    return torch.mul(a, ca).add_(b, alpha=cb).reshape(v0.shape).to(v0.dtype)   # (one product and one fused add)
+        theta = torch.acos(dot); s_ = torch.sin(theta)
+        ca, cb = float(torch.sin((1 - t) * theta) / s_), float(torch.sin(t * theta) / s_)
+    out = torch.empty(a.numel(), dtype=dt, device=a.device)
+    for s, e in ps: torch.mul(a[s:e].to(dt), ca, out=out[s:e]).add_(torch.mul(b[s:e].to(dt), cb))
+    return out.reshape(v0.shape).to(v0.dtype)
 
 @register("slerp", base="required", min_models=1, max_models=1, shared_params={"t": REQUIRED})
 def slerp(tensors, base, *, t, **_):
@@ -941,7 +950,10 @@ def nuslerp_tensors(t, v0, v1, dim=-1, eps=1e-8, flatten=False):
     if flatten: v0, v1 = v0.reshape(-1), v1.reshape(-1)
     elif dim != -1: v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
     nrm = lambda x: x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
-    cos = torch.sum(nrm(v0) * nrm(v1), dim=-1, keepdim=True).clamp(-1, 1)     # (mergekit's own operations)
+    if v0.dim() == 1:        # flattened: mergekit's normalised products, summed piece by piece (no full-size temporaries)
+        n0, n1 = [torch.norm(x).clamp(min=1e-7) for x in (v0, v1)]
+        cos = torch.stack([((v0[s:e] / n0) * (v1[s:e] / n1)).sum() for s, e in _pieces(v0.numel())]).sum().clamp(-1, 1).reshape(1)
+    else: cos = torch.sum(nrm(v0) * nrm(v1), dim=-1, keepdim=True).clamp(-1, 1)     # (mergekit's own operations)
     colinear = (1 - cos.square()) <= eps ** 2
     if v0.dim() == 1:                              # flattened: one pair of scalar weights, one fused pass
         if bool(colinear): ca, cb = 1 - t, t
