@@ -156,8 +156,10 @@ def main():
     subprocess.run([sys.executable, __file__, "--make-only", "--root", str(root)], check=True)
     base, ft1, ft2 = make_models(root); print(f"models ready in {time.time() - t:.1f}s under {root}", flush=True)
     mk = _tool("mergekit-yaml")
-    # our command-line tool against mergekit's (`model-ops merge CONFIG OUT`, as a user runs it)
-    ours = [_tool("model-ops") or sys.executable, *([] if _tool("model-ops") else ["-c", "from model_ops.cli import main; main()"])]
+    # our command-line tool against mergekit's (`model-ops merge CONFIG OUT`, as a user runs it), from this environment
+    me = Path(sys.executable).parent / "model-ops"
+    ours = [str(me)] if me.is_file() else [sys.executable, "-c", "import sys; from model_ops.cli import main; sys.exit(main())"]
+    print(f"model_ops: {' '.join(ours)}; mergekit: {mk}", flush=True)
     results = {}
     for method in a.methods.split(","):
         cfgp = root / f"{method}.yml"; cfgp.write_text(yaml_for(method, base, ft1, ft2))

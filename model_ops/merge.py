@@ -397,10 +397,8 @@ def _run_ranges(f, rs):
     "f(s, e) for each range, on threads when there are several (ctypes releases the GIL), results in range order."
     global _CK_POOL
     if len(rs) == 1: return [f(*rs[0])]
-    with _CK_LOCK:
-        if _CK_POOL is None or _CK_POOL._max_workers < len(rs):
-            if _CK_POOL is not None: _CK_POOL.shutdown(wait=False)
-            _CK_POOL = ThreadPoolExecutor(len(rs), thread_name_prefix="merge-kernel")
+    with _CK_LOCK:        # one pool for the process, as many threads as cores, never replaced (merges may share it)
+        if _CK_POOL is None: _CK_POOL = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="merge-kernel")
     return list(_CK_POOL.map(lambda r: f(*r), rs))
 
 def _c_bracket(lib, x:np.ndarray, b:np.ndarray, brackets:list):
@@ -409,7 +407,7 @@ def _c_bracket(lib, x:np.ndarray, b:np.ndarray, brackets:list):
     more values than room for them (the NumPy pass runs then)."""
     import ctypes
     n, K = b.size, len(brackets)
-    assert 1 <= K <= 2 and x.flags.c_contiguous and b.flags.c_contiguous
+    if not (1 <= K <= 2 and x.flags.c_contiguous and b.flags.c_contiguous): return [None] * K   # (the NumPy pass then)
     f2, i2 = ctypes.c_float * 2, ctypes.c_int64 * 2
     lo, hi = f2(*[float(br[0]) for br in brackets]), f2(*[float(br[1]) for br in brackets])
     def part(s, e):
@@ -935,9 +933,9 @@ def slerp_tensors(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
     else:
         theta = torch.acos(dot); s_ = torch.sin(theta)
         ca, cb = float(torch.sin((1 - t) * theta) / s_), float(torch.sin(t * theta) / s_)
-    out = torch.empty(a.numel(), dtype=dt, device=a.device)
-    for s, e in ps: torch.mul(a[s:e].to(dt), ca, out=out[s:e]).add_(torch.mul(b[s:e].to(dt), cb))
-    return out.reshape(v0.shape).to(v0.dtype)
+    out = torch.empty(a.numel(), dtype=v0.dtype, device=a.device)      # (each piece computed in dt, stored as v0's dtype)
+    for s, e in ps: out[s:e] = torch.mul(a[s:e].to(dt), ca).add_(torch.mul(b[s:e].to(dt), cb))
+    return out.reshape(v0.shape)
 
 @register("slerp", base="required", min_models=1, max_models=1, shared_params={"t": REQUIRED})
 def slerp(tensors, base, *, t, **_):
@@ -947,6 +945,7 @@ def slerp(tensors, base, *, t, **_):
 def nuslerp_tensors(t, v0, v1, dim=-1, eps=1e-8, flatten=False):
     "mergekit's NuSLERP kernel: SLERP per row/column (or flattened), lerp where colinear."
     shape = v0.shape
+    if v0.numel() == 0: return ((1 - t) * v0 + t * v1).reshape(shape)
     if flatten: v0, v1 = v0.reshape(-1), v1.reshape(-1)
     elif dim != -1: v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
     nrm = lambda x: x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
