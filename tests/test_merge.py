@@ -1,6 +1,6 @@
 "Oracle tests of model_ops.merge against mergekit 0.1.5, statistical tests of the random methods, definitions of PCB and layer swapping."
 import json, random
-import pytest, torch, yaml
+import numpy as np, pytest, torch, yaml
 from model_ops.io import WeightStore, save_model
 from model_ops.nn import tiny_model
 from model_ops import merge as M
@@ -534,3 +534,14 @@ def test_interpolations_close_to_mergekit_on_large_tensors():
     d0, d1 = x0 - b, x1 - b
     c = ((d0 * d1).sum() / (d0.norm() * d1.norm()).clamp(min=1e-6)).clamp(-1, 1); t = 2 * c / (1 + c)
     assert (M.model_stock([x0, x1], b) - (t * ((x0 + x1) / 2) + (1 - t) * b)).abs().max() <= 1e-6 * top
+
+def test_select_is_exact():
+    "PCB's order statistics (`_select`, sample-bracketed above 2^18 values) equal a full partition: ties, both ends, and negative values; `_sorted_at` equals kthvalue per row."
+    g = np.random.default_rng(3)
+    for v in [g.standard_normal(300_001).astype(np.float32), np.round(g.standard_normal(1_000_003) * 20).astype(np.float32),
+              g.standard_normal(400_000)]:
+        for k in (0, 7, v.size // 3, v.size // 2, v.size - 2, v.size - 1):
+            assert M._select(v, k) == np.partition(v, k)[k], (v.dtype, v.size, k)
+    x = torch.from_numpy(g.standard_normal((2, 600_000)).astype(np.float32))
+    for idx in (5, 300_000, 599_999):
+        assert torch.equal(M._sorted_at(x, idx), x.kthvalue(idx + 1, dim=-1, keepdim=True).values)
