@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_io.ipynb #851c9796
 from __future__ import annotations
-import json, os, re, shutil, struct, hashlib, math, secrets
+import json, os, re, mmap, queue, ctypes, shutil, struct, hashlib, math, secrets, threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from collections.abc import Mapping, Iterable
 import torch
@@ -13,8 +14,9 @@ import xxhash
 
 # %% auto #0
 __all__ = ['ModelIOError', 'parse_header', 'header_problems', 'read_header', 'WeightStore', 'fingerprint', 'clean_tmp',
-           'remove_dir', 'atomic_dir', 'parse_size', 'write_safetensors', 'ShardWriter', 'finalize_parts', 'save_model',
-           'save_pretrained_atomic', 'verify_store', 'summary', 'format_summary']
+           'remove_dir', 'atomic_dir', 'parse_size', 'shard_names', 'plan_shards', 'header_bytes', 'tensor_bytes',
+           'Flusher', 'write_safetensors', 'write_bytes', 'write_files', 'PlannedWriter', 'ShardWriter',
+           'finalize_parts', 'save_model', 'save_pretrained_atomic', 'verify_store', 'summary', 'format_summary']
 
 # %% ../nbs/00_io.ipynb #c0a0cee3
 class ModelIOError(ValueError):
@@ -404,10 +406,8 @@ def parse_size(s)->int:
     mult = {'': 1, 'k': 10**3, 'm': 10**6, 'g': 10**9, 't': 10**12, 'ki': 2**10, 'mi': 2**20, 'gi': 2**30, 'ti': 2**40}[u]
     return int(float(m.group(1)) * mult)
 
-# %% ../nbs/00_io.ipynb #6c8a79b3
-_AUX_FILES = ('config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
-              'tokenizer.model', 'vocab.json', 'vocab.txt', 'merges.txt', 'added_tokens.json', 'chat_template.jinja',
-              'chat_template.json', 'spiece.model', 'preprocessor_config.json')
+# %% ../nbs/00_io.ipynb #6a1fa229
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 
 def _meta_crc(meta:dict)->str:
     return xxhash.xxh3_64_hexdigest(json.dumps({k: v for k, v in meta.items() if k != 'model_ops.xxh3'}, sort_keys=True).encode())
@@ -417,36 +417,337 @@ def _crc(t:torch.Tensor)->str:
     if not t.numel(): return '0'
     return xxhash.xxh3_64_hexdigest(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
-_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+def shard_names(stem:str, # file name stem: 'model' gives model.safetensors / model-00001-of-00003.safetensors
+                n:int, # number of shards
+               )->list:
+    "Hugging Face names of `n` safetensors shards."
+    return [f'{stem}.safetensors'] if n == 1 else [f'{stem}-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)]
+
+def plan_shards(sizes:dict, # name -> bytes, in file order
+                budget:int, # most bytes in one shard (a larger tensor gets a shard of its own)
+               )->list: # [[names of shard 1], [names of shard 2], ...]
+    "Greedy groups of names, in order, whose sizes add up to at most `budget`."
+    groups, cur, n = [], [], 0
+    for k, b in sizes.items():
+        if cur and n + b > budget: groups.append(cur); cur, n = [], 0
+        cur.append(k); n += b
+    if cur: groups.append(cur)
+    return groups
+
+def header_bytes(entries:list, # [(name, dtype, shape)] in file order
+                 metadata:dict|None=None, # `__metadata__` (values are written as strings); omitted when empty
+                 align:int=8, # pad with spaces so the data start (8 + header length) at a multiple of this
+                 error=ModelIOError, # exception class for a dtype safetensors cannot store
+                )->tuple: # (header dict, the 8-byte length followed by the header bytes)
+    "The header of a safetensors file holding `entries`, as a dict and as the bytes that start the file."
+    hdr, off = {}, 0
+    for name, dt, shape in entries:
+        if dt not in _ST_CODES: raise error(f"tensor {name!r} has dtype {dt}, which safetensors cannot store")
+        nb = math.prod(shape) * _dtype_size(dt)
+        hdr[name] = {'dtype': _ST_CODES[dt], 'shape': list(shape), 'data_offsets': [off, off + nb]}; off += nb
+    if metadata: hdr['__metadata__'] = {str(k): str(v) for k, v in metadata.items()}
+    hb = json.dumps(hdr, separators=(',', ':')).encode()
+    hb += b' ' * (-(8 + len(hb)) % align)
+    return hdr, struct.pack('<Q', len(hb)) + hb
+
+def tensor_bytes(t:torch.Tensor):
+    "A flat uint8 NumPy view of `t`'s bytes (copied to the CPU and made contiguous only when needed)."
+    import numpy as np
+    t = t.detach()
+    if t.device.type != 'cpu': t = t.cpu()
+    if not t.is_contiguous(): t = t.contiguous()
+    if t.numel() == 0: return np.empty(0, np.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+# %% ../nbs/00_io.ipynb #90c7aef4
+_PIECE = 1 << 18          # 256 KiB: hash-then-write granularity (a piece stays in the core's L2 cache)
+_WBACK = 1 << 25          # 32 MiB: disk writeback is started every this many bytes of a file
+_NCPU = max(1, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1))
+
+try: _libc = ctypes.CDLL(None, use_errno=True)          # loaded once; each function below is None where libc lacks it
+except OSError: _libc = None
+def _cfn(name:str, argtypes:list):
+    f = getattr(_libc, name, None)
+    if f is not None: f.argtypes = argtypes
+    return f
+_sfr = _cfn('sync_file_range', [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+_falloc = _cfn('fallocate', [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+
+def _prealloc(fd:int, n:int):
+    "Reserve `n` bytes of disk for `fd` (Linux `fallocate`, KEEP_SIZE). Best effort: a full disk is left to the writes to report."
+    if _falloc is not None and n: _falloc(fd, 1, 0, n)     # FALLOC_FL_KEEP_SIZE; the return value is ignored on purpose
+
+def _writeback(fd:int, off:int, n:int):
+    "Ask the kernel to start writing bytes [off, off+n) of `fd` to disk now, without waiting (Linux only; else nothing)."
+    if _sfr is not None: _sfr(fd, off, n, 2)     # SYNC_FILE_RANGE_WRITE
+
+_POOLS = {}
+def _pool(name:str, n:int)->ThreadPoolExecutor:
+    "A per-process thread pool (recreated after `fork`, where the parent's threads do not exist)."
+    k = (name, os.getpid())
+    if k not in _POOLS: _POOLS[k] = ThreadPoolExecutor(n, thread_name_prefix=f'io-{name}')
+    return _POOLS[k]
+
+class Flusher:
+    """A thread that starts disk writeback of the ranges writers hand it and fsyncs and closes finished files, so hashing
+    and writing never wait for the disk. Requests are (fd, offset, length, end), end: None (more bytes follow), 'sync'
+    (the file is complete: fsync and close it) or 'close' (a failed write: close only)."""
+    def __init__(self):
+        self.q, self.err = queue.SimpleQueue(), None
+        self.t = threading.Thread(target=self._run, name='io-flush', daemon=True); self.t.start()
+    def _run(self):
+        while (r := self.q.get()) is not None:
+            fd, off, n, end = r
+            try:
+                if self.err is None:
+                    if n: _writeback(fd, off, n)
+                    if end == 'sync': os.fsync(fd)
+            except OSError as e: self.err = e
+            finally:
+                if end: os.close(fd)
+    def put(self, fd, off, n, end=None): self.q.put((fd, off, n, end))
+    def close(self):
+        "Wait until every file handed over is on disk; raises the first error."
+        self.q.put(None); self.t.join()
+        if self.err is not None: raise self.err
+
+def _write_all(fd:int, mv):
+    while mv: mv = mv[os.write(fd, mv):]
+
+def _open_new(path)->int: return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_CLOEXEC', 0), 0o644)
+
+def _done(fd:int, durable:bool, flusher:Flusher|None=None, off:int=0, n:int=0, ok:bool=True):
+    "Finish a written file: fsync it (when `durable` and the write succeeded) and close it, here or on the flusher's thread."
+    if flusher is not None: flusher.put(fd, off, n, 'sync' if ok else 'close')
+    else:
+        try:
+            if durable and ok: os.fsync(fd)
+        finally: os.close(fd)
+
+class _Stopped(Exception): "Another writer thread failed; this one stops early."
 
 def write_safetensors(path, # file to write
-                      tensors:dict, # name -> contiguous CPU tensor
-                      metadata:dict|None=None, # str -> str header metadata
-                      durable:bool=True, # fsync the file before returning
-                     ):
-    "Write `tensors` as one safetensors file, streaming each tensor's bytes straight from memory."
-    hdr, off = {}, 0
-    for k, t in tensors.items():
-        if t.dtype not in _ST_CODES: raise ModelIOError(f"tensor {k!r} has dtype {t.dtype}, which safetensors cannot store")
-        nb = t.numel() * t.element_size()
-        hdr[k] = {'dtype': _ST_CODES[t.dtype], 'shape': list(t.shape), 'data_offsets': [off, off + nb]}; off += nb
-    if metadata: hdr['__metadata__'] = metadata
-    hb = json.dumps(hdr, separators=(',', ':')).encode()
-    hb += b' ' * (-len(hb) % 8)
-    with open(path, 'wb') as f:
-        f.write(struct.pack('<Q', len(hb))); f.write(hb)
-        for t in tensors.values():
-            if t.numel(): f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
-        if durable: os.fsync(f.fileno())
+                      tensors:dict, # name -> tensor (any device; copied to the CPU if needed)
+                      metadata:dict|None=None, # header `__metadata__` (values written as strings)
+                      durable:bool=True, # fsync before returning (or on the flusher's thread)
+                      order:str='given', # 'given' keeps the dict's order; 'widest' puts the widest dtypes first
+                      hashes:bool=True, # compute the SHA-256 of the file and the xxh3 of each tensor while writing
+                      flusher:Flusher|None=None, # a `Flusher` doing writeback and the fsync
+                      stop:threading.Event|None=None, # stop early (raising `_Stopped`) when this is set
+                      error=ModelIOError, # exception class for a dtype safetensors cannot store
+                     )->dict: # manifest entry: size, sha256, header_xxh3, tensors {name: dtype, shape, data_offsets, xxh3}
+    "Write `tensors` as one safetensors file and return its manifest entry."
+    names = list(tensors) if order == 'given' else sorted(tensors, key=lambda k: -tensors[k].element_size())
+    hdr, pre = header_bytes([(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in names], metadata, error=error)
+    bufs = [tensor_bytes(tensors[k]) for k in names]
+    fd = _open_new(path)
+    sha = hashlib.sha256(pre) if hashes else None
+    xx, pos, last = {}, len(pre), 0
+    try:
+        _prealloc(fd, len(pre) + sum(b.nbytes for b in bufs))
+        _write_all(fd, memoryview(pre))
+        for k, b in zip(names, bufs):
+            h, mv = (xxhash.xxh3_64() if hashes else None), memoryview(b)
+            for i in range(0, len(mv), _PIECE):
+                if stop is not None and stop.is_set(): raise _Stopped()
+                p = mv[i:i + _PIECE]
+                if hashes: sha.update(p); h.update(p)      # both release the GIL
+                _write_all(fd, p); pos += len(p)
+                if durable and flusher is not None and pos - last >= _WBACK: flusher.put(fd, last, pos - last); last = pos
+            if hashes: xx[k] = h.hexdigest()
+    except BaseException:
+        _done(fd, durable, flusher, ok=False); raise     # with a flusher, closed after the writeback it has queued
+    _done(fd, durable, flusher, last, pos - last)
+    if not hashes: return {'size': pos}
+    return {'size': pos, 'sha256': sha.hexdigest(), 'header_xxh3': xxhash.xxh3_64_hexdigest(pre[8:]),
+            'tensors': {k: {'dtype': hdr[k]['dtype'], 'shape': hdr[k]['shape'], 'data_offsets': hdr[k]['data_offsets'],
+                            'xxh3': xx[k]} for k in names}}
+
+def write_bytes(path, # file to write
+                b:bytes, # its content
+                durable:bool=True, # fsync (now, or on the flusher's thread)
+                flusher:Flusher|None=None,
+               )->dict: # {'size', 'sha256'}
+    "Write a small file (JSON, an index) the way `write_safetensors` writes a large one; returns its size and SHA-256."
+    fd = _open_new(path)
+    try: _write_all(fd, memoryview(b))
+    except BaseException: _done(fd, durable, flusher, ok=False); raise
+    _done(fd, durable, flusher)
+    return {'size': len(b), 'sha256': hashlib.sha256(b).hexdigest()}
+
+def write_files(jobs:list, # [(path, tensors, metadata)] safetensors files
+                durable:bool=True, # fsync everything before returning
+                small:dict|None=None, # {path: bytes} small files written meanwhile by this thread
+                order:str='widest', # tensor order inside each file (see `write_safetensors`)
+                error=ModelIOError, # exception class for a dtype safetensors cannot store
+               )->dict: # {path: manifest entry}
+    "Write several safetensors files at once (largest first, one thread per core) while this thread writes `small`; a flusher syncs them."
+    jobs = sorted(jobs, key=lambda j: -sum(t.numel() * t.element_size() for t in j[1].values()))
+    it, lock, stop, out = iter(jobs), threading.Lock(), threading.Event(), {}
+    fl = Flusher() if durable else None
+    def worker():
+        while not stop.is_set():
+            with lock: j = next(it, None)
+            if j is None: return
+            try: out[j[0]] = write_safetensors(j[0], j[1], j[2], durable, order, flusher=fl, stop=stop, error=error)
+            except BaseException: stop.set(); raise
+    futs = [_pool('write', _NCPU).submit(worker) for _ in range(min(_NCPU, len(jobs)))]
+    errs = []
+    try:
+        for path, b in (small or {}).items():
+            if stop.is_set(): break
+            out[path] = write_bytes(path, b, durable, fl)
+    except BaseException as e: stop.set(); errs.append(e)
+    errs += [e for f in futs if (e := f.exception()) is not None and not isinstance(e, _Stopped)]
+    try:
+        if fl is not None: fl.close()
+    except OSError as e: errs.append(e)
+    if errs: raise errs[0]
+    return out
+
+# %% ../nbs/00_io.ipynb #12ff267f
+class _DirectSink:
+    "Sequential writer of one file's data region, with O_DIRECT through an aligned staging buffer where the file system allows it."
+    BLOCK, SIZE = 4096, 8 << 20
+    def __init__(self, path, offset:int, direct:bool=True):
+        self.path, self.pos, self.fill = path, offset, 0      # offset: where the data start (a multiple of BLOCK)
+        self.fd = None
+        if direct and hasattr(os, 'O_DIRECT') and hasattr(os, 'pwrite'):
+            try: self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+            except OSError: self.fd = None
+        self.direct = self.fd is not None
+        if not self.direct: self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, 'O_BINARY', 0), 0o644)
+        self.buf = mmap.mmap(-1, self.SIZE) if self.direct else None
+        self.mv = memoryview(self.buf) if self.direct else None
+    def _pwrite(self, mv, at):
+        if not hasattr(os, 'pwrite'):          # Windows: seek and write
+            os.lseek(self.fd, at, os.SEEK_SET)
+            while len(mv): mv = mv[os.write(self.fd, mv):]
+            return
+        while len(mv):
+            try: n = os.pwrite(self.fd, mv, at)
+            except OSError:
+                if not self.direct: raise
+                os.close(self.fd); self.direct = False       # the file system refuses O_DIRECT writes: plain writes
+                self.fd = os.open(self.path, os.O_WRONLY, 0o644)
+                continue
+            mv, at = mv[n:], at + n
+    def write(self, mv, addr:int|None=None):
+        "Append the bytes of `mv` (at memory address `addr`: page-aligned bytes at an aligned position go out without a copy)."
+        mv = mv.cast('B')
+        if not self.direct: self._pwrite(mv, self.pos); self.pos += len(mv); return
+        if not self.fill and addr is not None and addr % self.BLOCK == 0 and self.pos % self.BLOCK == 0:
+            whole = len(mv) - len(mv) % self.BLOCK
+            if whole:
+                self._pwrite(mv[:whole], self.pos); self.pos += whole; mv = mv[whole:]
+                if not self.direct: self._pwrite(mv, self.pos); self.pos += len(mv); return
+        while len(mv):
+            n = min(len(mv), self.SIZE - self.fill)
+            self.mv[self.fill:self.fill + n] = mv[:n]; self.fill += n; mv = mv[n:]
+            if self.fill == self.SIZE: self._flush()
+    def _flush(self):
+        if not self.fill: return
+        if self.direct:
+            whole = -(-self.fill // self.BLOCK) * self.BLOCK       # pad the last block; the file is truncated afterwards
+            self.mv[self.fill:whole] = bytes(whole - self.fill)
+            self._pwrite(self.mv[:whole], self.pos)
+        else: self._pwrite(self.mv[:self.fill], self.pos)
+        self.pos += self.fill; self.fill = 0
+    def close(self):
+        "Write what is left, cut the padding, close; returns the file size."
+        self._flush()
+        os.ftruncate(self.fd, self.pos)
+        os.close(self.fd)
+        if self.mv is not None: self.mv.release(); self.buf.close()
+        return self.pos
+
+class PlannedWriter:
+    "Write a known sequence of (name, shape, dtype) tensors into HF-sharded safetensors as they arrive; atomic; checksummed."
+    def __init__(self, out_dir, # the folder to create
+                 entries:list, # [(name, shape, dtype)] in the order `add` will be called
+                 max_shard_size='2GB', # largest shard
+                 metadata:dict|None=None, # provenance (JSON-able), stored in every header
+                 overwrite:bool=False, # replace a non-empty `out_dir`?
+                 checksums:bool=True, # xxh3 of every tensor in the headers (as `ShardWriter` writes them)
+                 direct:bool=True): # O_DIRECT data writes where the file system takes them
+        self.out, self.overwrite, self.checksums, self.direct = Path(out_dir).expanduser(), overwrite, checksums, direct
+        if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
+            raise ModelIOError(f"{self.out}: folder exists and is not empty; pass overwrite=True to replace it")
+        self.meta_json = json.dumps(metadata or {}, default=str)
+        self.entries = {name: (tuple(shape), dt) for name, shape, dt in entries}
+        for name, (shape, dt) in self.entries.items():
+            if dt not in _ST_CODES: raise ModelIOError(f"tensor {name!r} has dtype {dt}, which safetensors cannot store")
+        sizes = {name: math.prod(shape) * _dtype_size(dt) for name, (shape, dt) in self.entries.items()}
+        self.shards = plan_shards(sizes, parse_size(max_shard_size))
+        if not self.shards: raise ModelIOError(f"{self.out}: nothing to write (no tensors)")
+        self.files = shard_names('model', len(self.shards))
+        self.total = sum(sizes.values())
+        self.tmp, self._pos = None, (0, 0)
+    def _header(self, shard:list, sums:dict)->bytes:
+        meta = {'format': 'pt', 'model_ops': self.meta_json}
+        if self.checksums:
+            s = dict(sums); s['__metadata__'] = _meta_crc(meta)
+            meta['model_ops.xxh3'] = json.dumps(s)
+        else: meta['model_ops.nocrc'] = '1'
+        return header_bytes([(n, self.entries[n][1], self.entries[n][0]) for n in shard], meta, align=_DirectSink.BLOCK)[1]
+    def __enter__(self):
+        self._dir = atomic_dir(self.out, overwrite=self.overwrite, durable=False)
+        self.tmp = self._dir.__enter__()
+        self._f, self._sums = None, {}
+        return self
+    def add(self, name:str, t:torch.Tensor, digest:str|None=None):
+        "Write the next tensor; it must be the one the plan expects. `digest`: its xxh3-64 hex digest, when already known."
+        si, ti = self._pos
+        if si >= len(self.shards): raise ModelIOError(f"unexpected tensor {name!r}: all planned tensors are written")
+        ename = self.shards[si][ti]; shape, dt = self.entries[ename]
+        if name != ename or tuple(t.shape) != shape or t.dtype != dt:
+            raise ModelIOError(f"expected tensor {ename!r} {shape} {dt}, got {name!r} {tuple(t.shape)} {t.dtype}")
+        if ti == 0:
+            self._sums = {n: ('0' if math.prod(self.entries[n][0]) == 0 else '0' * 16) for n in self.shards[si]}
+            self._hlen = len(self._header(self.shards[si], self._sums))     # the checksums have fixed widths
+            self._f = _DirectSink(self.tmp / self.files[si], self._hlen, self.direct)
+        if t.numel():
+            t = t.detach().to('cpu').contiguous().reshape(-1).view(torch.uint8)
+            mv = memoryview(t.numpy())
+            self._f.write(mv, t.data_ptr())
+            if self.checksums: self._sums[name] = digest or xxhash.xxh3_64_hexdigest(mv)
+        ti += 1
+        if ti == len(self.shards[si]):
+            self._f.close(); self._f = None
+            pre = self._header(self.shards[si], self._sums)
+            assert len(pre) == self._hlen
+            with open(self.tmp / self.files[si], 'r+b') as f: f.write(pre)
+            si, ti = si + 1, 0
+        self._pos = (si, ti)
+    def write_json(self, rel:str, obj):
+        "Write `obj` as JSON to `rel` inside the output folder."
+        (self.tmp / rel).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    def copy_file(self, src, rel:str|None=None):
+        "Copy file `src` into the output folder (as `rel`, default its name)."
+        shutil.copy2(src, self.tmp / (rel or Path(src).name))
+    def __exit__(self, typ, val, tb):
+        try:
+            if self._f is not None: self._f.close()
+            if typ is None:
+                if self._pos[0] != len(self.shards): raise ModelIOError(f"{self.out}: only part of the planned tensors were written")
+                if len(self.shards) > 1:
+                    wm = {n: self.files[i] for i, s in enumerate(self.shards) for n in s}
+                    self.write_json('model.safetensors.index.json', {'metadata': {'total_size': self.total}, 'weight_map': wm})
+                self._dir.commit()
+        finally: self._dir.abort()   # a no-op after the commit
+        return False
+
+# %% ../nbs/00_io.ipynb #6c8a79b3
+_AUX_FILES = ('config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+              'tokenizer.model', 'vocab.json', 'vocab.txt', 'merges.txt', 'added_tokens.json', 'chat_template.jinja',
+              'chat_template.json', 'spiece.model', 'preprocessor_config.json')
 
 def _parts_dir(out:Path)->Path: return out.parent / f'.{out.name}.parts'
 
 def _name_shards(tmp:Path, shards:list, total:int, durable:bool):
     "Give the shards in `tmp` their final Hugging Face names and write the index (the folder is committed by `atomic_dir`)."
     n, wm = len(shards), {}
-    for i, (fn, names) in enumerate(shards):
-        final = 'model.safetensors' if n == 1 else f'model-{i + 1:05d}-of-{n:05d}.safetensors'
+    for (fn, names), final in zip(shards, shard_names('model', n)):
         os.replace(fn, tmp / final)
         for k in names: wm[k] = final
     if n > 1:
@@ -517,7 +818,7 @@ class ShardWriter:
             sums['__metadata__'] = _meta_crc(meta)
             meta['model_ops.xxh3'] = json.dumps(sums)
         else: meta['model_ops.nocrc'] = '1'
-        write_safetensors(fn, self._buf, meta, durable=self.durable)
+        write_safetensors(fn, self._buf, meta, durable=self.durable, hashes=False)
         self._shards.append((fn, list(self._buf)))
         self._buf, self._bufsize = {}, 0
 
