@@ -23,7 +23,7 @@ def main():
     from model_ops.nn import load_model, tiny_model, tiny_tokenizer
     from model_ops.edit import (rome, memit, emmet, alphaedit, layer_stats, context_templates, counterfact_candidates,
                                 invented_facts, default_layers)
-    from model_ops.edit_lifelong import ultraedit, grace
+    from model_ops.edit.lifelong import ultraedit, grace
     if a.model == "tiny": m, tok = tiny_model("llama", initializer_range=0.3, num_hidden_layers=8), tiny_tokenizer()
     else: m, tok = load_model(a.model)
     m = m.to(a.device); cuda = a.device.startswith("cuda")

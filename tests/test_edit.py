@@ -1,9 +1,10 @@
-"Tests for model_ops.edit / model_ops.edit_lifelong. Slow SmolLM2 runs: MODEL_OPS_SLOW=1 pytest tests/test_edit.py -k smollm2"
+"Tests for model_ops.edit (core, locate, lifelong, evaluate). Slow SmolLM2 runs: MODEL_OPS_SLOW=1 pytest tests/test_edit.py -k smollm2"
 import math, os, warnings
 import pytest, torch
 from model_ops.nn import tiny_model, tiny_tokenizer, weight_2d, smollm2_available
 from model_ops.delta import Delta
 import model_ops.edit as E
+from model_ops.edit import locate as EL, evaluate as EV
 from model_ops.edit import (rome, memit, emmet, alphaedit, ft, ultraedit, grace, evaluate_edits, layer_stats, rome_solve,
                             memit_solve, emmet_solve, alphaedit_solve, nullspace_projector, as_request, sequential_edit)
 
@@ -121,14 +122,14 @@ def test_solvers_match_definitions():
 
 def test_rome_uses_the_averaged_key_consistently(cache):
     m = model("llama"); r = as_request(REQS[0]); tp = E.context_templates(m, TOK, n=2)
-    k = E._mean_keys(m, TOK, m.model.layers[1].mlp.down_proj, [r], tp)[0]
+    k = EL._mean_keys(m, TOK, m.model.layers[1].mlp.down_proj, [r], tp)[0]
     W = weight_2d(m.model.layers[1].mlp.down_proj).detach().clone()
     rec = rome(m, TOK, REQS[:1], templates=tp, **kw_for(rome, cache))
     dW = rec.delta["model.layers.1.mlp.down_proj.weight"].double(); delta = rec.info["deltas"][0].double()
     # rank one, and it maps the prefix-averaged key k̄ (not the unprefixed key) exactly onto the optimised shift δ
     assert torch.linalg.matrix_rank(dW, rtol=1e-6) == 1
     torch.testing.assert_close(dW @ k.double(), delta, rtol=1e-3, atol=1e-3 * delta.norm().item())
-    ku = E._mean_keys(m, TOK, m.model.layers[1].mlp.down_proj, [r], ["{}"])[0]
+    ku = EL._mean_keys(m, TOK, m.model.layers[1].mlp.down_proj, [r], ["{}"])[0]
     assert (dW @ ku.double() - delta).norm() > 1e-2 * delta.norm()
     assert dW.norm() < 10 * W.norm()
 
@@ -147,13 +148,13 @@ def test_outside_neighbors_avoid_edited_subjects():
     cands = E.counterfact_candidates(); batch = cands[:30]; edited = {c["subject"] for c in batch}
     oc = E.outside_neighbors(batch)
     assert [c["subject"] for c in oc] == [c["subject"] for c in batch] and all(len(c["neighbors"]) == 3 for c in oc)
-    assert not any(E._mentions(p, s) for c in oc for p, _ in c["neighbors"] for s in edited)
+    assert not any(EV._mentions(p, s) for c in oc for p, _ in c["neighbors"] for s in edited)
     assert all(a not in (c["target_new"], c["target_true"]) for c in oc for _, a in c["neighbors"])
-    assert sum(any(E._mentions(p, s) for s in edited) for c in batch for p, _ in c["neighbors"]) > 30  # the original ones mostly were
+    assert sum(any(EV._mentions(p, s) for s in edited) for c in batch for p, _ in c["neighbors"]) > 30  # the original ones mostly were
     pool = [f for f in E.neighbor_pool() if f["relation"] != "capital"]  # a restricted pool: capitals refill from other relations
     oc = E.outside_neighbors(batch[:20], pool)
     assert all(len(c["neighbors"]) == 3 and all(list(n) in [[f["prompt"], f["answer"]] for f in pool] for n in c["neighbors"]) for c in oc)
-    assert not E._mentions("The capital of Francevile is", "France") and E._mentions("France's capital is", "France")
+    assert not EV._mentions("The capital of Francevile is", "France") and EV._mentions("France's capital is", "France")
 
 def test_alphaedit_cache_accumulates_and_sequential_monitor():
     m = model("llama"); s0 = state(m)
