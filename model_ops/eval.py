@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_eval.ipynb #9cbe04ae
 from __future__ import annotations
-import contextlib, functools, importlib, inspect, math, os, random, re, warnings
+import contextlib, functools, importlib, importlib.util, inspect, math, os, random, re, warnings
 from collections import Counter
 from pathlib import Path
 import torch
@@ -40,8 +40,22 @@ def _prose(doc:str):
         if sum(c.isalpha() or c == " " for c in text) < 0.9*len(text): continue
         yield text
 
+def _as_defined(mod):
+    """`mod` as its own source defines it. A live module can have had a class or function replaced after import (IPython's
+    kernel puts its own debugger in `pdb`); then a fresh copy is executed from the source, so the corpus is the same in a
+    notebook, a test and a script."""
+    swapped = [n for n, o in vars(mod).items() if not n.startswith("_") and (inspect.isclass(o) or inspect.isfunction(o))
+               and o.__module__ != mod.__name__]
+    try: src = inspect.getsource(mod) if swapped else ""
+    except (OSError, TypeError): return mod
+    if not any(re.search(rf"^(class|def) {n}\b", src, re.M) for n in swapped): return mod
+    spec = importlib.util.find_spec(mod.__name__)
+    fresh = importlib.util.module_from_spec(spec); spec.loader.exec_module(fresh)
+    return fresh
+
 def _docstrings(mod):
     "Docstrings of a module and of the public classes, functions and methods it defines, in name order."
+    mod = _as_defined(mod)
     yield inspect.getdoc(mod) or ""
     for name, obj in sorted(vars(mod).items()):
         if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__: continue
