@@ -248,7 +248,7 @@ class UnlearnRecord:
         return fig
     def __repr__(self):
         c0, c1 = (self.checks[0], self.checks[-1]) if self.checks else ({}, {})
-        f = lambda k: f"{c0.get(k, float('nan')):.3g}→{c1.get(k, float('nan')) or float('nan'):.3g}"
+        f = lambda k: "→".join("nan" if v is None else f"{v:.3g}" for v in (c0.get(k), c1.get(k)))   # None: not measured
         return (f"UnlearnRecord({self.method}, steps={len(self.history)}, tensors={len(self.names)}, "
                 f"forget_prob {f('forget_prob')}, retain_prob {f('retain_prob')}"
                 f"{', stopped early' if self.stopped_early else ''})")
