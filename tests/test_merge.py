@@ -4,6 +4,7 @@ import numpy as np, pytest, torch, yaml
 from model_ops.io import WeightStore, save_model
 from model_ops.nn import tiny_model
 from model_ops import merge as M
+from model_ops.merge import methods as MM, task_vectors as MT, kernels as MK, executor as MX, api as MA
 
 N_LAYERS = 4
 
@@ -370,7 +371,7 @@ def test_recycled_buffers_and_direct_writes_keep_the_bits(models, tmp_path):
         n = int.from_bytes((out / "model.safetensors").read_bytes()[:8], "little")
         assert (8 + n) % 4096 == 0
 
-@pytest.mark.skipif(not M._can_fork(), reason="worker processes need os.fork (Linux)")
+@pytest.mark.skipif(not MX._can_fork(), reason="worker processes need os.fork (Linux)")
 def test_worker_processes_equal_threads_and_report_errors(models, tmp_path):
     "Forked workers (shared result slots, O_DIRECT from the slot, checksums from the workers) write the threads' bytes; a worker's error reaches the caller and nothing is written."
     from model_ops.io import verify_store
@@ -403,7 +404,7 @@ def _resident_kb(mm):
                 break
     return rss
 
-@pytest.mark.skipif(not M._can_fork(), reason="worker processes need os.fork (Linux)")
+@pytest.mark.skipif(not MX._can_fork(), reason="worker processes need os.fork (Linux)")
 def test_worker_slots_give_back_pages_no_job_needs(tmp_path):
     "After the largest tensor, result slots shrink to the largest output still to come: its pages do not stay resident."
     g = torch.Generator().manual_seed(0)
@@ -411,8 +412,8 @@ def test_worker_slots_give_back_pages_no_job_needs(tmp_path):
     paths = [save_model(sd(), tmp_path / n) for n in ("base", "a", "b")]
     plan = M.plan_merge(dict(merge_method="ties", base_model=str(paths[0]), models=[
         {"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in paths[1:]]))
-    plan = M._largest_first(plan)
-    w = M._Workers(plan, workers=2)
+    plan = MA._largest_first(plan)
+    w = MX._Workers(plan, workers=2)
     try:
         seen = []
         for name, t, _ in w:
@@ -428,15 +429,15 @@ def _kernel_calls(monkeypatch):
     import collections
     calls = collections.Counter()
     for name in ("_c_merge2", "_c_bracket"):
-        orig = getattr(M, name)
+        orig = getattr(MT, name)
         def wrapped(*a, _orig=orig, _name=name, **k):
             r = _orig(*a, **k)
             for x in (r if isinstance(r, list) else [r]): calls[_name + (" ran" if x is not None else " fell back")] += 1
             return r
-        monkeypatch.setattr(M, name, wrapped)
+        monkeypatch.setattr(MT, name, wrapped)
     return calls
 
-@pytest.mark.skipif(M._ckernel() is None, reason="no C compiler: only the torch path exists here")
+@pytest.mark.skipif(MK._ckernel() is None, reason="no C compiler: only the torch path exists here")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_compiled_kernels_give_the_torch_paths_bits(monkeypatch, threads):
     "Every option of the two-model recipe, with signed zeros and threshold ties, on 1 or 2 threads: the same bits and the same finiteness flag as the torch path."
@@ -465,10 +466,10 @@ def test_no_compiler_means_the_torch_path(monkeypatch, tmp_path):
     "A compiler that fails, or MODEL_OPS_NO_CC, leaves no kernel (and no half-built file in the cache): the torch path runs."
     monkeypatch.setenv("MODEL_OPS_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")
-    assert M._build_ckernel() is None and not list(tmp_path.glob("*.so"))
+    assert MK._build_ckernel() is None and not list(tmp_path.glob("*.so"))
     monkeypatch.delenv("CC"); monkeypatch.setenv("MODEL_OPS_NO_CC", "1")
-    assert M._build_ckernel() is None
-    monkeypatch.setattr(M, "_CK", False)          # as after a failed build: the methods still merge
+    assert MK._build_ckernel() is None
+    monkeypatch.setattr(MK, "_CK", False)          # as after a failed build: the methods still merge
     b = torch.randn(3000); xs = [b + 0.01 * torch.randn(3000) for _ in range(2)]
     assert torch.isfinite(M.ties(xs, b, weight=[0.5, 0.5], density=[0.5, 0.5])).all()
 
@@ -492,7 +493,7 @@ def test_breadcrumbs_band_without_sort(n):
 def test_della_ranks_are_mergekits():
     "DELLA's ranks from one argsort and a scatter equal mergekit's double argsort, ties included."
     a = (torch.randn(64, 1024, generator=torch.Generator().manual_seed(1)) * 8).round().abs()
-    assert torch.equal(M._row_ranks(a), torch.argsort(a, dim=1).argsort(dim=1))
+    assert torch.equal(MM._row_ranks(a), torch.argsort(a, dim=1).argsort(dim=1))
 
 
 def _same(a, b):
@@ -541,7 +542,7 @@ def test_select_is_exact():
     for v in [g.standard_normal(300_001).astype(np.float32), np.round(g.standard_normal(1_000_003) * 20).astype(np.float32),
               g.standard_normal(400_000)]:
         for k in (0, 7, v.size // 3, v.size // 2, v.size - 2, v.size - 1):
-            assert M._select(v, k) == np.partition(v, k)[k], (v.dtype, v.size, k)
+            assert MM._select(v, k) == np.partition(v, k)[k], (v.dtype, v.size, k)
     x = torch.from_numpy(g.standard_normal((2, 600_000)).astype(np.float32))
     for idx in (5, 300_000, 599_999):
-        assert torch.equal(M._sorted_at(x, idx), x.kthvalue(idx + 1, dim=-1, keepdim=True).values)
+        assert torch.equal(MM._sorted_at(x, idx), x.kthvalue(idx + 1, dim=-1, keepdim=True).values)
