@@ -17,7 +17,8 @@ from .kernels import torch_path
 from .config import log, evaluate_setting, Layout, layout, TensorJob, MergePlan, TOKENIZER_FILES
 from .config import plan_merge
 from .executor import read_tensor, check_device, PROPAGATE_NONFINITE, compute_job, stream_merge
-from .executor import process_merge, PlannedWriter
+from .executor import process_merge
+from ..io import PlannedWriter
 from .api import provenance, merge_config, merge, split_jobs, cli_merge, sign_conflicts, per_layer
 from .api import plot_sign_conflicts, demo_step, merge_widget
 

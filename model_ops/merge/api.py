@@ -11,7 +11,8 @@ from fastcore.script import call_parse
 from ..io import WeightStore, ShardWriter, ModelIOError, finalize_parts
 from .methods import METHODS, get_method, tensor_generator
 from .config import MergePlan, TOKENIZER_FILES, plan_merge, _ALIASES, _LAYER_RE
-from .executor import PlannedWriter, check_device, process_merge, stream_merge
+from .executor import check_device, process_merge, stream_merge
+from ..io import PlannedWriter
 from .executor import _can_fork, _job_dtype, _job_shape, _out_dtype
 
 # %% auto #0

@@ -4,18 +4,17 @@
 
 # %% ../../nbs/14_merge_executor.ipynb #1a9c9d8f
 from __future__ import annotations
-import gc, itertools, json, math, mmap, os, threading
+import gc, itertools, math, mmap, os, threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 import torch
-from ..io import ModelIOError, read_header, atomic_dir, _crc, _meta_crc
+from ..io import ModelIOError, read_header, _crc
 from .methods import _BufferPool, _POOL, _give_back, _finite, _NonFinite
 from .kernels import _ckernel
 from .config import MergePlan, TensorJob
 
 # %% auto #0
-__all__ = ['PROPAGATE_NONFINITE', 'read_tensor', 'check_device', 'compute_job', 'stream_merge', 'process_merge', 'PlannedWriter']
+__all__ = ['PROPAGATE_NONFINITE', 'read_tensor', 'check_device', 'compute_job', 'stream_merge', 'process_merge']
 
 # %% ../../nbs/14_merge_executor.ipynb #b77dee07
 _HDR_CACHE, _HDR_LOCK = {}, threading.Lock()
@@ -406,146 +405,3 @@ def process_merge(plan:MergePlan, device="cpu", seed:int=0, workers:int=2, check
     `close()`. Each has up to `per_worker` jobs queued (see `_Workers`)."""
     if not plan.jobs: return (r for r in ())
     return _Workers(plan, device, seed, workers, check_finite, progress, per_worker)
-
-# %% ../../nbs/14_merge_executor.ipynb #5b041c37
-_ST_CODE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int64: "I64",
-            torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-class _DirectSink:
-    """Sequential writer of one file's data region with O_DIRECT: bytes are gathered in a page-aligned 8 MB staging
-    buffer and go to the device without passing through the page cache (filling fresh page-cache pages costs more CPU
-    than the merge arithmetic on some machines). Falls back to plain writes where O_DIRECT is refused (tmpfs, macOS)."""
-    BLOCK, SIZE = 4096, 8 << 20
-    def __init__(self, path, offset:int):
-        self.path, self.pos, self.fill = path, offset, 0      # offset: where the data start (a multiple of BLOCK)
-        self.fd = None
-        if hasattr(os, "O_DIRECT") and hasattr(os, "pwrite"):
-            try: self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-            except OSError: self.fd = None
-        self.direct = self.fd is not None
-        if not self.direct: self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
-        self.buf = mmap.mmap(-1, self.SIZE) if self.direct else None
-        self.mv = memoryview(self.buf) if self.direct else None
-    def _pwrite(self, mv, at):
-        if not hasattr(os, "pwrite"):          # Windows: seek and write
-            os.lseek(self.fd, at, os.SEEK_SET)
-            while len(mv): mv = mv[os.write(self.fd, mv):]
-            return
-        while len(mv):
-            try: n = os.pwrite(self.fd, mv, at)
-            except OSError:
-                if not self.direct: raise
-                os.close(self.fd); self.direct = False       # the file system refuses O_DIRECT writes: plain writes
-                self.fd = os.open(self.path, os.O_WRONLY, 0o644)
-                continue
-            mv, at = mv[n:], at + n
-    def write(self, mv, addr:int|None=None):
-        "Append the bytes of `mv` (at memory address `addr`: page-aligned bytes at an aligned position go out without a copy)."
-        mv = mv.cast("B")
-        if not self.direct: self._pwrite(mv, self.pos); self.pos += len(mv); return
-        if not self.fill and addr is not None and addr % self.BLOCK == 0 and self.pos % self.BLOCK == 0:
-            whole = len(mv) - len(mv) % self.BLOCK
-            if whole:
-                self._pwrite(mv[:whole], self.pos); self.pos += whole; mv = mv[whole:]
-                if not self.direct: self._pwrite(mv, self.pos); self.pos += len(mv); return
-        while len(mv):
-            n = min(len(mv), self.SIZE - self.fill)
-            self.mv[self.fill:self.fill + n] = mv[:n]; self.fill += n; mv = mv[n:]
-            if self.fill == self.SIZE: self._flush()
-    def _flush(self):
-        if not self.fill: return
-        if self.direct:
-            whole = -(-self.fill // self.BLOCK) * self.BLOCK       # pad the last block; the file is truncated afterwards
-            self.mv[self.fill:whole] = bytes(whole - self.fill)
-            self._pwrite(self.mv[:whole], self.pos)
-        else: self._pwrite(self.mv[:self.fill], self.pos)
-        self.pos += self.fill; self.fill = 0
-    def close(self):
-        "Write what is left, cut the padding, close; returns the file size."
-        self._flush()
-        os.ftruncate(self.fd, self.pos)
-        os.close(self.fd)
-        if self.mv is not None: self.mv.release(); self.buf.close()
-        return self.pos
-
-# %% ../../nbs/14_merge_executor.ipynb #7a4388ab
-class PlannedWriter:
-    """Write a known sequence of (name, shape, dtype) tensors into HF-sharded safetensors as they arrive; atomic; checksummed.
-    The header is padded to a 4 KB boundary (safetensors allows trailing spaces) so the data can be written with O_DIRECT."""
-    def __init__(self, out_dir, entries:list, max_shard_size="2GB", metadata:dict|None=None, overwrite:bool=False, checksums:bool=True):
-        from model_ops.io import parse_size
-        self.out, self.max, self.overwrite, self.checksums = Path(out_dir).expanduser(), parse_size(max_shard_size), overwrite, checksums
-        if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
-            raise ModelIOError(f"{self.out}: folder exists and is not empty; pass overwrite=True to replace it")
-        self.meta_json = json.dumps(metadata or {}, default=str)
-        self.shards, cur, size = [], [], 0
-        for name, shape, dt in entries:
-            if dt not in _ST_CODE: raise ModelIOError(f"tensor {name!r} has dtype {dt}, which safetensors cannot store")
-            nb = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-            if cur and size + nb > self.max: self.shards.append(cur); cur, size = [], 0
-            cur.append((name, shape, dt, nb)); size += nb
-        if cur: self.shards.append(cur)
-        if not self.shards: raise ModelIOError(f"{self.out}: nothing to write (no tensors)")
-        n = len(self.shards)
-        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.total = sum(e[3] for s in self.shards for e in s)
-        self.tmp, self._pos = None, (0, 0)
-    def _header(self, shard, sums, block=_DirectSink.BLOCK):
-        hdr, off = {}, 0
-        for name, shape, dt, nb in shard:
-            hdr[name] = {"dtype": _ST_CODE[dt], "shape": list(shape), "data_offsets": [off, off + nb]}; off += nb
-        meta = {"format": "pt", "model_ops": self.meta_json}
-        if self.checksums:
-            s = dict(sums)
-            s["__metadata__"] = _meta_crc(meta)
-            meta["model_ops.xxh3"] = json.dumps(s)
-        else: meta["model_ops.nocrc"] = "1"
-        hdr["__metadata__"] = meta
-        hb = json.dumps(hdr, separators=(",", ":")).encode()
-        return hb + b" " * (-(8 + len(hb)) % block)      # 8 + header: a whole number of blocks
-    def __enter__(self):
-        self._dir = atomic_dir(self.out, overwrite=self.overwrite, durable=False)   # io's temp-sibling-then-rename folder
-        self.tmp = self._dir.__enter__()
-        self._f, self._sums = None, {}
-        return self
-    def add(self, name:str, t:torch.Tensor, digest:str|None=None):
-        "Write the next tensor; it must be the one the layout expects. `digest`: its xxh3-64 hex digest, when known."
-        import xxhash
-        si, ti = self._pos
-        if si >= len(self.shards): raise ModelIOError(f"unexpected tensor {name!r}: all planned tensors are written")
-        ename, shape, dt, nb = self.shards[si][ti]
-        if name != ename or tuple(t.shape) != tuple(shape) or t.dtype != dt:
-            raise ModelIOError(f"expected tensor {ename!r} {tuple(shape)} {dt}, got {name!r} {tuple(t.shape)} {t.dtype}")
-        if ti == 0:
-            self._sums = {e[0]: ("0" if e[3] == 0 else "0" * 16) for e in self.shards[si]}
-            self._hlen = len(self._header(self.shards[si], self._sums))     # the checksums have fixed widths
-            self._f = _DirectSink(self.tmp / self.files[si], 8 + self._hlen)
-        if t.numel():
-            t = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            mv = memoryview(t.numpy())
-            self._f.write(mv, t.data_ptr())
-            if self.checksums: self._sums[name] = digest or xxhash.xxh3_64_hexdigest(mv)
-        ti += 1
-        if ti == len(self.shards[si]):
-            self._f.close(); self._f = None
-            hb = self._header(self.shards[si], self._sums)
-            assert len(hb) == self._hlen
-            with open(self.tmp / self.files[si], "r+b") as f: f.write(len(hb).to_bytes(8, "little")); f.write(hb)
-            si, ti = si + 1, 0
-        self._pos = (si, ti)
-    def write_json(self, rel:str, obj):
-        (self.tmp / rel).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    def copy_file(self, src, rel:str|None=None):
-        import shutil
-        shutil.copy2(src, self.tmp / (rel or Path(src).name))
-    def __exit__(self, typ, val, tb):
-        try:
-            if self._f is not None: self._f.close()
-            if typ is None:
-                if self._pos[0] != len(self.shards): raise ModelIOError(f"{self.out}: only part of the planned tensors were written")
-                if len(self.shards) > 1:
-                    wm = {e[0]: self.files[i] for i, s in enumerate(self.shards) for e in s}
-                    self.write_json("model.safetensors.index.json", {"metadata": {"total_size": self.total}, "weight_map": wm})
-                self._dir.commit()
-        finally: self._dir.abort()   # a no-op after the commit
-        return False
