@@ -107,7 +107,7 @@ def profile(sd:dict, work:Path, reps:int=3) -> dict:
     """Where the time goes (best of `reps`): thread CPU of each primitive over all the bytes on one core, then model_ops'
     save and load with the CPU and wall time of their threads, against safetensors' CPU and wall time."""
     import hashlib, xxhash, resource, threading
-    import model_ops.checkpoint as C
+    import model_ops.checkpoint.core as C
     from model_ops.checkpoint import load
     from safetensors.torch import save_file, load_file
     bufs = [memoryview(C._as_bytes(t)) for t in sd.values()]

@@ -249,7 +249,7 @@ def test_failing_writes_give_clean_error_and_keep_previous(tmp_path, limit):
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]                 # no temp folder left
 
 def test_enospc_in_process(tmp_path, monkeypatch):
-    import errno, model_ops.checkpoint as C
+    import errno, model_ops.checkpoint.core as C
     d = tmp_path/"ck"; save(d, model={"w": torch.ones(4)}, step=1)
     real = C._write_st
     def failing(path, tensors, metadata=None, durable=True, *a, **kw):
@@ -355,7 +355,7 @@ def test_full_verify_catches_what_sizes_and_headers_miss(sharded):
 
 def test_parallel_writer_pieces_and_writeback(tmp_path, monkeypatch):
     "Tensors of many pieces over several writeback ranges, two files written at once: every file is what sha256sum says."
-    import hashlib, model_ops.checkpoint as C
+    import hashlib, model_ops.checkpoint.core as C
     monkeypatch.setattr(C, "_WBACK", 1 << 20)
     calls, real = [], C._writeback
     monkeypatch.setattr(C, "_writeback", lambda fd, off, n: (calls.append((off, n)), real(fd, off, n)))
@@ -376,7 +376,7 @@ def test_parallel_writer_pieces_and_writeback(tmp_path, monkeypatch):
 
 def test_flusher_error_surfaces_and_keeps_previous(tmp_path, monkeypatch):
     "An error pushing bytes to disk (EIO in writeback) fails the save cleanly: the previous checkpoint stays, no temp folder."
-    import errno, model_ops.checkpoint as C
+    import errno, model_ops.checkpoint.core as C
     d = save(tmp_path/"ck", model={"w": torch.ones(1000)}, step=1)
     def eio(fd, off, n): raise OSError(errno.EIO, "Input/output error")
     monkeypatch.setattr(C, "_writeback", eio)
@@ -403,8 +403,9 @@ def test_corrupt_first_shard_in_place_load_finishes_other_reads(sharded):
 import contextlib, dataclasses, enum, types
 from collections import OrderedDict
 from model_ops.checkpoint import (TPLayout, tp_split, read_zero, ds_to_universal, save_zero, load_deepspeed_universal,
-                                  save_deepspeed_universal, load_universal_into, to_universal, from_universal, reshard, _eq_univ,
-                                  _ds_load, _ds_bytes)
+                                  save_deepspeed_universal, load_universal_into, to_universal, from_universal, reshard)
+from model_ops.checkpoint.universal import _eq_univ
+from model_ops.checkpoint.deepspeed import _ds_load, _ds_bytes
 
 @contextlib.contextmanager
 def fake_deepspeed():
@@ -605,7 +606,7 @@ def _bump_norm(d):
 
 def _legacy_format(f):
     "Rewrite DeepSpeed file `f` in torch's legacy (non-zip) format, which cannot be memory-mapped."
-    import io, model_ops.checkpoint as C
+    import io, model_ops.checkpoint.deepspeed as C
     pm = types.SimpleNamespace(Pickler=C._DSPickler, __name__="pickle", dump=lambda o, fh, protocol=2: C._DSPickler(fh, protocol).dump(o))
     b = io.BytesIO(); torch.save(_ds_load(f), b, pickle_module=pm, _use_new_zipfile_serialization=False); f.write_bytes(b.getvalue())
 
@@ -631,7 +632,7 @@ def test_zero_streaming_same_bytes_as_in_memory(zero_src, tmp_path, stage, legac
 
 def test_zero_streaming_holds_one_parameter_at_a_time(zero_src, tmp_path, monkeypatch):
     "Every TP slice and consolidated tensor made while converting is tracked (weak references): all alive at once belong to one parameter."
-    import weakref, threading, model_ops.checkpoint as C
+    import weakref, threading, model_ops.checkpoint.zero as C
     root, full, st = zero_src
     src = ds_fixture(tmp_path/"global_step3", full, LAYOUT, tp=2, dp=2, step=st, info=INFO)
     def tracked(run):
@@ -677,7 +678,7 @@ def _maps(paths) -> list:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
 def test_zero_pieces_stay_mapped(tmp_path):
-    import model_ops.checkpoint as C
+    import model_ops.checkpoint.zero as C
     g = torch.Generator().manual_seed(0)                                  # MB-sized pieces: the kernel's fault-around (64 KiB) stays small beside them
     full = {s: {f"l{i}.weight": torch.randn(4096, 256, generator=g) for i in range(4)} for s in ("param", "exp_avg", "exp_avg_sq")}
     src = ds_fixture(tmp_path/"global_step3", full, TPLayout(), tp=2, dp=2, step=torch.tensor(3.0))
@@ -724,7 +725,7 @@ def test_cli_ckpt_deepspeed(zero_src, tmp_path, capsys):
 
 def test_load_reads_biggest_tensor_first_over_all_files(tmp_path, monkeypatch):
     "The biggest tensor, alone in the last shard, is read first (not last, alone on one core while the others wait)."
-    import model_ops.checkpoint as C
+    import model_ops.checkpoint.core as C
     sd = {f"a{i}": torch.randn(64, 64) for i in range(8)}; sd["z_big"] = torch.randn(1024, 64)
     d = save(tmp_path/"ck", model=sd, rng=False, max_shard_size="40KB")
     m = read_manifest(d)
@@ -737,9 +738,9 @@ def test_load_reads_biggest_tensor_first_over_all_files(tmp_path, monkeypatch):
 
 def test_demo_step_on_a_sharded_checkpoint(monkeypatch):
     "`demo_step` corrupts and catches a byte in whichever shard holds the model (a real model is saved in several)."
-    import model_ops.checkpoint as C
+    import model_ops.checkpoint as C, model_ops.checkpoint.core as CC
     from model_ops.nn import tiny_model
-    monkeypatch.setattr(C, "_MIN_SHARD", 2**16)
+    monkeypatch.setattr(CC, "_MIN_SHARD", 2**16)
     r = C.demo_step(tiny_model(), log=lambda *a: None)
     assert r["file"].startswith("model-00") and r["corruption_found"] and r["identical"]
 
