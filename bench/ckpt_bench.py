@@ -107,11 +107,11 @@ def profile(sd:dict, work:Path, reps:int=3) -> dict:
     """Where the time goes (best of `reps`): thread CPU of each primitive over all the bytes on one core, then model_ops'
     save and load with the CPU and wall time of their threads, against safetensors' CPU and wall time."""
     import hashlib, xxhash, resource, threading
-    import model_ops.checkpoint.core as C
+    import model_ops.checkpoint.core as C, model_ops.io as W
     from model_ops.checkpoint import load
     from safetensors.torch import save_file, load_file
-    bufs = [memoryview(C._as_bytes(t)) for t in sd.values()]
-    nb, P = sum(len(b) for b in bufs), C._PIECE
+    bufs = [memoryview(W.tensor_bytes(t)) for t in sd.values()]
+    nb, P = sum(len(b) for b in bufs), W._PIECE
     pieces = lambda: (b[i:i+P] for b in bufs for i in range(0, len(b), P))
     f = work/"prof.bin"
     def best(fn, prep=None):       # (thread CPU, wall) of fn, best of reps
@@ -149,14 +149,14 @@ def profile(sd:dict, work:Path, reps:int=3) -> dict:
         fresh(); write()(); t0 = time.perf_counter(); _fsync(f); return time.perf_counter() - t0
     rows["fsync of a freshly written file (disk wait)"] = (0.0, min(write_fsync() for _ in range(reps)))
     # model_ops save, instrumented: each writer thread's CPU and wall, the final wait for the disk, the commit
-    rec, real_w, real_close, real_commit = [], C._write_st, C._Flusher.close, C.atomic_dir.commit
+    rec, real_w, real_close, real_commit = [], W.write_safetensors, W.Flusher.close, C.atomic_dir.commit
     def timed(name, fn, cpu=True):
         def w(*a, **k):
             c0, t0 = time.thread_time(), time.perf_counter()
             try: return fn(*a, **k)
             finally: rec.append((name, time.thread_time() - c0 if cpu else 0.0, time.perf_counter() - t0))
         return w
-    C._write_st, C._Flusher.close, C.atomic_dir.commit = timed("writer thread, one file", real_w), timed("wait for flusher (disk)", real_close, False), timed("commit (fsync folder, rename, fsync parent)", real_commit, False)
+    W.write_safetensors, W.Flusher.close, C.atomic_dir.commit = timed("writer thread, one file", real_w), timed("wait for flusher (disk)", real_close, False), timed("commit (fsync folder, rename, fsync parent)", real_commit, False)
     try:
         runs = []
         for _ in range(reps):
@@ -164,7 +164,7 @@ def profile(sd:dict, work:Path, reps:int=3) -> dict:
             u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(); C.save(work/"pck", model=sd, rng=False)
             t, u1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
             runs.append((t, u1.ru_utime - u0.ru_utime + u1.ru_stime - u0.ru_stime, list(rec)))
-    finally: C._write_st, C._Flusher.close, C.atomic_dir.commit = real_w, real_close, real_commit
+    finally: W.write_safetensors, W.Flusher.close, C.atomic_dir.commit = real_w, real_close, real_commit
     t, cpu, rr = min(runs, key=lambda x: x[0])
     rows["model_ops save: whole (process CPU, wall)"] = (cpu, t)
     for name in dict.fromkeys(n for n, _, _ in rr):
@@ -174,7 +174,7 @@ def profile(sd:dict, work:Path, reps:int=3) -> dict:
     # load: the copy out of the page cache, with and without xxh3, and the whole loads
     dst = {k: torch.empty_like(v) for k, v in sd.items()}
     header, _, start = C.read_header(work/"p.st")
-    jobs = [(memoryview(C._as_bytes(dst[k])), start + v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"]
+    jobs = [(memoryview(W.tensor_bytes(dst[k])), start + v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"]
     def rd(check):
         def run():
             fd = os.open(work/"p.st", os.O_RDONLY)
@@ -186,7 +186,7 @@ def profile(sd:dict, work:Path, reps:int=3) -> dict:
     rows["safetensors load_file + copy into model (process CPU, wall)"] = proc(lambda: _into(dst, load_file(work/"p.st")))
     rows["model_ops load, default xxh3 check (process CPU, wall)"] = proc(lambda: load(work/"pck", model=dst, rng=False))
     rows["model_ops load, verify=False (process CPU, wall)"] = proc(lambda: load(work/"pck", model=dst, rng=False, verify=False))
-    print(f"profile ({nb/1e9:.2f} GB, {C._NCPU} cores; CPU = thread or process CPU seconds):", flush=True)
+    print(f"profile ({nb/1e9:.2f} GB, {W._NCPU} cores; CPU = thread or process CPU seconds):", flush=True)
     for k, (c, w) in rows.items(): print(f"  {k:72s} CPU {c:6.3f}s  wall {w:6.3f}s", flush=True)
     for p in (f, work/"p.st", work/"pck"): _rm(p)
     return {k: {"cpu_s": c, "wall_s": w} for k, (c, w) in rows.items()}

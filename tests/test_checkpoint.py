@@ -249,12 +249,12 @@ def test_failing_writes_give_clean_error_and_keep_previous(tmp_path, limit):
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]                 # no temp folder left
 
 def test_enospc_in_process(tmp_path, monkeypatch):
-    import errno, model_ops.checkpoint.core as C
+    import errno, model_ops.io as W
     d = tmp_path/"ck"; save(d, model={"w": torch.ones(4)}, step=1)
-    real = C._write_st
+    real = W.write_safetensors
     def failing(path, tensors, metadata=None, durable=True, *a, **kw):
         real(path, tensors, metadata, durable, *a, **kw); raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(C, "_write_st", failing)
+    monkeypatch.setattr(W, "write_safetensors", failing)
     with pytest.raises(CheckpointError, match="No space left on device"):
         save(d, model={"w": torch.zeros(4)}, step=2, overwrite=True)
     monkeypatch.undo()
@@ -355,10 +355,10 @@ def test_full_verify_catches_what_sizes_and_headers_miss(sharded):
 
 def test_parallel_writer_pieces_and_writeback(tmp_path, monkeypatch):
     "Tensors of many pieces over several writeback ranges, two files written at once: every file is what sha256sum says."
-    import hashlib, model_ops.checkpoint.core as C
-    monkeypatch.setattr(C, "_WBACK", 1 << 20)
-    calls, real = [], C._writeback
-    monkeypatch.setattr(C, "_writeback", lambda fd, off, n: (calls.append((off, n)), real(fd, off, n)))
+    import hashlib, model_ops.io as W
+    monkeypatch.setattr(W, "_WBACK", 1 << 20)
+    calls, real = [], W._writeback
+    monkeypatch.setattr(W, "_writeback", lambda fd, off, n: (calls.append((off, n)), real(fd, off, n)))
     g = torch.Generator().manual_seed(3)
     sd = {f"w{i}": torch.randn(3 * (1 << 20) // 4 + 7 * i, generator=g) for i in range(4)}     # ~3 MiB each, odd sizes
     sd["h"] = torch.randn(1001, generator=g).half()
@@ -369,17 +369,17 @@ def test_parallel_writer_pieces_and_writeback(tmp_path, monkeypatch):
         assert ent["sha256"] == hashlib.sha256((d/f).read_bytes()).hexdigest(), f
         assert ent["size"] == (d/f).stat().st_size, f
     assert sum(n for _, n in calls) >= sum(t.numel() * t.element_size() for t in sd.values())   # every byte pushed to disk
-    assert max(n for _, n in calls) <= (1 << 20) + C._PIECE                                    # in bounded ranges
+    assert max(n for _, n in calls) <= (1 << 20) + W._PIECE                                    # in bounded ranges
     dst = {k: torch.zeros_like(v) for k, v in sd.items()}
     load(d, model=dst, rng=False)
     assert all(torch.equal(dst[k], sd[k]) for k in sd)
 
 def test_flusher_error_surfaces_and_keeps_previous(tmp_path, monkeypatch):
     "An error pushing bytes to disk (EIO in writeback) fails the save cleanly: the previous checkpoint stays, no temp folder."
-    import errno, model_ops.checkpoint.core as C
+    import errno, model_ops.io as W
     d = save(tmp_path/"ck", model={"w": torch.ones(1000)}, step=1)
     def eio(fd, off, n): raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(C, "_writeback", eio)
+    monkeypatch.setattr(W, "_writeback", eio)
     with pytest.raises(CheckpointError, match="Input/output error"):
         save(d, model={"w": torch.zeros(1000), "v": torch.zeros(5)}, step=2, overwrite=True)
     save(tmp_path/"nd", model={"w": torch.zeros(10)}, durable=False)        # no fsync, no writeback: unaffected

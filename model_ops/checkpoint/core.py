@@ -4,10 +4,10 @@
 
 # %% ../../nbs/61_checkpoint_core.ipynb #7ee60025
 from __future__ import annotations
-import os, re, json, mmap, time, queue, ctypes, struct, random, hashlib, threading
+import os, re, json, mmap, time, random, hashlib
 from pathlib import Path
 from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor, Future, wait
+from concurrent.futures import Future, wait
 import numpy as np
 import xxhash
 import torch
@@ -35,167 +35,18 @@ def _sha256(b) -> str: return hashlib.sha256(b).hexdigest()
 def _xxh3(b) -> str: return xxhash.xxh3_64_hexdigest(b)
 
 # %% ../../nbs/61_checkpoint_core.ipynb #deee4fa5
-_DT2ST = {torch.float64:"F64", torch.float32:"F32", torch.float16:"F16", torch.bfloat16:"BF16", torch.int64:"I64",
-          torch.int32:"I32", torch.int16:"I16", torch.int8:"I8", torch.uint8:"U8", torch.bool:"BOOL",
-          torch.float8_e4m3fn:"F8_E4M3", torch.float8_e5m2:"F8_E5M2", torch.uint16:"U16", torch.uint32:"U32", torch.uint64:"U64"}
-_ST2DT = {v:k for k,v in _DT2ST.items()}
-_POOLS = {}
-def _pool(name:str, n:int) -> ThreadPoolExecutor:
-    "A per-process thread pool (recreated after `fork`, where the parent's threads do not exist)."
-    k = (name, os.getpid())
-    if k not in _POOLS: _POOLS[k] = ThreadPoolExecutor(n, thread_name_prefix=f"ckpt-{name}")
-    return _POOLS[k]
-
-def _as_bytes(t:torch.Tensor):
-    "A flat uint8 numpy view of a CPU-contiguous copy of `t` (no copy when already CPU-contiguous)."
-    t = t.detach()
-    if t.device.type != "cpu": t = t.cpu()
-    if not t.is_contiguous(): t = t.contiguous()
-    if t.numel() == 0: return np.empty(0, np.uint8)
-    return t.reshape(-1).view(torch.uint8).numpy()
-
-_PIECE = 1 << 18          # 256 KiB: hash-then-write / read-then-hash granularity (a piece stays in the core's L2 cache)
-_WBACK = 1 << 25          # 32 MiB: disk writeback is started every this many bytes of a file
-_NCPU = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-try: _libc = ctypes.CDLL(None, use_errno=True)          # loaded once; each function below is None where libc lacks it
-except OSError: _libc = None
-def _cfn(name:str, argtypes:list):
-    f = getattr(_libc, name, None)
-    if f is not None: f.argtypes = argtypes
-    return f
-_sfr = _cfn("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
-_falloc = _cfn("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
-
-def _prealloc(fd:int, n:int):
-    """Reserve `n` bytes of disk for `fd` before writing (Linux `fallocate` with KEEP_SIZE: the size still grows only as
-    bytes are written). Best effort: file systems without it, or a full disk, are left to the writes to report. Measured
-    here: about 10% less CPU for the write and 20% less wall time for write + fsync of 1 GB on ext4."""
-    if _falloc is not None and n: _falloc(fd, 1, 0, n)     # FALLOC_FL_KEEP_SIZE; the return value is ignored on purpose
-
-def _writeback(fd:int, off:int, n:int):
-    "Ask the kernel to start writing bytes [off, off+n) of `fd` to disk now, without waiting (Linux only; else nothing)."
-    if _sfr is not None: _sfr(fd, off, n, 2)     # SYNC_FILE_RANGE_WRITE
-
-class _Flusher:
-    """A thread that starts disk writeback of the ranges the hashing threads have written and `fsync`s and closes
-    finished files, so that hashing and writing never wait for the disk. Requests are (fd, offset, length, end), end:
-    None (more bytes follow), "sync" (the file is complete: fsync and close it) or "close" (a failed write: close only)."""
-    def __init__(self):
-        self.q, self.err = queue.SimpleQueue(), None
-        self.t = threading.Thread(target=self._run, name="ckpt-flush", daemon=True); self.t.start()
-    def _run(self):
-        while (r := self.q.get()) is not None:
-            fd, off, n, end = r
-            try:
-                if self.err is None:
-                    if n: _writeback(fd, off, n)
-                    if end == "sync": os.fsync(fd)
-            except OSError as e: self.err = e
-            finally:
-                if end: os.close(fd)
-    def put(self, fd, off, n, end=None): self.q.put((fd, off, n, end))
-    def close(self):
-        "Wait until every file handed over is on disk; raises the first error."
-        self.q.put(None); self.t.join()
-        if self.err is not None: raise self.err
-
-def _layout(tensors:dict, metadata:dict=None) -> tuple:
-    "(names in file order, header dict, header bytes, [flat uint8 views]) of a safetensors file holding `tensors`."
-    for k,t in tensors.items():
-        if t.dtype not in _DT2ST: raise CheckpointError(f"tensor {k!r} has dtype {t.dtype}, which safetensors cannot store")
-    # widest dtypes first keeps every tensor aligned to its element size, as the safetensors library does
-    names = sorted(tensors, key=lambda k: -tensors[k].element_size())
-    header, off, bufs = {}, 0, []
-    for k in names:
-        b = _as_bytes(tensors[k]); bufs.append(b)
-        header[k] = {"dtype": _DT2ST[tensors[k].dtype], "shape": list(tensors[k].shape), "data_offsets": [off, off+b.nbytes]}
-        off += b.nbytes
-    if metadata: header["__metadata__"] = {str(k):str(v) for k,v in metadata.items()}
-    hb = json.dumps(header, separators=(",",":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    return names, header, hb, bufs
-
-def _write_all(fd:int, mv):
-    while mv: mv = mv[os.write(fd, mv):]
-
-def _done(fd:int, durable:bool, flusher:_Flusher=None, off:int=0, n:int=0, ok:bool=True):
-    """Finish a written file: fsync it (when `durable` and the write succeeded) and close it, on the flusher's thread
-    after the writeback it has queued for bytes [off, off+n), or here and now when there is no flusher."""
-    if flusher is not None: flusher.put(fd, off, n, "sync" if ok else "close")
-    else:
-        try:
-            if durable and ok: os.fsync(fd)
-        finally: os.close(fd)
-
-def _write_st(path, tensors:dict, metadata:dict=None, durable:bool=True, flusher:_Flusher=None, stop=None) -> dict:
-    """Write one safetensors file and return its manifest entry (size, SHA-256, per-tensor xxh3). Each 256 KiB piece is
-    hashed (SHA-256 of the file, xxh3 of the tensor) straight from the tensor's memory and then written while it is
-    still in cache: one pass over memory. With a `flusher`, writeback and the final `fsync` happen on its thread."""
-    names, header, hb, bufs = _layout(tensors, metadata)
-    pre = struct.pack("<Q", len(hb)) + hb
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-    sha, xx, pos, last = hashlib.sha256(pre), {}, len(pre), 0
-    try:
-        _prealloc(fd, len(pre) + sum(b.nbytes for b in bufs))
-        _write_all(fd, memoryview(pre))
-        for k,b in zip(names, bufs):
-            h, mv = xxhash.xxh3_64(), memoryview(b)
-            for i in range(0, len(mv), _PIECE):
-                if stop is not None and stop.is_set(): raise _Stopped()
-                p = mv[i:i+_PIECE]; sha.update(p); h.update(p)      # both release the GIL
-                _write_all(fd, p); pos += len(p)
-                if durable and flusher is not None and pos - last >= _WBACK: flusher.put(fd, last, pos - last); last = pos
-            xx[k] = h.hexdigest()
-    except BaseException:
-        _done(fd, durable, flusher, ok=False); raise     # with a flusher, closed after the writeback it has queued
-    _done(fd, durable, flusher, last, pos - last)
-    return {"size": pos, "sha256": sha.hexdigest(), "header_xxh3": _xxh3(hb),
-            "tensors": {k: {"dtype": header[k]["dtype"], "shape": header[k]["shape"],
-                            "data_offsets": header[k]["data_offsets"], "xxh3": xx[k]} for k in names}}
-
-class _Stopped(Exception): "Another writer thread failed; this one stops early."
-
-def _write_files(jobs:list, durable:bool=True, small:dict=None) -> dict:
-    """Write the safetensors files `jobs` = [(path, tensors, metadata)]: each core's thread takes the next file
-    (largest first) and hashes and writes it, while this thread writes the `small` files {path: bytes}; a flusher
-    thread starts writeback and `fsync`s everything. Returns {path: manifest entry}."""
-    order = sorted(jobs, key=lambda j: -sum(t.numel() * t.element_size() for t in j[1].values()))
-    it, lock, stop, out = iter(order), threading.Lock(), threading.Event(), {}
-    fl = _Flusher() if durable else None
-    def worker():
-        while not stop.is_set():
-            with lock: j = next(it, None)
-            if j is None: return
-            try: out[j[0]] = _write_st(j[0], j[1], j[2], durable, fl, stop)
-            except BaseException: stop.set(); raise
-    futs = [_pool("write", _NCPU).submit(worker) for _ in range(min(_NCPU, len(order)))]
-    errs = []
-    try:
-        for path, b in (small or {}).items():
-            if stop.is_set(): break
-            out[path] = _write_small(path, b, durable, fl)
-    except BaseException as e: stop.set(); errs.append(e)
-    errs += [e for f in futs if (e := f.exception()) is not None and not isinstance(e, _Stopped)]
-    try:
-        if fl is not None: fl.close()
-    except OSError as e: errs.append(e)
-    if errs: raise errs[0]
-    return out
+from ..io import write_files, write_bytes, plan_shards, shard_names, parse_size, _ST_DTYPES as _ST2DT, _pool, _NCPU, _PIECE
+from ..io import write_safetensors as _write_safetensors
 
 def write_safetensors(path, tensors:dict, metadata:dict=None,
                       durable:bool=True) -> dict:   # fsync before returning
-    "Write `tensors` to `path` in safetensors format and return its manifest entry (size, SHA-256, per-tensor xxh3)."
-    return _write_files([(path, tensors, metadata)], durable)[path]
+    "Write `tensors` to `path` as a checkpoint file (widest dtypes first) and return its manifest entry (size, SHA-256, per-tensor xxh3)."
+    return _write_safetensors(path, tensors, metadata, durable, order="widest", error=CheckpointError)
 
-# %% ../../nbs/61_checkpoint_core.ipynb #e9bb466a
-def _write_small(path, b:bytes, durable:bool, flusher=None) -> dict:
-    "Write bytes `b` to `path` (fsynced now, or by `flusher`); returns its manifest entry."
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-    try: _write_all(fd, memoryview(b))
-    except BaseException: _done(fd, durable, flusher, ok=False); raise
-    _done(fd, durable, flusher)
-    return {"size": len(b), "sha256": _sha256(b)}
+def _write_files(jobs:list, durable:bool=True, small:dict=None) -> dict:
+    "Checkpoint files `jobs` = [(path, tensors, metadata)] and `small` = {path: bytes}, written together; {path: manifest entry}."
+    return write_files(jobs, durable, small, order="widest", error=CheckpointError)
+
 
 # %% ../../nbs/61_checkpoint_core.ipynb #c6162de2
 from ..io import parse_header, header_problems
@@ -416,26 +267,14 @@ def _snapshot(model, optimizer, scheduler, extra, rng, copy:bool):
         st = {k: v.detach().to("cpu", copy=True) for k,v in st.items()}
     return mt, tied, tree, st
 
-def _plan_shards(sizes:dict, budget:int) -> list:
-    "Greedy groups of names (in order) whose sizes add up to at most `budget` (a bigger item gets a group of its own)."
-    groups, cur, n = [], [], 0
-    for k,b in sizes.items():
-        if cur and n + b > budget: groups.append(cur); cur, n = [], 0
-        cur.append(k); n += b
-    if cur: groups.append(cur)
-    return groups
-
 _MIN_SHARD = 64 * 2**20
 
 def _shards(stem:str, tensors:dict, max_shard_size) -> list:
     "[(file name, tensors)]: HF-style shards of at most `max_shard_size`, and (above 64 MiB each) enough of them that every core hashes one."
     if not tensors: return []
-    from model_ops.io import parse_size
     sizes = {k: t.numel() * t.element_size() for k,t in tensors.items()}
-    budget = min(parse_size(max_shard_size), max(_MIN_SHARD, -(-sum(sizes.values()) // _NCPU)))
-    gs = _plan_shards(sizes, budget); n = len(gs)
-    return [(f"{stem}.safetensors" if n == 1 else f"{stem}-{i+1:05d}-of-{n:05d}.safetensors", {k: tensors[k] for k in g})
-            for i,g in enumerate(gs)]
+    gs = plan_shards(sizes, min(parse_size(max_shard_size), max(_MIN_SHARD, -(-sum(sizes.values()) // _NCPU))))
+    return [(fn, {k: tensors[k] for k in g}) for fn, g in zip(shard_names(stem, len(gs)), gs)]
 
 def _write(path, mt, tied, tree, st, step, metadata, overwrite, max_shard_size="512MB", durable=True) -> Path:
     path = Path(path)
@@ -456,7 +295,7 @@ def _write(path, mt, tied, tree, st, step, metadata, overwrite, max_shard_size="
                  "torch": torch.__version__, "tied": tied, "contents": sorted(tree), "metadata": metadata or {},
                  "model_files": lists["model"], "state_files": lists["state"], "files": files}
             m["manifest_sha256"] = _manifest_hash(m)
-            _write_small(tmp/"manifest.json", json.dumps(m, indent=1).encode(), durable)
+            write_bytes(tmp/"manifest.json", json.dumps(m, indent=1).encode(), durable)
     except CheckpointError: raise
     except OSError as e:
         raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e} (errno {e.errno}); "

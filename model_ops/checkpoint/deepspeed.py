@@ -9,9 +9,9 @@ from pathlib import Path
 from dataclasses import dataclass
 from concurrent.futures import wait
 import torch
-from ..io import _fsync_dir
+from ..io import _fsync_dir, write_bytes, _write_all, _done, _pool, _NCPU
 from .core import (
-    CheckpointError, Issue, read_manifest, atomic_dir, _verify_dir, _write_small, _write_all, _done, _pool, _NCPU)
+    CheckpointError, Issue, read_manifest, atomic_dir, _verify_dir)
 from .universal import _per_expert, _sub_sizes, _commit_manifest, _FOLDER_READERS
 
 # %% auto #0
@@ -134,7 +134,7 @@ def _check_names(names):
 def _write_latest(path, text:str):
     "Replace the small text file `path` atomically (DeepSpeed's `latest` / `latest_universal`)."
     path = Path(path); tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_small(tmp, text.encode(), True); os.replace(tmp, path); _fsync_dir(path.parent)
+    write_bytes(tmp, text.encode(), True); os.replace(tmp, path); _fsync_dir(path.parent)
 
 def _copy_hashed(src, dst) -> dict:
     "Copy file `src` to `dst` in 8 MiB pieces, fsynced; returns its manifest entry (size, SHA-256)."

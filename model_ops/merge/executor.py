@@ -205,7 +205,7 @@ def _read_exact(fd, n):
 def _send(fd, obj):
     import pickle
     msg = pickle.dumps(obj)
-    msg = len(msg).to_bytes(8, "little") + msg
+    msg = len(msg).to_bytes(4, "little") + msg      # a worker's message: 4-byte length, then the pickle (same process tree)
     while msg: msg = msg[os.write(fd, msg):]
 
 class _SlotPool(_BufferPool):
@@ -315,7 +315,7 @@ class _Workers:
     def _receive(self, kid, done):
         import pickle
         ji, slot = kid["q"].popleft()
-        h = _read_exact(kid["r"], 8)
+        h = _read_exact(kid["r"], 4)
         msg = pickle.loads(_read_exact(kid["r"], int.from_bytes(h, "little"))) if h is not None else None
         if msg is None:
             _, st = os.waitpid(kid["pid"], 0); kid["pid"] = None
