@@ -14,9 +14,10 @@ import xxhash
 
 # %% auto #0
 __all__ = ['ModelIOError', 'parse_header', 'header_problems', 'read_header', 'WeightStore', 'fingerprint', 'clean_tmp',
-           'remove_dir', 'atomic_dir', 'parse_size', 'shard_names', 'plan_shards', 'header_bytes', 'tensor_bytes',
-           'Flusher', 'write_safetensors', 'write_bytes', 'write_files', 'PlannedWriter', 'ShardWriter',
-           'finalize_parts', 'save_model', 'save_pretrained_atomic', 'verify_store', 'summary', 'format_summary']
+           'restore_aside', 'remove_dir', 'atomic_dir', 'parse_size', 'shard_names', 'plan_shards', 'header_bytes',
+           'tensor_bytes', 'Flusher', 'write_safetensors', 'write_bytes', 'write_files', 'PlannedWriter', 'ShardWriter',
+           'finalize_parts', 'save_model', 'save_pretrained_atomic', 'verify_store', 'summary', 'format_summary',
+           'check_output']
 
 # %% ../nbs/00_io.ipynb #c0a0cee3
 class ModelIOError(ValueError):
@@ -47,6 +48,7 @@ def parse_header(path, # a `.safetensors` file
         raw = f.read(n)
     try: hdr = json.loads(raw.decode('utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError) as e: raise error(f"{path}: corrupt safetensors header ({e.__class__.__name__}: {e})") from None
+    except RecursionError: raise error(f"{path}: corrupt safetensors header (nested too deeply to be a header)") from None
     if not isinstance(hdr, dict): raise error(f"{path}: corrupt safetensors header (not a JSON object)")
     return hdr, raw, 8 + n, size, (digest(raw) if digest is not None else None)
 
@@ -173,14 +175,28 @@ def _read_index(idx:Path)->dict:
     except Exception as e: raise ModelIOError(f"{idx}: not a valid JSON index ({e})") from None
     wm = j.get('weight_map') if isinstance(j, dict) else None
     if not isinstance(wm, dict) or not wm: raise ModelIOError(f"{idx}: index has no 'weight_map'")
-    root, files = idx.parent.resolve(), {}
+    root, files, seen = _trust_root(idx.parent), {}, {}
     for k, v in wm.items():
-        if not isinstance(v, str) or os.path.isabs(v): raise ModelIOError(f"{idx}: shard {v!r} for tensor {k!r} is not a relative file name")
-        fn = (idx.parent / v).resolve()
-        if root not in fn.parents: raise ModelIOError(f"{idx}: shard {v!r} for tensor {k!r} lies outside the folder")
-        if not fn.is_file(): raise ModelIOError(f"{idx}: shard {v!r} (for tensor {k!r}) is missing")
-        files[k] = fn
+        if v not in seen: seen[v] = _shard_path(idx, v, f"shard {v!r} for tensor {k!r}", root)
+        files[k] = seen[v]
     return files
+
+def _trust_root(d:Path)->Path:
+    """Where the files of folder `d` may really live: inside `d`, or for a Hugging Face cache snapshot
+    (`models--org--name/snapshots/REV/`, whose files link to `../../blobs/`) inside the repo's cache folder."""
+    d = Path(os.path.abspath(d))
+    if d.parent.name == 'snapshots' and d.parent.parent.name.startswith(('models--', 'datasets--')): return d.parent.parent.resolve()
+    return d.resolve()
+
+def _shard_path(where:Path, name, what:str, root:Path)->Path:
+    "The file `name` of the folder of `where`, links followed, refused unless it is a plain relative name that stays under `root`."
+    if not isinstance(name, str) or not name or '\x00' in name or os.path.isabs(name) or any(len(part) > 255 for part in name.split('/')):
+        raise ModelIOError(f"{where}: {what} is not a valid relative file name")
+    try: fn = (where.parent / name).resolve()
+    except (OSError, RuntimeError) as e: raise ModelIOError(f"{where}: {what} cannot be resolved ({e.__class__.__name__}: {e})") from None
+    if root not in fn.parents: raise ModelIOError(f"{where}: {what} lies outside the folder (it leads to {fn})")
+    if not fn.is_file(): raise ModelIOError(f"{where}: {what} is missing" + ("" if not fn.exists() else " (not a file)"))
+    return where.parent / name           # (the name the folder gives it, for messages and summaries)
 
 def _st_files_without_index(fns:list)->dict:
     files = {}
@@ -193,11 +209,12 @@ def _st_files_without_index(fns:list)->dict:
 
 def _folder_source(d:Path):
     if (d/'model.safetensors.index.json').is_file(): return _SafetensorsSource(_read_index(d/'model.safetensors.index.json'))
-    if (d/'model.safetensors').is_file(): return _SafetensorsSource(_st_files_without_index([d/'model.safetensors']))
+    if (d/'model.safetensors').is_file():
+        return _SafetensorsSource(_st_files_without_index([_shard_path(d/'model.safetensors', 'model.safetensors', "file 'model.safetensors'", _trust_root(d))]))
     if (d/'pytorch_model.bin.index.json').is_file(): return _BinSource(_read_index(d/'pytorch_model.bin.index.json'))
     if (d/'pytorch_model.bin').is_file(): return _BinSource({k: d/'pytorch_model.bin' for k in _load_bin(d/'pytorch_model.bin')})
     sts = sorted(d.glob('*.safetensors'))
-    if sts: return _SafetensorsSource(_st_files_without_index(sts))
+    if sts: return _SafetensorsSource(_st_files_without_index([_shard_path(f, f.name, f"file {f.name!r}", _trust_root(d)) for f in sts]))
     raise ModelIOError(f"{d}: no weights found (looked for model.safetensors.index.json, model.safetensors, "
                        "pytorch_model.bin.index.json, pytorch_model.bin, *.safetensors)")
 
@@ -350,6 +367,17 @@ def clean_tmp(root, # folder whose hidden leftovers to clean
         shutil.rmtree(p, ignore_errors=True); gone.append(p)
     return gone
 
+def restore_aside(p, # a folder that a writer may have been replacing
+                 )->bool: # whether a folder was put back
+    "If `p` is missing because its writer died between setting the old folder aside and renaming the new one in, put the old one back."
+    p = Path(p).expanduser()
+    if p.exists() or not p.parent.is_dir(): return False
+    for q in sorted(p.parent.iterdir()):
+        m = _TMP_RE.match(q.name)
+        if m and m.group(1) == p.name and m.group(2) == "old" and q.is_dir() and not _pid_alive(int(m.group(3))):
+            os.rename(q, p); _fsync_dir(p.parent); return True
+    return False
+
 def remove_dir(p):
     "Delete folder `p` atomically: rename it to a hidden name first, so a crash never leaves half of it."
     p = Path(p); tmp = _hidden(p, "del")
@@ -364,6 +392,7 @@ class atomic_dir:
                  keep_existing:bool=False): # if `path` exists or appears meanwhile, keep it and drop ours (no error)
         self.path, self.overwrite, self.durable, self.keep = Path(path).expanduser(), overwrite, durable, keep_existing
         self.tmp, self.kept = None, False
+        restore_aside(self.path)          # a previous writer killed half way through its rename: its old folder comes back first
         if _occupied(self.path) and not (overwrite or keep_existing):
             raise self.error(f"{self.path} already exists; pass overwrite=True to replace it")
     def __enter__(self)->Path:
@@ -449,6 +478,26 @@ def header_bytes(entries:list, # [(name, dtype, shape)] in file order
     hb = json.dumps(hdr, separators=(',', ':')).encode()
     hb += b' ' * (-(8 + len(hb)) % align)
     return hdr, struct.pack('<Q', len(hb)) + hb
+
+def _entries_crc(hdr:dict)->str:
+    "xxh3-64 of a header's tensor entries (names, dtypes, shapes, offsets): a changed entry is caught like changed bytes."
+    return xxhash.xxh3_64_hexdigest(json.dumps({k: v for k, v in hdr.items() if k != '__metadata__'}, sort_keys=True).encode())
+
+def _checksum_meta(meta:dict, # header metadata
+                   sums:dict|None, # name -> xxh3 of the tensor's bytes; None: the file carries no checksums
+                   entries:list, # [(name, dtype, shape)] in file order
+                  )->dict:
+    "`meta` with model_ops' checksums: every tensor's, the metadata's and the header entries' (fixed widths, known before the data)."
+    meta = dict(meta)
+    if sums is None: meta['model_ops.nocrc'] = '1'; return meta
+    s = dict(sums); s['__metadata__'] = _meta_crc(meta); s['__entries__'] = _entries_crc(header_bytes(entries)[0])
+    meta['model_ops.xxh3'] = json.dumps(s)
+    return meta
+
+def _write_error(out:Path, e:OSError)->ModelIOError:
+    "A clean error for a failed write (full disk, file-size limit, permissions), naming the output."
+    return ModelIOError(f"{out}: could not write ({e.strerror or e}, errno {e.errno}{', file ' + str(e.filename) if e.filename else ''}); "
+                        f"nothing was written under that name: free space or choose another folder")
 
 def tensor_bytes(t:torch.Tensor):
     "A flat uint8 NumPy view of `t`'s bytes (copied to the CPU and made contiguous only when needed)."
@@ -684,12 +733,9 @@ class PlannedWriter:
         self.total = sum(sizes.values())
         self.tmp, self._pos = None, (0, 0)
     def _header(self, shard:list, sums:dict)->bytes:
-        meta = {'format': 'pt', 'model_ops': self.meta_json}
-        if self.checksums:
-            s = dict(sums); s['__metadata__'] = _meta_crc(meta)
-            meta['model_ops.xxh3'] = json.dumps(s)
-        else: meta['model_ops.nocrc'] = '1'
-        return header_bytes([(n, self.entries[n][1], self.entries[n][0]) for n in shard], meta, align=_DirectSink.BLOCK)[1]
+        ents = [(n, self.entries[n][1], self.entries[n][0]) for n in shard]
+        meta = _checksum_meta({'format': 'pt', 'model_ops': self.meta_json}, sums if self.checksums else None, ents)
+        return header_bytes(ents, meta, align=_DirectSink.BLOCK)[1]
     def __enter__(self):
         self._dir = atomic_dir(self.out, overwrite=self.overwrite, durable=False)
         self.tmp = self._dir.__enter__()
@@ -734,7 +780,9 @@ class PlannedWriter:
                     wm = {n: self.files[i] for i, s in enumerate(self.shards) for n in s}
                     self.write_json('model.safetensors.index.json', {'metadata': {'total_size': self.total}, 'weight_map': wm})
                 self._dir.commit()
+        except OSError as e: raise _write_error(self.out, e) from e
         finally: self._dir.abort()   # a no-op after the commit
+        if isinstance(val, OSError): raise _write_error(self.out, val) from val
         return False
 
 # %% ../nbs/00_io.ipynb #6c8a79b3
@@ -812,12 +860,8 @@ class ShardWriter:
     def _flush(self):
         if not self._buf: return
         fn = self.tmp / f'shard-{self.rank:05d}-{len(self._shards) + 1:05d}.safetensors'
-        meta = {'format': 'pt', 'model_ops': self._meta_json}
-        if self.checksums:
-            sums = {k: self._sums.pop(k).result() for k in self._buf}
-            sums['__metadata__'] = _meta_crc(meta)
-            meta['model_ops.xxh3'] = json.dumps(sums)
-        else: meta['model_ops.nocrc'] = '1'
+        sums = {k: self._sums.pop(k).result() for k in self._buf} if self.checksums else None
+        meta = _checksum_meta({'format': 'pt', 'model_ops': self._meta_json}, sums, [(k, t.dtype, tuple(t.shape)) for k, t in self._buf.items()])
         write_safetensors(fn, self._buf, meta, durable=self.durable, hashes=False)
         self._shards.append((fn, list(self._buf)))
         self._buf, self._bufsize = {}, 0
@@ -846,10 +890,12 @@ class ShardWriter:
     def __exit__(self, typ, val, tb):
         try:
             if typ is None: self._commit()
+        except OSError as e: raise _write_error(self.out, e) from e
         finally:
             self._pool.shutdown(wait=True)
             if self._ad is not None: self._ad.abort()
             elif self.tmp is not None and self.tmp.exists(): shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(val, OSError): raise _write_error(self.out, val) from val
         return False
 
 # %% ../nbs/00_io.ipynb #d878be78
@@ -978,7 +1024,11 @@ def verify_store(src, # anything `WeightStore.open` accepts
             assert isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())
         except Exception: raise ModelIOError(f"{fn}: corrupt checksum metadata") from None
         if sums.pop('__metadata__', None) != _meta_crc(meta): raise ModelIOError(f"{fn}: header metadata is corrupt (checksum mismatch)")
-        names = {k for (f, k) in s._src.entries if f == fn} if hasattr(s._src, 'entries') else set(sums)
+        ents = {k: e for (f, k), e in s._src.entries.items() if f == fn} if hasattr(s._src, 'entries') else None
+        want = sums.pop('__entries__', None)          # (files written before entries were checksummed have none)
+        if want is not None and ents is not None and want != _entries_crc(ents):
+            raise ModelIOError(f"{fn}: header entries are corrupt (a tensor's dtype, shape or offsets changed since it was written)")
+        names = set(ents) if ents is not None else set(sums)
         if names != set(sums):
             bad = sorted(names ^ set(sums))[0]
             raise ModelIOError(f"{fn}: tensor names do not match the stored checksums (e.g. {bad!r}); the header is corrupt")
@@ -1014,3 +1064,17 @@ def format_summary(d:dict)->str:
     lines += [f"  tied: {a} -> {b}" for a, b in d['tied'].items()]
     lines += [f"  {k}: {v}" for k, v in d['config'].items()]
     return '\n'.join(lines)
+
+# %% ../nbs/00_io.ipynb #72f10fa3
+def check_output(out, # the folder an operation is about to write
+                 inputs, # what it reads: paths are checked, anything else (a module, a state dict, a hub id) is skipped
+                ):
+    "Refuse an output that is, contains or lies inside one of the inputs (paths resolved, links followed), before anything is read."
+    o = Path(os.path.realpath(Path(out).expanduser()))
+    for src in inputs:
+        if not isinstance(src, (str, os.PathLike)) or not Path(src).expanduser().exists(): continue
+        i = Path(os.path.realpath(Path(src).expanduser()))
+        if i.is_file(): i = i.parent                   # a weights file stands for its model folder
+        if o == i: raise ModelIOError(f"{out}: the output is the input {src}; write to a new folder")
+        if o in i.parents: raise ModelIOError(f"{out}: the output folder contains the input {src} (replacing it would delete the input); write elsewhere")
+        if i in o.parents: raise ModelIOError(f"{out}: the output lies inside the input {src}; write to a folder outside it")
