@@ -249,7 +249,7 @@ def test_failing_writes_give_clean_error_and_keep_previous(tmp_path, limit):
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]                 # no temp folder left
 
 def test_enospc_in_process(tmp_path, monkeypatch):
-    import errno, model_ops.io as W
+    import errno, model_ops.io.format as W
     d = tmp_path/"ck"; save(d, model={"w": torch.ones(4)}, step=1)
     real = W.write_safetensors
     def failing(path, tensors, metadata=None, durable=True, *a, **kw):
@@ -355,7 +355,7 @@ def test_full_verify_catches_what_sizes_and_headers_miss(sharded):
 
 def test_parallel_writer_pieces_and_writeback(tmp_path, monkeypatch):
     "Tensors of many pieces over several writeback ranges, two files written at once: every file is what sha256sum says."
-    import hashlib, model_ops.io as W
+    import hashlib, model_ops.io.format as W
     monkeypatch.setattr(W, "_WBACK", 1 << 20)
     calls, real = [], W._writeback
     monkeypatch.setattr(W, "_writeback", lambda fd, off, n: (calls.append((off, n)), real(fd, off, n)))
@@ -376,7 +376,7 @@ def test_parallel_writer_pieces_and_writeback(tmp_path, monkeypatch):
 
 def test_flusher_error_surfaces_and_keeps_previous(tmp_path, monkeypatch):
     "An error pushing bytes to disk (EIO in writeback) fails the save cleanly: the previous checkpoint stays, no temp folder."
-    import errno, model_ops.io as W
+    import errno, model_ops.io.format as W
     d = save(tmp_path/"ck", model={"w": torch.ones(1000)}, step=1)
     def eio(fd, off, n): raise OSError(errno.EIO, "Input/output error")
     monkeypatch.setattr(W, "_writeback", eio)
