@@ -107,7 +107,7 @@ def profile(sd:dict, work:Path, reps:int=3) -> dict:
     """Where the time goes (best of `reps`): thread CPU of each primitive over all the bytes on one core, then model_ops'
     save and load with the CPU and wall time of their threads, against safetensors' CPU and wall time."""
     import hashlib, xxhash, resource, threading
-    import model_ops.checkpoint.core as C, model_ops.io as W
+    import model_ops.checkpoint.core as C, model_ops.io.format as W
     from model_ops.checkpoint import load
     from safetensors.torch import save_file, load_file
     bufs = [memoryview(W.tensor_bytes(t)) for t in sd.values()]
