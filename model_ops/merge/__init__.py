@@ -13,6 +13,9 @@ from .methods import CUDA_CHUNK, linear, slerp_tensors, slerp, nuslerp_tensors, 
 from .methods import passthrough, pcb_scores, pcb, layer_swap
 from .task_vectors import generalized_task_arithmetic, task_arithmetic, ties, dare_linear, dare_ties
 from .task_vectors import breadcrumbs, breadcrumbs_ties, della, della_linear
+from .more_methods import stack_deltas, sign_agreement, sce_select, sce_weights, sce, karcher_mean
+from .more_methods import karcher, multislerp, nearswap, FUSION_SAMPLE, fusion_importance
+from .more_methods import fusion_threshold, arcee_fusion, ram_masks, ram, ramplus_tl
 from .kernels import torch_path
 from .config import log, evaluate_setting, Layout, layout, TensorJob, MergePlan, TOKENIZER_FILES
 from .config import plan_merge
@@ -28,6 +31,9 @@ __all__ = ['REQUIRED', 'MergeMethod', 'METHODS', 'register', 'get_method', 'tens
            'slerp_tensors', 'slerp', 'nuslerp_tensors', 'nuslerp', 'model_stock', 'passthrough', 'pcb_scores', 'pcb',
            'layer_swap', 'generalized_task_arithmetic', 'task_arithmetic', 'ties', 'dare_linear', 'dare_ties',
            'breadcrumbs', 'breadcrumbs_ties', 'della', 'della_linear', 'torch_path', 'log', 'evaluate_setting',
+           'stack_deltas', 'sign_agreement', 'sce_select', 'sce_weights', 'sce', 'karcher_mean', 'karcher',
+           'multislerp', 'nearswap', 'FUSION_SAMPLE', 'fusion_importance', 'fusion_threshold', 'arcee_fusion',
+           'ram_masks', 'ram', 'ramplus_tl',
            'Layout', 'layout', 'TensorJob', 'MergePlan', 'TOKENIZER_FILES', 'plan_merge', 'read_tensor',
            'check_device', 'PROPAGATE_NONFINITE', 'compute_job', 'stream_merge', 'process_merge', 'PlannedWriter',
            'provenance', 'merge_config', 'merge', 'split_jobs', 'cli_merge', 'sign_conflicts', 'per_layer',
