@@ -418,7 +418,8 @@ def _check_names(self, S):
             raise ValueError(f"tensor {n!r} has shape {tuple(S.shape(n))} in the target but {self.shape(n)} in the delta")
 
 def _apply_stored(self, target, alpha, force, out, **save_kw):
-    from model_ops.io import save_model
+    from model_ops.io import save_model, check_output
+    check_output(out, [target])                  # never write over (or into) the model being read
     S = open_weights(target)
     S_names = set(S.keys())
     tied = getattr(S, 'tied', {}) or {}
@@ -444,8 +445,8 @@ FORMAT = 'model_ops.delta/1'
 
 def _save(self:Delta, path, # a `.safetensors` file, or a folder (then `delta.safetensors` inside it)
          ) -> Path:
-    "Save as safetensors with metadata (format, base fingerprints, packing, provenance); atomic"
-    from safetensors.torch import save_file
+    "Save as safetensors with metadata (format, base fingerprints, packing, provenance) and checksums; atomic"
+    from model_ops.io.format import write_safetensors, _checksum_meta, _crc
     path = Path(path)
     if path.suffix != '.safetensors': path.mkdir(parents=True, exist_ok=True); path = path/'delta.safetensors'
     else: path.parent.mkdir(parents=True, exist_ok=True)
@@ -458,32 +459,39 @@ def _save(self:Delta, path, # a `.safetensors` file, or a folder (then `delta.sa
     md = dict(format=FORMAT, names=json.dumps(list(self.tensors)), meta=json.dumps(self.meta, default=str), packing=json.dumps(packing),
               base_fingerprint=str(self.base_fingerprint or ''),
               base_fps=json.dumps(self.base_fps) if self.base_fps is not None else '')
+    tensors = dict(sorted(tensors.items(), key=lambda kv: -kv[1].element_size()))   # widest first: every tensor aligned
+    md = _checksum_meta(md, {k: _crc(t) for k, t in tensors.items()}, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp'); os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=md); os.replace(tmp, path)
+        write_safetensors(tmp, tensors, md, hashes=False); os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
     return path
 
 def _load(cls, path, device=None) -> Delta:
-    "Load a delta written by `Delta.save`"
-    from safetensors import safe_open
+    "Load a delta written by `Delta.save`, checking its checksums (files written before they existed load unchecked)"
+    from model_ops.io import WeightStore, ModelIOError, verify_store
     path = Path(path)
     if path.is_dir(): path = path/'delta.safetensors'
-    with safe_open(str(path), framework='pt', device='cpu') as f:
-        md = f.metadata() or {}
-        if md.get('format') != FORMAT: raise ValueError(f"{path} is not a model_ops delta (format={md.get('format')!r})")
-        raw = {k: f.get_tensor(k) for k in f.keys()}
-    packing = json.loads(md.get('packing') or '{}')
-    tensors = {}
-    for n, spec in packing.items():
-        parts = {k.split('::', 1)[1]: raw.pop(k) for k in [k for k in raw if k.startswith(n + '::')]}
-        tensors[n] = _PACKED[spec['kind']](spec['shape'], parts, **spec['info'])
-    tensors.update(raw)
-    tensors = {n: tensors[n] for n in json.loads(md['names'])}
+    S = WeightStore.open(path)                   # header checked: a damaged one is a ModelIOError naming the file
+    md = S.metadata.get(path.name, {})
+    if md.get('format') != FORMAT: raise ModelIOError(f"{path} is not a model_ops delta (format={md.get('format')!r})")
+    verify_store(S, finite=False)                # every tensor's bytes, the metadata and the header entries
+    raw = {k: S[k] for k in S.keys()}
+    try:
+        packing = json.loads(md.get('packing') or '{}')
+        tensors = {}
+        for n, spec in packing.items():
+            parts = {k.split('::', 1)[1]: raw.pop(k) for k in [k for k in raw if k.startswith(n + '::')]}
+            tensors[n] = _PACKED[spec['kind']](spec['shape'], parts, **spec['info'])
+        tensors.update(raw)
+        tensors = {n: tensors[n] for n in json.loads(md['names'])}
+        fps = json.loads(md['base_fps']) if md.get('base_fps') else (md.get('base_fingerprint') or None)
+        meta = json.loads(md.get('meta') or '{}')
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ModelIOError(f"{path}: corrupt delta metadata ({e.__class__.__name__}: {e})") from None
     if device is not None: tensors = {n: t.to(device) for n, t in tensors.items()}
-    fps = json.loads(md['base_fps']) if md.get('base_fps') else (md.get('base_fingerprint') or None)
-    return cls(tensors, json.loads(md.get('meta') or '{}'), fps)
+    return cls(tensors, meta, fps)
 
 Delta.save = _save
 Delta.load = classmethod(_load)

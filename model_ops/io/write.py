@@ -15,8 +15,8 @@ from .format import parse_size, shard_names, plan_shards, header_bytes, write_sa
 from .store import WeightStore
 
 # %% auto #0
-__all__ = ['clean_tmp', 'restore_aside', 'remove_dir', 'atomic_dir', 'PlannedWriter', 'ShardWriter', 'finalize_parts',
-           'save_model', 'save_pretrained_atomic', 'check_output']
+__all__ = ['clean_tmp', 'restore_aside', 'remove_dir', 'atomic_dir', 'check_output', 'PlannedWriter', 'ShardWriter',
+           'finalize_parts', 'save_model', 'save_pretrained_atomic']
 
 # %% ../../nbs/00c_io_write.ipynb #80ff1ea2
 def _fsync_dir(d):
@@ -108,6 +108,19 @@ class atomic_dir:
         try: self.commit()
         except BaseException: self.abort(); raise
         return False
+
+# %% ../../nbs/00c_io_write.ipynb #72f10fa3
+def check_output(out, # the folder an operation is about to write
+                 inputs, # what it reads: paths are checked, anything else (a module, a state dict, a hub id) is skipped
+                ):
+    "Refuse an output that is, contains or lies inside one of the inputs (paths resolved, links followed), before anything is read."
+    o = Path(os.path.realpath(Path(out).expanduser()))
+    for src in inputs:
+        if not isinstance(src, (str, os.PathLike)) or not Path(src).expanduser().exists(): continue
+        i = Path(os.path.realpath(Path(src).expanduser()))
+        if o == i: raise ModelIOError(f"{out}: the output is the input {src}; write to a new folder")
+        if o in i.parents: raise ModelIOError(f"{out}: the output folder contains the input {src} (replacing it would delete the input); write elsewhere")
+        if i.is_dir() and i in o.parents: raise ModelIOError(f"{out}: the output lies inside the input {src}; write to a folder outside it")
 
 # %% ../../nbs/00c_io_write.ipynb #31694637
 class PlannedWriter:
@@ -374,6 +387,7 @@ def save_model(tensors, # dict, iterable of (name, tensor) pairs, `WeightStore` 
     if isinstance(tensors, nn.Module) and cfg is None and hasattr(getattr(tensors, 'config', None), 'to_dict'):
         cfg = tensors.config.to_dict()
         if not cfg.get('architectures'): cfg['architectures'] = [type(tensors).__name__]
+    check_output(out_dir, [p for p in (tensors.desc if isinstance(tensors, WeightStore) and tensors.path is not None else None, copy_from) if p is not None])
     pairs = _pairs(tensors)
     with ShardWriter(out_dir, max_shard_size=max_shard_size, metadata=metadata, overwrite=overwrite, dtype=dtype, durable=durable) as w:
         if progress:
@@ -407,17 +421,3 @@ def save_pretrained_atomic(model:nn.Module, # a transformers model
             except Exception: pass
         if tok is not None: tok.save_pretrained(w.tmp)
     return Path(out_dir)
-
-# %% ../../nbs/00c_io_write.ipynb #72f10fa3
-def check_output(out, # the folder an operation is about to write
-                 inputs, # what it reads: paths are checked, anything else (a module, a state dict, a hub id) is skipped
-                ):
-    "Refuse an output that is, contains or lies inside one of the inputs (paths resolved, links followed), before anything is read."
-    o = Path(os.path.realpath(Path(out).expanduser()))
-    for src in inputs:
-        if not isinstance(src, (str, os.PathLike)) or not Path(src).expanduser().exists(): continue
-        i = Path(os.path.realpath(Path(src).expanduser()))
-        if i.is_file(): i = i.parent                   # a weights file stands for its model folder
-        if o == i: raise ModelIOError(f"{out}: the output is the input {src}; write to a new folder")
-        if o in i.parents: raise ModelIOError(f"{out}: the output folder contains the input {src} (replacing it would delete the input); write elsewhere")
-        if i in o.parents: raise ModelIOError(f"{out}: the output lies inside the input {src}; write to a folder outside it")
