@@ -4,13 +4,13 @@
 
 # %% ../nbs/90_cli.ipynb #be3a7492
 from __future__ import annotations
-import sys, time, json, importlib, traceback
+import os, sys, time, json, importlib, traceback
 from pathlib import Path
 from fastcore.script import call_parse, anno_parser, Param
 from .io import WeightStore, summary, format_summary, ModelIOError
 
 # %% auto #0
-__all__ = ['DEMO_STEPS', 'COMMANDS', 'cli_inspect', 'run_demo', 'cli_demo', 'run_cli', 'main']
+__all__ = ['DEMO_STEPS', 'COMMANDS', 'cli_inspect', 'run_demo', 'cli_demo', 'run_cli', 'error_line', 'main']
 
 # %% ../nbs/90_cli.ipynb #9b693bc0
 @call_parse
@@ -92,30 +92,63 @@ def _resolve(name):
     except (ModuleNotFoundError, AttributeError): return None
 
 def _usage():
-    lines = ['usage: model-ops COMMAND [ARGS]   (model-ops COMMAND --help for its options)', '', 'commands:']
+    lines = ['usage: model-ops [--debug] COMMAND [ARGS]   (model-ops COMMAND --help for its options; --debug: a traceback instead of the one-line error)', '', 'commands:']
     for k in COMMANDS:
         f = _resolve(k)
         if f is not None: lines.append(f"  {k:<10} {(f.__doc__ or '').strip().splitlines()[0] if f.__doc__ else ''}")
     return '\n'.join(lines)
+
+class _UsageError(ValueError):
+    "A command line `model-ops` cannot parse (argparse's complaint, which would otherwise print the usage and exit)."
+
+def _parser(func, name):
+    p = anno_parser(func, prog=f'model-ops {name}')
+    def error(message): raise _UsageError(f"model-ops {name}: {message}; see model-ops {name} --help")
+    p.error = error
+    return p
 
 def run_cli(argv:list):
     "Run `model-ops` with the arguments `argv` (without the program name), returning the subcommand's result."
     if not argv or argv[0] in ('-h', '--help', 'help'): print(_usage()); return None
     name = argv[0]
     f = _resolve(name) if name in COMMANDS else None
-    if f is None: raise ValueError(f"unknown command {name!r}\n\n{_usage()}")
+    if f is None: raise _UsageError(f"unknown command {name!r}; the commands are {', '.join(COMMANDS)} (model-ops --help says what each does)")
     if getattr(f, 'nested_cli', False): return f(argv[1:])
     func = getattr(f, '__wrapped__', f)
-    p = anno_parser(func, prog=f'model-ops {name}')
-    args = vars(p.parse_args(argv[1:]))
+    args = vars(_parser(func, name).parse_args(argv[1:]))
     args.pop('xtra', None); args.pop('pdb', None)
     return func(**args)
 
-def main():
-    "Console entry point of `model-ops`."
-    try: run_cli(sys.argv[1:])
-    except (ModelIOError, ValueError, FileNotFoundError) as e: print(f"model-ops: error: {e}", file=sys.stderr); sys.exit(2)
+def error_line(e:BaseException, # what running `argv` raised
+               argv:list, # the arguments (without the program name)
+              )->str:
+    "The one line `model-ops` prints for `e`: what went wrong, naming the file, and what to do."
+    cmd = ' '.join(['model-ops', *argv])
+    if isinstance(e, KeyboardInterrupt): return f"model-ops: interrupted (Ctrl-C): {cmd} did not finish; rerun it to get its output"
+    mark = getattr(e, 'problem_mark', None)        # a YAML error (yaml.MarkedYAMLError): where, and what
+    if mark is not None:
+        msg = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML ({getattr(e, 'problem', None)}); fix the file there"
+    else: msg = '; '.join(l.strip() for l in str(e).splitlines() if l.strip()) or type(e).__name__
+    if mark is None and not isinstance(e, (ValueError, OSError)):   # not one of ours: its type, and how to see where it came from
+        return f"model-ops: error: {type(e).__name__}: {msg}; model-ops --debug {' '.join(argv)} shows where it failed"
+    files = [a for a in argv[1:] if not a.startswith('-') and (os.sep in a or '.' in a or os.path.exists(a))]
+    if not any(a in msg for a in files): msg += f" (running {cmd})"      # name the files when the message does not
+    if isinstance(e, OSError): msg += "; check the path, its permissions and the free space"
+    return f"model-ops: error: {msg}"     # ours (ModelIOError, CheckpointError, recipe errors) say what to do
+
+def main(argv:list|None=None, # the arguments (default: `sys.argv[1:]`); `--debug` anywhere shows tracebacks
+        ):
+    "Console entry point of `model-ops`: a failure prints one line on stderr and exits 2 (130 on Ctrl-C); `--debug` prints the traceback instead."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = '--debug' in argv
+    argv = [a for a in argv if a != '--debug']
+    try: run_cli(argv)
+    except (Exception, KeyboardInterrupt) as e:
+        if debug: traceback.print_exc()
+        else: print(error_line(e, argv), file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
     # at exit (not before: main() may run inside a longer process), the collector's objects are frozen, so its last
     # pass need not walk torch's objects (a process that imported torch exits about 0.2 s sooner:
     # `python -c "import torch"` takes 0.98 s with a freeze, 1.20 s without)
     import atexit, gc; atexit.register(gc.freeze)
+

@@ -501,7 +501,9 @@ def plot_sparsity(report:dict, title:str="sparsity per block"):
 def save_pruned(model:nn.Module, out_dir, tok=None, *, metadata:dict=None, overwrite:bool=False, max_shard_size="2GB"):
     "Save a pruned model (and tokenizer) as an HF folder; the sparsity report goes into the provenance metadata."
     import json
-    from model_ops.io import ShardWriter
+    from model_ops.io import ShardWriter, check_output
+    src = getattr(getattr(model, "config", None), "_name_or_path", None)   # the folder `from_pretrained` read, if any
+    check_output(out_dir, [src] if src else [])      # its pruned copy may not replace it, nor the folder that holds it
     rep = sparsity_report(model)
     meta = {"operation": "prune", "overall_sparsity": f"{rep['overall']:.6f}", "parameters": str(count_params(model)),
             "blocks": json.dumps([round(b, 6) for b in rep["blocks"]])}
@@ -877,8 +879,10 @@ def cli_prune(model:str, # model folder, Hugging Face id, or 'smollm2'
               calib_dtype:str=None, # run the calibration forwards in bfloat16 or float16 (default: the model's dtype)
              ):
     "Prune a model with magnitude / Wanda / SparseGPT and save it as an HF folder."
-    from model_ops.nn import load_model
+    from model_ops.nn import load_model, cache_dir
+    from model_ops.io import check_output
     _check_calib_dtype(calib_dtype)
+    check_output(out, [cache_dir()/"smollm2" if model == "smollm2" else model])   # before anything is read: no input overwritten
     m, tk = load_model(model, device=device)
     t0 = time.time()
     prune(m, tk, method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen, calib_dtype=calib_dtype)

@@ -219,7 +219,10 @@ def transfer(src_base, # the model the fine-tune started from (anything `WeightS
              progress:bool=False, # show a progress bar
             ):
     "`tgt_base + alpha * (src_tuned - src_base)`, streamed tensor by tensor, into `out` (or a returned state dict)"
+    from model_ops.io import check_output
+    if out is not None: check_output(out, [src_base, src_tuned, tgt_base])   # before anything is read: no input overwritten
     B, T, G = open_weights(src_base), open_weights(src_tuned), open_weights(tgt_base)
+    if out is not None: check_output(out, [getattr(x, 'path', None) for x in (B, T, G)])   # (the folders they resolved to)
     chosen = set(select_names(G.keys(), include, exclude, layers))
     mapping = {int(k): int(v) for k, v in vocab.items()} if isinstance(vocab, dict) else None
     plan = _plan(B, T, G, mapping if mapping is not None else vocab, strict, chosen)

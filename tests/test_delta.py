@@ -379,3 +379,20 @@ def test_diff_header_only(versions):
     assert diff(p["sb"], p["sb"], values=False).bump == "none"
     r = diff(p["sb"], p["st"], values=False)
     assert r.rel_change == {} and "sampled rows" in r.reason
+
+
+def test_transfer_never_overwrites_an_input(tmp_path):
+    "An output that is an input, holds one or lies inside one is refused before anything is read, even with overwrite=True (links followed)."
+    import hashlib
+    sb = tiny_model("llama", seed=0)
+    p = dict(sb=save_model(sb, tmp_path / "in" / "sb"), st=save_model(perturbed(sb, 1, 0.02), tmp_path / "in" / "st"),
+             tb=save_model(perturbed(sb, 2, 0.005), tmp_path / "in" / "tb"))
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    snap = lambda: {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((tmp_path / "in").rglob("*")) if f.is_file()}
+    before = snap()
+    for out, says in [(tmp_path / "in", "contains the input"), (tmp_path, "contains the input"), (p["tb"], "is the input"),
+                      (p["sb"], "is the input"), (p["st"] / "sub", "lies inside the input"), (tmp_path / "link" / "st", "is the input")]:
+        with pytest.raises(ValueError, match=says): transfer(p["sb"], p["st"], p["tb"], out=out, overwrite=True)
+        with pytest.raises(ValueError, match=says): cli_transfer(str(p["sb"]), str(p["st"]), str(p["tb"]), str(out), overwrite=True)
+        assert snap() == before
+    assert transfer(p["sb"], p["st"], p["tb"], out=tmp_path / "out").is_dir()      # a sibling folder is fine

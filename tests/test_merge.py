@@ -546,3 +546,118 @@ def test_select_is_exact():
     x = torch.from_numpy(g.standard_normal((2, 600_000)).astype(np.float32))
     for idx in (5, 300_000, 599_999):
         assert torch.equal(MM._sorted_at(x, idx), x.kthvalue(idx + 1, dim=-1, keepdim=True).values)
+
+# ---- trust (issue 16): no input is ever overwritten; recipe errors say what is wrong, where, and what to do ----
+
+def _snapshot(root):
+    "Every file under `root` with its bytes: what must not change."
+    import hashlib
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+@pytest.fixture
+def inputs(models, tmp_path):
+    "Copies of base, a, b (and a tokenizer-only model t) in `tmp_path/in`, so a failing refusal cannot harm the shared fixture."
+    import shutil
+    for k in ("base", "a", "b"): shutil.copytree(models[k], tmp_path / "in" / k)
+    shutil.copytree(models["c"], tmp_path / "tok" / "t")
+    return tmp_path
+
+def test_output_overlapping_an_input_is_refused(inputs):
+    "An output that is an input, holds one (the inputs' parent) or lies inside one is refused with overwrite=True, inputs untouched; links followed, base and tokenizer source count."
+    P = {k: str(inputs / "in" / k) for k in ("base", "a", "b")}
+    cfg = dict(merge_method="ties", base_model=P["base"], tokenizer_source=str(inputs / "tok" / "t"),
+               models=[{"model": P["a"], "parameters": {"weight": 0.5, "density": 0.5}}, {"model": P["b"], "parameters": {"weight": 0.5, "density": 0.5}}])
+    (inputs / "link").symlink_to(inputs / "in")
+    before = _snapshot(inputs)
+    cases = [(inputs / "in", "contains the input"), (inputs, "contains the input"), (P["a"], "is the input"), (P["base"], "is the input"),
+             (inputs / "in" / "b" / "sub", "lies inside the input"), (inputs / "tok" / "t", "is the input"), (inputs / "tok", "contains the input"),
+             (inputs / "link", "contains the input"), (inputs / "link" / "a", "is the input")]
+    for out, msg in cases:
+        with pytest.raises(ValueError, match=msg): M.merge_config(cfg, out, overwrite=True)
+        with pytest.raises(ValueError, match=msg): M.merge_config(cfg, out, overwrite=True, rank=1, world_size=2)   # the distributed path
+        with pytest.raises(ValueError, match=msg): M.merge_config(M.plan_merge(cfg), out, overwrite=True)             # a plan given
+        assert _snapshot(inputs) == before, out
+    with pytest.raises(ValueError, match="contains the input"):                                                    # from Python
+        M.merge([P["a"], P["b"]], "linear", weight=[1, 1], out=inputs / "in", overwrite=True)
+    assert _snapshot(inputs) == before
+    M.merge_config(cfg, inputs / "out", overwrite=True)       # a sibling folder is fine
+    assert (inputs / "out" / "model.safetensors").is_file()
+
+def test_output_checked_before_any_model_is_opened(inputs, monkeypatch):
+    "plan_merge(out=...) refuses from the recipe's references alone: no store is opened."
+    from model_ops.merge import config as MC
+    opened = []
+    monkeypatch.setattr(MC.WeightStore, "open", staticmethod(lambda *a, **k: opened.append(a) or 1 / 0))
+    cfg = dict(merge_method="linear", models=[{"model": str(inputs / "in" / "a"), "parameters": {"weight": 1}}])
+    with pytest.raises(ValueError, match="contains the input"): M.merge_config(cfg, inputs / "in", overwrite=True)
+    assert opened == []
+
+def _recipe(tmp_path, text, name="r.yml"):
+    p = tmp_path / name; p.write_text(text); return str(p)
+
+def test_recipe_file_errors_name_the_file_and_line(tmp_path, models):
+    marker = tmp_path / "pwned"
+    cases = [
+        ("merge_method: linear\nmodels:\n  - model: x\n    parameters: {weight: 1\n", "r.yml, line 5, column 1: not valid YAML"),
+        ("merge_method: linear\nmodels:\n\t- model: x\n", "r.yml, line 3, column 1: not valid YAML"),
+        (f"merge_method: !!python/object/apply:os.system ['touch {marker}']\n", "r.yml, line 1, column 15: the tag !!python/object/apply:os.system is not allowed"),
+        (f"merge_method: !!python/object/new:subprocess.Popen [['touch', '{marker}']]\n", "the tag !!python/object/new:subprocess.Popen is not allowed"),
+        ("name: one\nmerge_method: linear\n---\nname: two\nmerge_method: slerp\n", "r.yml holds 2 YAML documents (a mergekit-multi recipe"),
+        ("", "r.yml is not a mergekit recipe: its YAML is empty"),
+        ("- a\n- b\n", "its YAML is a list"),
+        ("merge_method: linear\nmodelz: []\n", "r.yml: unknown config key(s) ['modelz']"),
+    ]
+    for text, msg in cases:
+        with pytest.raises(ValueError) as e: M.merge_config(_recipe(tmp_path, text), tmp_path / "out")
+        assert msg in str(e.value) and "\n" not in str(e.value), (msg, str(e.value))
+        assert not (tmp_path / "out").exists() and not marker.exists()
+    with pytest.raises(ValueError, match="multi-document recipes are not supported yet"): M.plan_merge(_recipe(tmp_path, "a: 1\n---\nb: 2\n"))
+    (tmp_path / "bin.yml").write_bytes(b"\xff\xfe\x00\x01")
+    for cfg, msg in [(str(tmp_path / "nope.yml"), "nope.yml: no such file"), (tmp_path / "nope.yml", "nope.yml: no such file"),
+                     (str(tmp_path), "is a folder"), (str(tmp_path / "bin.yml"), "bin.yml: not a YAML recipe (byte 0 is not UTF-8")]:
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(")): M.plan_merge(cfg)
+
+def test_misspelt_parameter_is_an_error_naming_key_place_and_intent(tmp_path, models, caplog):
+    P = models
+    text = (f"merge_method: ties\nbase_model: {P['base']}\nmodels:\n  - model: {P['a']}\n    parameters: {{weight: 1, density: 0.5}}\n"
+            f"  - model: {P['b']}\n    parameters:\n      weight: 1\n      densty: 0.5\n")
+    with pytest.raises(ValueError) as e: M.merge_config(_recipe(tmp_path, text), tmp_path / "out")
+    msg = str(e.value)
+    for part in ["r.yml, line 9: unknown parameter 'densty' in models[1].parameters", f"(model {P['b']})", "did you mean 'density'?",
+                 "method 'ties' takes weight, density, normalize"]:
+        assert part in msg, (part, msg)
+    assert not (tmp_path / "out").exists()
+    base = dict(merge_method="linear", models=[{"model": P["a"], "parameters": {"weight": 1}}, {"model": P["b"], "parameters": {"weight": 1}}])
+    for where, cfg, hint in [
+        ("in parameters;", dict(base, parameters={"normalise": True}), "did you mean 'normalize'?"),
+        ("in slices[0].sources[1].parameters", dict(merge_method="slerp", base_model=P["a"], parameters={"t": 0.5}, slices=[{"sources": [
+            {"model": P["a"], "layer_range": [0, 4]}, {"model": P["b"], "layer_range": [0, 4], "parameters": {"tt": 0.3}}]}]), "did you mean 't'?"),
+        ("in slices[0].parameters", dict(merge_method="slerp", base_model=P["a"], slices=[{"parameters": {"t": 0.5, "lamda": 1}, "sources": [
+            {"model": P["a"], "layer_range": [0, 4]}, {"model": P["b"], "layer_range": [0, 4]}]}]), "did you mean 'lambda'? (a parameter of"),
+        ("in models[0].parameters", dict(base, models=[{"model": P["a"], "parameters": {"weight": 1, "densty": 0.5}}, base["models"][1]]),
+         "did you mean 'density'? (a parameter of"),
+    ]:
+        with pytest.raises(ValueError) as e: M.plan_merge(cfg)
+        assert where in str(e.value) and hint in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match="models\\[0\\].parameters .* must map parameter names to values"):
+        M.plan_merge(dict(base, models=[{"model": P["a"], "parameters": 0.5}]))
+    # a parameter another method uses is ignored with a warning, as mergekit ignores it
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model_ops.merge"):
+        plan = M.plan_merge(dict(base, parameters={"density": 0.5, "lambda": 1.0}))
+    assert len(plan.jobs) > 0
+    assert "parameter 'density' is not used by method 'linear'" in caplog.text and "ignored, as mergekit ignores it" in caplog.text
+
+def test_weights_summing_to_zero_are_explained(models, tmp_path):
+    cfg = dict(merge_method="linear", models=[{"model": models["a"], "parameters": {"weight": 0.5}}, {"model": models["b"], "parameters": {"weight": -0.5}}])
+    with pytest.raises(ValueError) as e: M.merge_config(cfg, tmp_path / "out")
+    msg = str(e.value)
+    assert "sum to 0, and linear with normalize: true divides by the sum of the weights" in msg and "set normalize: false" in msg
+    assert models["a"] in msg and models["b"] in msg and "overflowed" not in msg and not (tmp_path / "out").exists()
+    # only the tensors whose weights cancel (a filter) are named; normalize: false is a plain weighted sum
+    flt = dict(cfg, models=[{"model": models["a"], "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}, cfg["models"][1]])
+    with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.mlp\.\w+\.weight'"): M.plan_merge(flt)
+    st = M.merge([models["a"], models["b"]], "linear", weight=[0.5, -0.5], normalize=False)
+    a, b = _load(models["a"]), _load(models["b"])
+    k = "model.layers.1.mlp.up_proj.weight"
+    assert torch.allclose(st[k], 0.5 * a[k] - 0.5 * b[k], atol=1e-7)

@@ -246,3 +246,17 @@ def test_distill_fsdp_on_cpu_warns(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.warns(UserWarning, match="no FSDP on CPU"):
         distill(tiny_model(), tiny_model(seed=1), IDS, steps=1, batch_size=4, progress=False)
+
+
+def test_prune_never_overwrites_its_input(tmp_path):
+    "`model-ops prune` and `save_pruned` refuse an output that is the input, holds it or lies inside it, even with overwrite."
+    from model_ops.prune import cli_prune
+    src = save_pruned(tiny_model(), tmp_path / "in" / "dense", tiny_tokenizer())
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    for out, says in [(src, "the output is the input"), (tmp_path / "in", "contains the input"), (src / "sub", "lies inside the input")]:
+        with pytest.raises(ValueError, match=says): cli_prune(str(src), str(out), method="magnitude", sparsity=0.5, overwrite=True)
+        m = AutoModelForCausalLM.from_pretrained(str(src))           # a model remembers the folder it was loaded from
+        with pytest.raises(ValueError, match=says): save_pruned(prune(m, method="magnitude", sparsity=0.5, progress=False), out, overwrite=True)
+        assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    cli_prune(str(src), str(tmp_path / "sparse"), method="magnitude", sparsity=0.5)
+    assert sparsity_report(AutoModelForCausalLM.from_pretrained(str(tmp_path / "sparse")))["overall"] == 0.5

@@ -8,7 +8,7 @@ import contextlib, copy, gc, json, os, time
 from pathlib import Path
 import torch
 from fastcore.script import call_parse
-from ..io import WeightStore, ShardWriter, ModelIOError, finalize_parts
+from ..io import WeightStore, ShardWriter, ModelIOError, finalize_parts, check_output
 from .methods import METHODS, get_method, tensor_generator
 from .config import MergePlan, TOKENIZER_FILES, plan_merge, _ALIASES, _LAYER_RE
 from .executor import check_device, process_merge, stream_merge
@@ -70,6 +70,10 @@ def _largest_first(plan:MergePlan)->MergePlan:
     side instead of one of them alone at the end; tensor order inside a safetensors file is immaterial."""
     return MergePlan(**{**plan.__dict__, "jobs": sorted(plan.jobs, key=lambda j: (-j.nbytes, j.out))})
 
+def _plan_inputs(plan:MergePlan)->list:
+    "The paths a plan reads: each model as referenced and the folder its store opened (the base and tokenizer source included)."
+    return [x for m in plan.models for x in (m.ref, m.store.path) if isinstance(x, (str, os.PathLike))]
+
 def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
                  out_dir, # folder to create (atomically)
                  device="cpu", # where the math runs: 'cpu', 'cuda', 'cuda:1', ...
@@ -88,10 +92,11 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
     with _gc_paused():        # full collections of a process that holds torch cost tens of ms each (one during the YAML import: 60 ms)
         import sys
         check_device(device)
-        plan = config if isinstance(config, MergePlan) else plan_merge(config)
+        out = Path(out_dir).expanduser()
+        plan = config if isinstance(config, MergePlan) else plan_merge(config, out=out)   # (refuses an input as `out` first)
+        check_output(out, _plan_inputs(plan))     # no output that is, holds or lies in an input: before any weight is read
         seed = 0 if seed is None else int(seed)
         if progress is None: progress = sys.stderr.isatty()
-        out = Path(out_dir).expanduser()
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         if world_size > 1:
@@ -152,7 +157,7 @@ def merge(models:list, # models: HF folders, files, `nn.Module`s, state dicts or
     if base is not None: cfg["base_model"] = base
     if dtype is not None: cfg["dtype"] = str(dtype).replace("torch.", "")
     if out_dtype is not None: cfg["out_dtype"] = str(out_dtype).replace("torch.", "")
-    plan = plan_merge(cfg)
+    plan = plan_merge(cfg, out=out)
     if out is not None:
         merge_config(plan, out, device=device, seed=seed, workers=workers, overwrite=overwrite, progress=progress)
         return WeightStore.open(out)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 import torch
-from ..io import WeightStore, ModelIOError
-from .methods import MergeMethod, REQUIRED, get_method
+from ..io import WeightStore, ModelIOError, check_output
+from .methods import MergeMethod, METHODS, REQUIRED, get_method
 
 log = logging.getLogger("model_ops.merge")
 
@@ -92,16 +92,56 @@ class _Model:
         self.layout = layout(self.store)
     def __repr__(self): return self.key
 
-def _load_config(config):
+def _exists(p, test="is_file"):
+    "`Path.is_file()`/`is_dir()` that is False (not an error) for names the OS refuses (too long, NUL)."
+    try: return getattr(p, test)()
+    except (OSError, ValueError): return False
+
+def _yaml_error(where:str, e, text:str)->str:
+    "One line for a YAML error in `where`: the line and column, what is wrong, and what to do."
     import yaml
-    if isinstance(config, dict): return copy.copy(config), None
-    p = Path(str(config)).expanduser()
-    if isinstance(config, (str, os.PathLike)) and p.is_file(): text = p.read_text()
-    elif isinstance(config, str): text = config
-    else: raise ValueError(f"config must be a dict, a YAML string or a path to a YAML file, got {type(config).__name__}")
-    cfg = yaml.safe_load(text)
-    if not isinstance(cfg, dict): raise ValueError(f"config {config!r} is not a YAML mapping")
-    return cfg, text
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    at = f"{where}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else where
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    if isinstance(e, yaml.composer.ComposerError) and "single document" in str(getattr(e, "context", "")) + problem:
+        try: n = f"{sum(1 for _ in yaml.compose_all(text))} YAML documents"
+        except yaml.YAMLError: n = "several YAML documents"
+        return (f"{where} holds {n} (a mergekit-multi recipe, stages separated by '---'): multi-document recipes are not "
+                "supported yet; run each stage as its own recipe, each naming the folder the previous one wrote")
+    if isinstance(e, yaml.constructor.ConstructorError) and "tag" in problem:
+        tag = re.search(r"'([^']*)'", problem)
+        tag = tag.group(1).replace("tag:yaml.org,2002:", "!!") if tag else "there"
+        return (f"{at}: the tag {tag} is not allowed: a recipe is plain YAML data (no Python object is ever built from it); "
+                "remove the tag")
+    return f"{at}: not valid YAML ({problem}); fix the recipe there"
+
+def _load_config(config)->tuple:
+    "`(cfg, text, src)`: the recipe as a dict, its YAML text (None for a dict) and the file it came from (None for text)."
+    import yaml
+    if isinstance(config, dict): return copy.copy(config), None, None
+    if not isinstance(config, (str, os.PathLike)):
+        raise ValueError(f"config must be a dict, a YAML string or a path to a YAML file, got {type(config).__name__}")
+    s, src = str(config), None
+    p = Path(s).expanduser()
+    if "\n" not in s and _exists(p, "is_dir"): raise ValueError(f"{s}: is a folder; give the recipe's YAML file inside it")
+    if "\n" not in s and _exists(p):
+        src = s
+        try: text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{s}: not a YAML recipe (byte {e.start} is not UTF-8 text); give the mergekit YAML file") from None
+        except OSError as e: raise ValueError(f"{s}: cannot be read ({e.strerror}); check the file's permissions") from None
+    elif isinstance(config, os.PathLike): raise ValueError(f"{s}: no such file; give the path to a mergekit YAML recipe")
+    else: text = s
+    where = src or "the recipe text"
+    try: cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e: raise ValueError(_yaml_error(where, e, text)) from e
+    if not isinstance(cfg, dict):
+        if src is None and "\n" not in s.strip() and (cfg is None or isinstance(cfg, str)):   # a path, not YAML
+            raise ValueError(f"{s}: no such file; give the path to a mergekit YAML recipe (or the recipe's YAML text)")
+        raise ValueError(f"{where} is not a mergekit recipe: its YAML is {'empty' if cfg is None else 'a ' + type(cfg).__name__}, "
+                         "not a mapping with merge_method and models or slices")
+    return cfg, text, src
+
 
 # %% ../../nbs/13_merge_config.ipynb #7eb42fb0
 _KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
@@ -181,6 +221,75 @@ def _check_della(params, where):
         if 0 < d < 1 and not (0 < d - e and d + e < 1):
             raise ValueError(f"{where}: della needs 0 < density ± epsilon < 1, but model {i} has density={d}, epsilon={e}")
 
+# every parameter some mergekit 0.1.5 method takes: a recipe may carry one its method does not use (mergekit ignores it)
+_MERGEKIT_PARAMS = {"weight", "normalize", "t", "density", "epsilon", "gamma", "lambda", "int8_mask", "rescale", "scale",
+                    "filter_wise", "nuslerp_row_wise", "nuslerp_flatten", "select_topk", "normalize_weights", "eps",
+                    "max_iter", "tol", "r", "alpha"}
+
+def _param_names(m)->list:
+    "Method `m`'s parameter names as a recipe spells them (`lambda`, not `lambda_`)."
+    inv = {a: k for k, a in _ALIASES.items()}
+    return [inv.get(p, p) for p in [*m.model_params, *m.shared_params]]
+
+def _param_places(cfg)->list:
+    "Every `parameters:` of a recipe: `[(path in the recipe, model or None, the mapping)]`."
+    out = [(["parameters"], None, cfg.get("parameters"))]
+    for i, e in enumerate(cfg.get("models") or []):
+        if isinstance(e, dict): out.append((["models", i, "parameters"], e.get("model"), e.get("parameters")))
+    for j, sl in enumerate(cfg.get("slices") or []):
+        if not isinstance(sl, dict): continue
+        out.append((["slices", j, "parameters"], None, sl.get("parameters")))
+        for k, e in enumerate(sl.get("sources") or []):
+            if isinstance(e, dict): out.append((["slices", j, "sources", k, "parameters"], e.get("model"), e.get("parameters")))
+    return [x for x in out if x[2] is not None]
+
+def _yaml_line(text, path:list):
+    "The line (1-based) of the last key of `path` (keys and list indices) in the YAML `text`, or None."
+    import yaml
+    try: node = yaml.compose(text) if text else None
+    except yaml.YAMLError: return None
+    for i, step in enumerate(path):
+        if isinstance(node, yaml.MappingNode):
+            kv = next(((k, v) for k, v in node.value if k.value == str(step)), None)
+            if kv is None: return None
+            if i == len(path) - 1: return kv[0].start_mark.line + 1
+            node = kv[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value): node = node.value[step]
+        else: return None
+    return None
+
+def _check_parameters(cfg:dict, method:MergeMethod, text=None, src=None):
+    "Parameter names no method knows are errors (a typo: name the key, where it is, the likely intended one); other methods' are warnings."
+    import difflib
+    mine = _param_names(method)
+    ok = set(mine) | set(method.model_params) | set(method.shared_params)
+    users = {}
+    for m in METHODS.values():
+        for p in _param_names(m): users.setdefault(p, []).append(m.name)
+    for k in _MERGEKIT_PARAMS: users.setdefault(k, [])
+    for path, model, ps in _param_places(cfg):
+        place = ".".join(f"[{s}]" if isinstance(s, int) else s for s in path).replace(".[", "[")
+        at = f" (model {model})" if model is not None else ""
+        if not isinstance(ps, dict): raise ValueError(f"{place}{at} must map parameter names to values, got {ps!r}")
+        for k in ps:
+            if k in ok: continue
+            if k in users:
+                log.warning(f"{place}.{k}{at}: parameter {k!r} is not used by method {method.name!r} "
+                            f"(it is {', '.join(users[k]) or 'another mergekit method'}'s); ignored, as mergekit ignores it")
+                continue
+            close = (difflib.get_close_matches(str(k), mine, n=1, cutoff=0.6) or
+                     difflib.get_close_matches(str(k), sorted(users), n=1, cutoff=0.6))
+            hint = "" if not close else (f"did you mean {close[0]!r}? " if close[0] in mine else
+                                         f"did you mean {close[0]!r}? (a parameter of {', '.join(users[close[0]]) or 'other methods'}, "
+                                         f"not of {method.name}) ")
+            line = _yaml_line(text, path + [k])
+            where = (f"{src or 'the recipe text'}, line {line}: " if line else f"{src}: " if src else "")
+            raise ValueError(f"{where}unknown parameter {k!r} in {place}{at}; {hint}method {method.name!r} takes "
+                             f"{', '.join(mine) or 'no parameters'}")
+
+# methods that divide by the sum of the weights when `normalize` is on
+_DIVIDES_BY_WEIGHT_SUM = {"linear"}
+
 # %% ../../nbs/13_merge_config.ipynb #7548b63c
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
                    "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json")
@@ -195,14 +304,33 @@ def _check_same_tokenizers(ms):
         raise ValueError("the input models have different tokenizers; vocabulary alignment (mergekit's union/base "
                          "embedding permutation) is not supported: align the vocabularies first")
 
+def _recipe_inputs(cfg:dict)->list:
+    "The model references a recipe names (models, slice sources, base models, tokenizer source), as written."
+    tk = cfg.get("tokenizer")
+    refs = [cfg.get("base_model"), cfg.get("tokenizer_source"), tk.get("source") if isinstance(tk, dict) else None]
+    refs += [e.get("model") for e in cfg.get("models") or [] if isinstance(e, dict)]
+    for sl in cfg.get("slices") or []:
+        if isinstance(sl, dict): refs += [sl.get("base_model")] + [e.get("model") for e in sl.get("sources") or [] if isinstance(e, dict)]
+    refs = [r for r in refs if isinstance(r, (str, os.PathLike)) and r not in ("base", "union")]
+    return refs + [str(r).split("@")[0] for r in refs if "@" in str(r)]
+
 def plan_merge(config, # mergekit YAML: a dict, YAML text, or a path to a .yml file
+               out=None, # the folder the merge will write: refused, before any model is opened, if it is, holds or lies in an input
               )->MergePlan:
     "Read a mergekit-style config, open the models, and resolve every output tensor and its parameters; nothing is written."
-    cfg, text = _load_config(config)
+    cfg, text, src = _load_config(config)
+    if out is not None: check_output(out, _recipe_inputs(cfg))
+    try: return _plan_merge(cfg, text, src)
+    except ValueError as e:     # name the recipe file in every message about it
+        if src is None or src in str(e) or type(e) not in (ValueError, ModelIOError): raise
+        raise type(e)(f"{src}: {e}") from e
+
+def _plan_merge(cfg, text, src)->MergePlan:
     unknown = set(cfg) - _KNOWN_KEYS
     if unknown: raise ValueError(f"unknown config key(s) {sorted(unknown)}; expected some of {sorted(_KNOWN_KEYS)}")
     if "merge_method" not in cfg: raise ValueError("config has no 'merge_method'")
     method = get_method(cfg["merge_method"])
+    _check_parameters(cfg, method, text, src)
     tk = cfg.get("tokenizer")
     if tk is not None and (not isinstance(tk, dict) or set(tk) - {"source"}):
         raise ValueError("only 'tokenizer: {source: ...}' is supported; per-token embedding sources and pad_to_multiple_of "
@@ -287,6 +415,10 @@ def plan_merge(config, # mergekit YAML: a dict, YAML text, or a path to a .yml f
                 vals.append(_resolve(method, p, own + shared_src, names[s["model"]], t, f"{where} of model {models[s['model']]}"))
             params[p] = vals
         if method.name in ("della", "della_linear"): _check_della(params, where)
+        if method.name in _DIVIDES_BY_WEIGHT_SUM and params.get("normalize") and sum(params.get("weight") or [1]) == 0:
+            raise ValueError(f"{where}: the weights {params['weight']} of models {[str(models[s['model']]) for s in non_base]} "
+                             f"sum to 0, and {method.name} with normalize: true divides by the sum of the weights; "
+                             "set normalize: false (a plain weighted sum) or change the weights")
         s0 = models[srcs[0]["model"]].store
         jobs.append(TensorJob(out, [(s["model"], names[s["model"]]) for s in non_base],
                               (role_base, names[role_base]) if role_base is not None else None, params, layer,
@@ -304,10 +436,6 @@ def plan_merge(config, # mergekit YAML: a dict, YAML text, or a path to a .yml f
                 add_job(f"{reflay.prefix or lay0.prefix}.{out_layer}.{suf}", names, sl, t, out_layer)
             out_layer += 1
     for k in reflay.post: add_job(k, {s["model"]: k for s in slices[-1]["sources"]}, slices[-1], 0.0, None)
-    # unknown parameters: warn (mergekit ignores them silently)
-    known = set(method.model_params) | set(method.shared_params) | set(_ALIASES)
-    seen = set(gparams) | {k for sl in slices for k in (sl["parameters"] or {})} | {k for sl in slices for s in sl["sources"] for k in (s["parameters"] or {})}
-    for k in sorted(seen - known): log.warning(f"parameter {k!r} is not used by method {method.name!r}")
     # output config, dtypes, tokenizer
     dtype, out_dtype = _dtype(cfg.get("dtype"), "dtype"), _dtype(cfg.get("out_dtype"), "out_dtype")
     outcfg = copy.deepcopy(models[gbase if gbase is not None else ref].store.config)
