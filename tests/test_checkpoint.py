@@ -755,3 +755,256 @@ def test_cli_verify_model_folder(tmp_path):
     with pytest.raises(ModelIOError, match="is corrupt"): cli_ckpt("verify", str(p))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="manifest"): cli_ckpt("verify", str(tmp_path / "empty"))
+
+# --------------------------------------------------------------------------- trust (issue #16): no code runs from a folder, no input destroyed,
+# a killed rename undone, concurrent rotation, folders `load` does not take
+
+import pickle, hashlib
+from model_ops.io import ModelIOError
+from model_ops.checkpoint import hf_to_dcp, save_tp, save_universal, load_universal, cli_ckpt, rotate
+from model_ops.checkpoint.dcp import _dcp_allowed, _DCP_CLASSES, _dcp_metadata
+from model_ops.checkpoint.core import _manifest_hash
+
+class _Payload:
+    "Pickles as `fn(*args)`: unpickling it calls fn."
+    def __init__(self, fn, *args): self.fn, self.args = fn, args
+    def __reduce__(self): return (self.fn, self.args)
+
+class _CallsBoundMethod:
+    "Unpickling it calls Path(marker).touch(): the callable is a bound method, pickled as getattr(PosixPath(...), 'touch')."
+    def __init__(self, p): self.p = Path(p)
+    def __reduce__(self): return (self.p.touch, ())
+
+def _payloads(mark):
+    "(a pattern of the global a reader must name, an object whose unpickling would create `mark`)"
+    return [(r"posix\.system", _Payload(os.system, f"touch {mark}")),
+            (r"builtins\.exec", _Payload(exec, f"open({str(mark)!r}, 'w').close()")),
+            (r"builtins\.eval", _Payload(eval, f"open({str(mark)!r}, 'w').close()")),
+            (r"(subprocess|commands)\.Popen", _Payload(subprocess.Popen, ["touch", str(mark)])),   # torch.save's protocol 2 writes Python 2's name
+            (r"builtins\.getattr", _CallsBoundMethod(mark)),
+            (r"torch\.serialization\.load", _Payload(torch.load, str(mark)))]
+
+def _rehash(d, fname):
+    "What whoever writes a folder can do: record a changed file in the manifest and re-hash the manifest."
+    m = json.loads((d/"manifest.json").read_text()); b = (d/fname).read_bytes()
+    m["files"][fname] = {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()}; m["manifest_sha256"] = _manifest_hash(m)
+    (d/"manifest.json").write_text(json.dumps(m))
+
+@pytest.fixture(scope="module")
+def dcp_folder(tmp_path_factory):
+    "A tiny Llama with AdamW state, a scheduler-like extra and a few extra values, saved with dcp_save."
+    d = tmp_path_factory.mktemp("dcp")/"dcp"
+    m = tiny_model(seed=0).train(); opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    x = torch.randint(0, 256, (2, 8)); m(input_ids=x, labels=x).loss.backward(); opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_save(d, m, opt, extra={"lr": 0.1, "note": "x", "t": torch.ones(2), "lst": [1, 2], "tup": (1, "a"), "d": {"k": None}}, step=1)
+    return d, m
+
+def _seen_globals(path) -> set:
+    seen = set()
+    class U(pickle.Unpickler):
+        def find_class(self, mod, name): seen.add((mod, name)); return super().find_class(mod, name)
+    with open(path, "rb") as f: U(f).load()
+    return seen
+
+def test_dcp_metadata_allowlist_is_what_real_saves_write(dcp_folder, tmp_path):
+    "Every global of real `.metadata` files (dcp_save of model + AdamW + extra; hf_to_dcp of bf16 tensors) is allowed, and the allowlist holds nothing else but declared extras."
+    d, m = dcp_folder
+    seen = _seen_globals(d/".metadata")
+    sd = {k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}; sd["ids"] = torch.arange(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore"); hf_to_dcp(sd, tmp_path/"bf16")
+    seen |= _seen_globals(tmp_path/"bf16"/".metadata")
+    assert all(_dcp_allowed(*c) for c in seen), seen
+    assert {("torch", "bfloat16"), ("torch", "int64"), ("torch", "float32")} <= seen
+    assert {(m_, n) for m_, ns in _DCP_CLASSES.items() for n in ns} - seen == {
+        ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"), ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"),
+        ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+    assert not _dcp_allowed("torch", "load") and not _dcp_allowed("builtins", "getattr") and not _dcp_allowed("torch", "Size.__new__")
+
+def test_fsdp2_dcp_metadata_is_within_the_allowlist(fsdp_ckpt):
+    "A 2-rank FSDP2 (DTensor-sharded) save names only allowed classes too."
+    assert all(_dcp_allowed(*c) for c in _seen_globals(fsdp_ckpt/"dcp"/".metadata"))
+    assert len(_dcp_metadata(fsdp_ckpt/"dcp").state_dict_metadata) > 10
+
+def _evil_folder(src, dst, metadata:bytes, manifest:bool):
+    shutil.copytree(src, dst); (dst/".metadata").write_bytes(metadata)
+    if manifest: _rehash(dst, ".metadata")
+    else: (dst/"manifest.json").unlink()
+    return dst
+
+@pytest.mark.parametrize("reader", ["dcp_load", "dcp_load_unverified", "dcp_load_no_manifest", "dcp_to_hf", "cli_convert"])
+def test_malicious_dcp_metadata_never_runs(dcp_folder, tmp_path, reader):
+    "`.metadata` pickles that would create a marker file: refused by name, whatever the manifest says; the marker never appears."
+    d, _ = dcp_folder
+    mark = tmp_path/"MARK"
+    md = _dcp_metadata(d)
+    md_nested = pickle.loads(pickle.dumps(md)); md_nested.planner_data = {"x": _Payload(exec, f"open({str(mark)!r}, 'w').close()")}
+    cases = _payloads(mark) + [(r"builtins\.exec", md_nested)]                   # a genuine Metadata carrying a payload
+    for i, (name, obj) in enumerate(cases):
+        e = _evil_folder(d, tmp_path/f"e{i}", pickle.dumps(obj), manifest=reader != "dcp_load_no_manifest")
+        run = {"dcp_load": lambda: dcp_load(e, tiny_model()), "dcp_load_unverified": lambda: dcp_load(e, tiny_model(), verify=False),
+               "dcp_load_no_manifest": lambda: dcp_load(e, tiny_model()), "dcp_to_hf": lambda: dcp_to_hf(e, tmp_path/f"hf{i}"),
+               "cli_convert": lambda: cli_ckpt("convert", str(e), str(tmp_path/f"hf{i}"), to="hf")}[reader]
+        with pytest.raises(CheckpointError, match=rf"\.metadata: refuses to unpickle {name}.*trust=True"): run()
+        assert not mark.exists(), name
+        assert not (tmp_path/f"hf{i}").exists()
+    pid = b"\x80\x04" + pickle.PERSID + b"x\n" + pickle.STOP          # a persistent id
+    e = _evil_folder(d, tmp_path/"pid", pid, manifest=False)
+    with pytest.raises(CheckpointError, match="persistent id"): dcp_load(e, tiny_model())
+
+def test_dcp_metadata_naming_files_outside_the_folder(dcp_folder, tmp_path):
+    d, _ = dcp_folder
+    md = _dcp_metadata(d)
+    for idx in md.storage_data: md.storage_data[idx].relative_path = "../../etc/passwd"; break
+    e = _evil_folder(d, tmp_path/"e", pickle.dumps(md), manifest=True)
+    with pytest.raises(CheckpointError, match="outside the folder"): dcp_to_hf(e, tmp_path/"hf")
+
+def test_malicious_dcp_values_never_run(tmp_path):
+    "Non-tensor values (extra, optimizer hyper-parameters) load with weights_only=True; a tensor chunk holding an object is refused by dcp_to_hf."
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    mark = tmp_path/"MARK"
+    m = tiny_model().train(); opt = torch.optim.AdamW(m.parameters())
+    x = torch.randint(0, 256, (2, 8)); m(input_ids=x, labels=x).loss.backward(); opt.step()
+    n = 0
+    for name, obj in _payloads(mark):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            d = dcp_save(tmp_path/f"x{n}", tiny_model(), extra={"note": obj}); n += 1          # DCP pickles it without running it
+            assert verify(d) == []                                                            # well-formed, hashes match
+            with pytest.raises(CheckpointError, match=rf"value 'extra.note'\): refuses to unpickle {name}.*trust=True"): dcp_load(d, tiny_model())
+            msd, osd = get_state_dict(m, opt); osd["param_groups"][0]["lr"] = obj
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path/f"o{n}"), no_dist=True)   # a third-party DCP folder, no manifest
+            with pytest.raises(CheckpointError, match=rf"optim.param_groups.0.lr'\): refuses to unpickle {name}"):
+                dcp_load(tmp_path/f"o{n}", m, opt)
+        assert not mark.exists(), name
+    # a tensor chunk that is a pickle of an object: appended to the data file, the metadata pointed at it
+    import io, dataclasses
+    d = tmp_path/"x0"; md = _dcp_metadata(d)
+    idx = next(i for i in md.storage_data if i.fqn.startswith("model."))
+    b = io.BytesIO(); torch.save(_Payload(exec, f"open({str(mark)!r}, 'w').close()"), b)
+    f = d/md.storage_data[idx].relative_path; off = f.stat().st_size
+    with open(f, "ab") as fh: fh.write(b.getvalue())
+    md.storage_data[idx] = dataclasses.replace(md.storage_data[idx], offset=off, length=len(b.getvalue()))
+    (d/".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError, match="refuses to unpickle builtins.exec in the chunk"): dcp_to_hf(d, tmp_path/"hf")
+    assert not mark.exists()
+
+def test_malicious_deepspeed_files_never_run(zero_src, tmp_path):
+    "DeepSpeed rank files and universal `.pt` files holding a payload: every reader refuses it by name; the marker never appears."
+    import io
+    root, full, st = zero_src
+    src = ds_fixture(tmp_path/"global_step3", full, LAYOUT, tp=1, dp=1, step=st, info=INFO)
+    u = ds_to_universal(src, tmp_path/"u", latest=False)
+    mark = tmp_path/"MARK"
+    for i, (name, obj) in enumerate(_payloads(mark)):
+        pat = name.replace(r"builtins\.", r"(builtins\.)?")                   # torch names builtins bare
+        b = io.BytesIO(); torch.save({"module": obj}, b)
+        bad = tmp_path/f"z{i}"; shutil.copytree(src, bad); (bad/"mp_rank_00_model_states.pt").write_bytes(b.getvalue())
+        for run in (lambda: read_zero(bad), lambda: ds_to_universal(bad, tmp_path/f"o{i}"), lambda: reshard(bad, tmp_path/f"o{i}", 1),
+                    lambda: cli_ckpt("convert", str(bad), str(tmp_path/f"o{i}"), to="universal")):
+            with pytest.raises(CheckpointError, match=rf"{pat}.*trust=True"): run()
+        ub = tmp_path/f"u{i}"; shutil.copytree(u, ub)
+        fp = sorted((ub/"zero").glob("*/fp32.pt"))[0]; fp.write_bytes(b.getvalue()); _rehash(ub, str(fp.relative_to(ub)))
+        for run in (lambda: load_deepspeed_universal(ub), lambda: load(ub, tiny_model(vocab_size=V, tie_word_embeddings=False)),
+                    lambda: reshard(ub, tmp_path/f"o{i}", 1)):
+            with pytest.raises(CheckpointError, match=rf"{pat}.*trust=True"): run()
+        assert not mark.exists(), name
+    assert not any(tmp_path.glob("o*"))
+
+def test_trust_true_reads_other_objects(tmp_path):
+    "trust=True restores DCP's own behaviour: a value outside weights_only (here a Fraction) loads."
+    from fractions import Fraction
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = dcp_save(tmp_path/"d", tiny_model(), extra={"f": Fraction(1, 3)})
+        with pytest.raises(CheckpointError, match="refuses to unpickle fractions.Fraction"): dcp_load(d, tiny_model())
+        assert dcp_load(d, tiny_model(), trust=True)["extra"]["f"] == Fraction(1, 3)
+
+def _tree_digest(p) -> dict:
+    p = Path(p); return {str(f.relative_to(p)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(p.rglob("*")) if f.is_file()}
+
+def test_conversions_refuse_outputs_overlapping_inputs(dcp_folder, zero_src, tmp_path):
+    "Every conversion refuses an output that is, contains or lies inside its input -- before reading it (a corrupt input still gives the overlap error) -- and leaves the input intact."
+    root, full, st = zero_src
+    dsrc = tmp_path/"in"/"dcp"; shutil.copytree(dcp_folder[0], dsrc); (dsrc/".metadata").write_bytes(b"garbage")   # unreadable: reading it first would fail otherwise
+    zsrc = ds_fixture(tmp_path/"in"/"global_step3", full, LAYOUT, tp=2, dp=1, step=st, info=INFO)
+    hsrc = tmp_path/"in"/"hf"; hsrc.mkdir(); (hsrc/"model.safetensors").write_bytes(b"garbage")
+    usrc = save_universal(read_zero(zsrc), tmp_path/"in"/"u")
+    (usrc/"universal.json").write_bytes(b"garbage")
+    before = _tree_digest(tmp_path/"in")
+    n = 0
+    for src, conv in [(dsrc, lambda s, o: dcp_to_hf(s, o, overwrite=True)), (hsrc, lambda s, o: hf_to_dcp(s, o, overwrite=True)),
+                      (zsrc, lambda s, o: ds_to_universal(s, o, overwrite=True)), (zsrc, lambda s, o: reshard(s, o, 1, overwrite=True)),
+                      (usrc, lambda s, o: reshard(s, o, 2, overwrite=True)), (usrc, lambda s, o: to_universal(s, out=o)),
+                      (dsrc, lambda s, o: cli_ckpt("convert", str(s), str(o), to="hf", overwrite=True)),
+                      (zsrc, lambda s, o: cli_ckpt("reshard", str(s), str(o), tp=1, overwrite=True)),
+                      (zsrc, lambda s, o: save_deepspeed_universal(read_zero(zsrc), o, copy=[zsrc/"mp_rank_00_model_states.pt"], overwrite=True))]:
+        for out, msg in [(src, "is the input"), (src.parent, "contains the input"), (src/"sub", "lies inside the input")]:
+            with pytest.raises(ModelIOError, match=msg): conv(src, out)
+            n += 1
+    assert n == 27 and _tree_digest(tmp_path/"in") == before
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"]); p.wait(); return p.pid
+
+@pytest.mark.parametrize("reader", ["load", "list_checkpoints", "latest", "load_latest"])
+def test_killed_rename_is_undone_by_readers(tmp_path, reader):
+    "A save killed between setting step-2 aside and renaming its successor in: each reader puts the previous step-2 back."
+    root = tmp_path/"ck"; ck = Checkpointer(root, keep=3)
+    for s in (1, 2): ck.save(s, model={"w": torch.full((4,), float(s))}, rng=False)
+    pid, p = _dead_pid(), ck.path(2)
+    os.rename(p, root/f".{p.name}.old-{pid}-abcd1234")
+    (root/f".{p.name}.tmp-{pid}-abcd1234").mkdir()                    # its unfinished successor
+    assert not p.exists()
+    if reader == "load": assert torch.equal(load(p, rng=False)["model"]["w"], torch.full((4,), 2.0))
+    if reader == "list_checkpoints": assert [q.name for q in list_checkpoints(root)] == ["step-00000001", "step-00000002"]
+    if reader == "latest": assert latest(root) == p
+    if reader == "load_latest": assert ck.load_latest(rng=False)["step"] == 2    # a Checkpointer made before the kill
+    assert verify(p) == []
+
+def _rotating_saver(root, who, n):
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(f'''
+        import torch; torch.set_num_threads(1)
+        from model_ops.checkpoint import Checkpointer
+        ck = Checkpointer({str(root)!r}, keep=2); sd = {{"w": torch.zeros(64, 64)}}
+        for i in range({n}):
+            step = 2 * i + {who}; sd["w"].fill_(step); ck.save(step, model=sd, rng=False)
+        print("done")''')], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+def test_two_processes_rotating_one_root(tmp_path):
+    "Two processes save and rotate into one root (interleaved steps): no save raises, and the newest `keep` checkpoints verify."
+    root = tmp_path/"ck"
+    ps = [_rotating_saver(root, w, 40) for w in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in ps]
+    for p, (o, e) in zip(ps, outs): assert p.returncode == 0 and o.strip() == "done", e[-3000:]
+    cs = list_checkpoints(root)
+    assert [p.name for p in cs[-2:]] == ["step-00000078", "step-00000079"]
+    for p in cs[-2:]:
+        assert verify(p) == [] and load(p, rng=False)["model"]["w"][0, 0] == int(p.name[5:])
+
+def test_rotate_skips_what_another_process_removed(tmp_path, monkeypatch):
+    "Deterministically: the folder vanishes between rotate's listing and its removal."
+    import model_ops.checkpoint.core as C
+    for s in (1, 2, 3): save(tmp_path/f"step-{s}", model={"w": torch.ones(2)}, rng=False)
+    real = C.remove_dir
+    def other_first(p): shutil.rmtree(p); real(p)                         # the other process wins the race
+    monkeypatch.setattr(C, "remove_dir", other_first)
+    assert rotate(tmp_path, keep=1) == [] and [p.name for p in list_checkpoints(tmp_path)] == ["step-3"]
+
+def test_load_names_folders_it_does_not_read(dcp_folder, zero_src, tmp_path):
+    "load of a DCP, universal, TP, DeepSpeed ZeRO or model folder: a CheckpointError saying what the folder is and what reads it."
+    import torch.distributed.checkpoint as dcp
+    root, full, st = zero_src
+    zsrc = ds_fixture(tmp_path/"global_step3", full, LAYOUT, tp=1, dp=1, step=st, info=INFO)
+    raw = tmp_path/"raw_dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore"); dcp.save({"model": {"w": torch.ones(2)}}, checkpoint_id=str(raw), no_dist=True)
+    from model_ops.io import save_model
+    cases = [(dcp_folder[0], "DCP.*dcp_load"), (raw, "DCP.*dcp_load"), (save_universal(read_zero(zsrc), tmp_path/"u"), "universal.*load_universal"),
+             (save_tp([{"w": torch.ones(2)}], tmp_path/"tp", TPLayout()), "TP folder.*load_tp"), (zsrc, "DeepSpeed ZeRO.*ds_to_universal"),
+             (save_model({"w": torch.ones(2)}, tmp_path/"hf"), "model folder.*WeightStore")]
+    for d, msg in cases:
+        with pytest.raises(CheckpointError, match=msg): load(d, rng=False)

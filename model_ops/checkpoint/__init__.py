@@ -4,7 +4,7 @@
 
 # %% ../../nbs/60_checkpoint.ipynb #357fbc5a
 from __future__ import annotations
-import time, shutil, tempfile
+import os, time, shutil, signal, tempfile
 from pathlib import Path
 import torch
 from .core import (
@@ -29,17 +29,18 @@ _all_ = ['Issue', 'FORMAT', 'CheckpointError', 'write_safetensors', 'read_header
          'plot_curves']
 
 # %% auto #0
-__all__ = ['cli_ckpt', 'demo_step', 'Issue', 'FORMAT', 'CheckpointError', 'write_safetensors', 'read_header', 'read_safetensors',
-           'pack', 'unpack', 'rng_state', 'set_rng_state', 'atomic_dir', 'save', 'read_manifest', 'tree_sha256',
-           'verify', 'load', 'tensor_byte_range', 'list_checkpoints', 'latest', 'rotate', 'Checkpointer', 'dcp_save',
-           'dcp_load', 'dcp_to_hf', 'hf_to_dcp', 'TPLayout', 'llama_layout', 'tp_split', 'tp_merge', 'to_universal',
-           'from_universal', 'save_universal', 'load_universal', 'save_tp', 'load_tp', 'reshard',
-           'save_deepspeed_universal', 'load_deepspeed_universal', 'read_zero', 'ds_to_universal', 'save_zero',
-           'load_universal_into', 'stage_grad_norms', 'recover_stage', 'pipeline_stages', 'checkfree_demo',
-           'plot_curves']
+__all__ = ['KILL_MOMENTS', 'cli_ckpt', 'demo_step', 'damage_demo', 'ckpt_widget', 'Issue', 'FORMAT', 'CheckpointError',
+           'write_safetensors', 'read_header', 'read_safetensors', 'pack', 'unpack', 'rng_state', 'set_rng_state',
+           'atomic_dir', 'save', 'read_manifest', 'tree_sha256', 'verify', 'load', 'tensor_byte_range',
+           'list_checkpoints', 'latest', 'rotate', 'Checkpointer', 'dcp_save', 'dcp_load', 'dcp_to_hf', 'hf_to_dcp',
+           'TPLayout', 'llama_layout', 'tp_split', 'tp_merge', 'to_universal', 'from_universal', 'save_universal',
+           'load_universal', 'save_tp', 'load_tp', 'reshard', 'save_deepspeed_universal', 'load_deepspeed_universal',
+           'read_zero', 'ds_to_universal', 'save_zero', 'load_universal_into', 'stage_grad_norms', 'recover_stage',
+           'pipeline_stages', 'checkfree_demo', 'plot_curves']
 
 # %% ../../nbs/60_checkpoint.ipynb #08a99a40
 from fastcore.script import call_parse
+from ..io import check_output
 
 @call_parse
 def cli_ckpt(cmd:str,                  # verify | convert | reshard
@@ -51,7 +52,8 @@ def cli_ckpt(cmd:str,                  # verify | convert | reshard
              zero_stage:int=2,         # reshard --dp: ZeRO stage of the written files (1, 2 or 3)
              max_shard_size:str="2GB", # convert --to hf: shard size, which also bounds memory
              dtype:str=None,           # convert --to hf: cast, e.g. bfloat16
-             overwrite:bool=False):    # replace `out` if it exists
+             overwrite:bool=False,     # replace `out` if it exists
+             trust:bool=False):        # convert, reshard: unpickle any object in SRC (runs its code; only for folders you trust)
     "Verify, convert (DCP <-> HF; TP or DeepSpeed ZeRO -> universal) and reshard checkpoints (any TP, and DP for DeepSpeed)."
     if cmd == "verify":
         if not (Path(src)/"manifest.json").exists() and (Path(src).is_file() or any(Path(src).glob("*.safetensors"))):
@@ -65,13 +67,16 @@ def cli_ckpt(cmd:str,                  # verify | convert | reshard
         print(f"OK {src}: {m.get('kind', 'training')} checkpoint, {len(m['files'])} files, {n} tensors/chunks, all SHA-256 match")
         return True
     if out is None: raise CheckpointError(f"`{cmd}` needs an output folder: model-ops ckpt {cmd} SRC --out OUT")
+    check_output(out, [src])                  # before anything is read: OUT must not be, hold or sit inside SRC
     if cmd == "convert":
-        if to == "hf": r = dcp_to_hf(src, out, max_shard_size=max_shard_size, dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite)
+        if to == "hf": r = dcp_to_hf(src, out, max_shard_size=max_shard_size, dtype=getattr(torch, dtype) if dtype else None,
+                                     overwrite=overwrite, trust=trust)
         elif to == "dcp": r = hf_to_dcp(src, out, overwrite=overwrite)
         elif to == "universal":
-            r = ds_to_universal(src, out, overwrite=overwrite) if _ckpt_kind(src, None) == "zero" else reshard(src, out, None, overwrite=overwrite)
+            r = ds_to_universal(src, out, overwrite=overwrite, trust=trust) if _ckpt_kind(src, None) == "zero" else \
+                reshard(src, out, None, overwrite=overwrite, trust=trust)
         else: raise CheckpointError(f"unknown --to {to!r}; use hf, dcp or universal")
-    elif cmd == "reshard": r = reshard(src, out, tp, overwrite=overwrite, dp=dp, zero_stage=zero_stage)
+    elif cmd == "reshard": r = reshard(src, out, tp, overwrite=overwrite, dp=dp, zero_stage=zero_stage, trust=trust)
     else: raise CheckpointError(f"unknown command {cmd!r}; use verify, convert or reshard")
     print(f"wrote {r}"); return r
 
@@ -96,3 +101,82 @@ def demo_step(model, tok=None, log=print) -> dict:
         log(f"checkpoint: verified load in {t_load:.2f}s; identical tensors: {same}")
         return {"size_mb": size/1e6, "save_s": t_save, "load_s": t_load, "corruption_found": bool(iss) and iss[0].tensor == name, "identical": same, "file": fn}
     finally: shutil.rmtree(d, ignore_errors=True)
+
+# %% ../../nbs/60_checkpoint.ipynb #3a54d142
+KILL_MOMENTS = ["before it writes anything", "after its first shard file", "after all its files, before the manifest",
+                "after the manifest, before the rename", "overwriting step 2: after moving the old one aside"]
+
+def _die(): os.kill(os.getpid(), signal.SIGKILL)
+
+def _killed_save(path, model:dict, step:int, moment:str) -> bool:
+    "`save` in a forked child that SIGKILLs itself at `moment` (one of `KILL_MOMENTS`); whether the kill came."
+    import model_ops.io as mio, model_ops.checkpoint.core as core
+    if not hasattr(os, "fork"): raise NotImplementedError("the kill demo forks a child process (Linux, macOS)")
+    i = KILL_MOMENTS.index(moment)
+    pid = os.fork()
+    if pid == 0:                                        # the child: hooks here change nothing in the parent
+        try:
+            if i <= 1:                                  # the first shard file: before it starts / once it is written
+                real_ws = mio.write_safetensors
+                def ws(*a, **k):
+                    if i == 0: _die()
+                    r = real_ws(*a, **k); _die()
+                mio.write_safetensors = ws
+            elif i == 2:                                # the manifest is the last file a save writes
+                real_wb = core.write_bytes
+                core.write_bytes = lambda p, *a, **k: _die() if Path(p).name == "manifest.json" else real_wb(p, *a, **k)
+            else:                                       # renaming the new folder in (an overwrite has set the old one aside)
+                real_mv = os.rename
+                os.rename = lambda a, b: _die() if Path(a).name.startswith(f".{Path(path).name}.tmp-") else real_mv(a, b)
+            save(path, model=model, step=step, rng=False, overwrite=True, max_shard_size="150KB")
+        finally: os._exit(0)
+    _, st = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL
+
+def damage_demo(action:str="flip a byte",    # flip a byte | truncate a shard | kill a save
+                where:float=0.5,             # flip, truncate: where in the shard file, as a fraction of its size
+                shard:int=1,                 # flip, truncate: which of the newest checkpoint's three shard files
+                moment:str=KILL_MOMENTS[1],  # kill: when the save dies (`KILL_MOMENTS`)
+                log=print) -> dict:
+    "Two good checkpoints, one accident to the newest; what `load`, `latest` and `verify` say, and which checkpoint survives."
+    root = Path(tempfile.mkdtemp(prefix="ckpt-damage-"))
+    model = lambda s: {f"layer{i}.w": torch.full((64, 256), float(s)) for i in range(6)}   # 6 x 64 KB: three shards
+    try:
+        ck = Checkpointer(root, keep=3)
+        for s in (1, 2): ck.save(s, model=model(s), rng=False, max_shard_size="150KB")
+        newest = ck.path(2)
+        if action == "kill a save":
+            step = 2 if moment == KILL_MOMENTS[-1] else 3
+            newest = ck.path(step)
+            killed = _killed_save(newest, model(10 * step), step, moment)
+            what = f"the save of step {step} (all values {10*step}.0) was " + (f"killed {moment}" if killed else "not killed: it finished first")
+        elif action in ("flip a byte", "truncate a shard"):
+            fn = read_manifest(newest)["model_files"][shard]; f = newest/fn
+            size = f.stat().st_size; pos = min(size - 1, int(size * where))
+            if action == "flip a byte":
+                with open(f, "r+b") as fh: b = fh.read()[pos]; fh.seek(pos); fh.write(bytes([b ^ 1]))
+                what = f"flipped one bit of byte {pos} of {newest.name}/{fn} ({size} bytes)"
+            else: os.truncate(f, pos); what = f"cut {newest.name}/{fn} from {size} to {pos} bytes"
+        else: raise ValueError(f"unknown action {action!r}; use 'flip a byte', 'truncate a shard' or 'kill a save'")
+        on_disk = sorted(p.name for p in root.iterdir())           # before any reader looks
+        try: r = load(newest, rng=False); said = f"OK, step {r['step']}, values {r['model']['layer0.w'][0, 0].item()}"
+        except CheckpointError as e: said = "CheckpointError: " + str(e).replace(str(root) + "/", "")
+        good = latest(root)
+        checks = {p.name: [_fmt_issue(i).strip() for i in verify(p, strict=False)] for p in list_checkpoints(root)}
+        back = load(good, rng=False)
+        res = {"what": what, "on_disk": on_disk, "load": said, "verify": checks, "survivor": good.name,
+               "step": back["step"], "value": back["model"]["layer0.w"][0, 0].item()}
+    finally: shutil.rmtree(root, ignore_errors=True)
+    log(f"{res['what']}\non disk: {', '.join(res['on_disk'])}\nload({newest.name}): {res['load']}")
+    for k, v in res["verify"].items(): log(f"verify({k}): " + ("OK" if not v else "; ".join(v)))
+    log(f"latest(root) = {res['survivor']}: step {res['step']}, values {res['value']}")
+    return res
+
+# %% ../../nbs/60_checkpoint.ipynb #d8c0f9bb
+def ckpt_widget():
+    "ipywidgets demo of `damage_demo`: the accident, where it strikes (flip, truncate) and when (kill); `.result` is its dict."
+    import ipywidgets as W
+    return W.interactive(lambda action, where, shard, moment: damage_demo(action, where, shard, moment),
+                         action=W.Dropdown(options=["flip a byte", "truncate a shard", "kill a save"], value="flip a byte"),
+                         where=W.FloatSlider(value=0.5, min=0.0, max=0.99, step=0.01), shard=W.IntSlider(value=1, min=0, max=2),
+                         moment=W.Dropdown(options=KILL_MOMENTS, value=KILL_MOMENTS[1]))

@@ -229,7 +229,7 @@ def set_rng_state(s:dict):
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.clone() for t in s["cuda"]])
 
 # %% ../../nbs/61_checkpoint_core.ipynb #a9cb738d
-from ..io import atomic_dir as _io_atomic_dir, clean_tmp, remove_dir
+from ..io import atomic_dir as _io_atomic_dir, clean_tmp, remove_dir, restore_aside, _TMP_RE
 
 class atomic_dir(_io_atomic_dir):
     "`model_ops.io.atomic_dir` raising `CheckpointError`: a temporary sibling folder renamed to `path` on clean exit."
@@ -325,8 +325,10 @@ def read_manifest(dir) -> dict:
     "The manifest of checkpoint `dir`, checked against its own SHA-256."
     p = Path(dir)/"manifest.json"
     if not Path(dir).is_dir(): raise CheckpointError(f"{dir} is not a folder")
-    if not p.exists(): raise CheckpointError(f"{dir}: no manifest.json -- not a complete model_ops checkpoint (interrupted save?)",
-                                             [Issue("manifest.json", None, "missing")])
+    if not p.exists():
+        hint = "; a model folder (safetensors, no manifest) opens with model_ops.io.WeightStore.open" if any(Path(dir).glob("*.safetensors")) else ""
+        raise CheckpointError(f"{dir}: no manifest.json -- not a complete model_ops checkpoint (interrupted save?){hint}",
+                              [Issue("manifest.json", None, "missing")])
     try: m = json.loads(p.read_text())
     except Exception as e: raise CheckpointError(f"{dir}: manifest.json unreadable", [Issue("manifest.json", None, f"invalid JSON: {e}")]) from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -348,9 +350,12 @@ def _file_sha256(p) -> str:
         while n := f.readinto(mv): h.update(mv[:n])
     return h.hexdigest()
 
+_ENTRY_CHECKS = {}   # key of manifest entries `save` does not write -> check(dir, fname, entry); "chunks" (DCP files): filled by .dcp
+
 def _verify_file(dir, fname, ent, full:bool=True) -> list:
     "Issues for one file: existence, size, header, every tensor's hash, and (`full`) the file's SHA-256, in one sequential read."
-    if "chunks" in ent: return _verify_dcp_file(dir, fname, ent)
+    for key, check in _ENTRY_CHECKS.items():
+        if key in ent: return check(dir, fname, ent)
     p = Path(dir)/fname
     if not p.exists(): return [Issue(fname, None, "missing")]
     size = p.stat().st_size
@@ -398,34 +403,15 @@ def verify(dir,                 # checkpoint folder
         if strict: raise
         return e.issues
     fs = list(m["files"].items())
-    res = list(_pool("verify", _NCPU).map(lambda fe: _verify_file(dir, fe[0], fe[1], full), fs)) if len(fs) > 1 else \
-          [_verify_file(dir, f, e, full) for f,e in fs]
+    def one(f, e):
+        try: return _verify_file(dir, f, e, full)
+        except FileNotFoundError: return [Issue(f, None, "missing (removed while being verified)")]
+    res = list(_pool("verify", _NCPU).map(lambda fe: one(*fe), fs)) if len(fs) > 1 else [one(f, e) for f,e in fs]
     iss = [i for r in res for i in r]
     if iss and strict: raise CheckpointError(f"checkpoint {dir} failed verification", iss)
     return iss
 
 _verify_dir = verify
-
-# %% ../../nbs/61_checkpoint_core.ipynb #05d319fd
-def _verify_dcp_file(dir, fname, ent) -> list:
-    p = Path(dir)/fname
-    if not p.exists(): return [Issue(fname, None, "missing")]
-    size, iss = p.stat().st_size, []
-    if size != ent["size"]:
-        cut = [k for k,c in ent.get("chunks", {}).items() if c["offset"] + c["length"] > size]
-        iss.append(Issue(fname, cut[0] if cut else None, f"size {size} bytes, manifest says {ent['size']}" +
-                         (f" (truncated: {len(cut)} chunk(s) cut)" if cut else "")))
-    fh = hashlib.sha256()
-    with open(p, "rb") as f:
-        for k,c in ent.get("chunks", {}).items():
-            f.seek(c["offset"]); b = f.read(c["length"])
-            if len(b) == c["length"] and _sha256(b) != c["sha256"]:
-                iss.append(Issue(fname, k, "SHA-256 of its bytes differs from the manifest (data corrupted)"))
-        f.seek(0)
-        for blk in iter(lambda: f.read(1 << 24), b""): fh.update(blk)
-    if not iss and fh.hexdigest() != ent["sha256"]:
-        iss.append(Issue(fname, None, "SHA-256 differs from the manifest" + (" (in DCP metadata / padding bytes)" if "chunks" in ent else "")))
-    return iss
 
 # %% ../../nbs/61_checkpoint_core.ipynb #99b4e96c
 def _files_of(m:dict, stem:str) -> list:
@@ -453,7 +439,13 @@ def _ckpt_kind(src, default="training") -> str:
     if (src/"manifest.json").exists(): return read_manifest(src).get("kind", "training")
     if (src/"zero").is_dir() or (src/"latest_universal").is_file(): return "deepspeed_universal"
     if src.is_dir() and any(_OPT_RE.match(p.name) for p in src.iterdir()): return "zero"
+    if (src/".metadata").is_file(): return "dcp"                         # torch.distributed.checkpoint without our manifest
     return default
+
+_USE_INSTEAD = {   # folder kinds `load` does not read -> what does
+    "dcp": "a torch.distributed.checkpoint (DCP) folder: use dcp_load(dir, model, optimizer), or convert it (dcp_to_hf)",
+    "universal": "a universal checkpoint: use load_universal(dir), or reshard it", "tp": "a TP folder: use load_tp or to_universal",
+    "zero": "a DeepSpeed ZeRO folder: convert it with ds_to_universal and load that, or use read_zero"}
 
 _FOLDER_LOADERS = {}   # folder kind -> load(dir, model, optimizer, strict, verify) for folders `save` does not write; filled by model_ops.checkpoint.zero
 
@@ -468,7 +460,11 @@ def load(dir,                      # checkpoint folder written by `save`, or a D
     "Load checkpoint `dir` into the given objects; returns a dict with `step`, `extra`, `model` (tensors) and the manifest."
     if verify not in (True, False, "fast", "full"): raise ValueError(f"verify must be True, False, 'fast' or 'full', not {verify!r}")
     dir = Path(dir)
-    if (other := _FOLDER_LOADERS.get(_ckpt_kind(dir))) is not None: return other(dir, model, optimizer, strict, verify)   # a DeepSpeed universal folder
+    try: restore_aside(dir)                          # a save killed between its two renames: the previous checkpoint comes back
+    except OSError: pass                             # (another process put it back first)
+    kind = _ckpt_kind(dir)
+    if (other := _FOLDER_LOADERS.get(kind)) is not None: return other(dir, model, optimizer, strict, verify)   # a DeepSpeed universal folder
+    if kind in _USE_INSTEAD: raise CheckpointError(f"{dir} is {_USE_INSTEAD[kind]}; `load` reads the checkpoints `save` writes")
     m = read_manifest(dir)
     files = m["files"]
     if verify:
@@ -525,10 +521,18 @@ def tensor_byte_range(dir, fname:str, tensor:str) -> tuple:
 # %% ../../nbs/61_checkpoint_core.ipynb #97a888ef
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
+def _restore_checkpoints(root:Path):
+    "Put back every `step-N` that a save killed between setting it aside and renaming its successor in left hidden."
+    for q in root.iterdir():
+        if (m := _TMP_RE.match(q.name)) and m.group(2) == "old" and _STEP_RE.match(m.group(1)):
+            try: restore_aside(root/m.group(1))
+            except OSError: pass                     # another process put it back first
+
 def list_checkpoints(root) -> list:
     "Complete-looking checkpoint folders `root/step-N` (with a manifest), oldest first."
     root = Path(root)
     if not root.is_dir(): return []
+    _restore_checkpoints(root)
     cs = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and (p/"manifest.json").exists()]
     return [p for _,p in sorted(cs)]
 
@@ -539,7 +543,7 @@ def latest(root, check:bool=True):
     return None
 
 def rotate(root, keep:int=3, check:bool=True) -> list:
-    "Delete all but the newest `keep` checkpoints, but never the newest one that verifies; returns deleted folders."
+    "Delete all but the newest `keep` checkpoints, but never the newest one that verifies; returns the folders it deleted."
     cs = list_checkpoints(root)
     if keep < 1: raise ValueError("keep must be >= 1")
     kept, good = cs[-keep:], None
@@ -548,7 +552,9 @@ def rotate(root, keep:int=3, check:bool=True) -> list:
     gone = []
     for p in cs[:-keep]:
         if p == good: continue
-        remove_dir(p); gone.append(p)
+        try: remove_dir(p)
+        except FileNotFoundError: continue           # another process rotating the same root removed it first
+        gone.append(p)
     return gone
 
 # %% ../../nbs/61_checkpoint_core.ipynb #1a38dd92

@@ -4,11 +4,12 @@
 
 # %% ../../nbs/62_checkpoint_dcp.ipynb #e12656f1
 from __future__ import annotations
-import os, io, json, time, hashlib, warnings
+import os, io, re, copy, json, time, pickle, hashlib, warnings, functools
 from pathlib import Path
 import numpy as np
 import torch
-from .core import FORMAT, CheckpointError, atomic_dir, clean_tmp, verify, _sha256, _manifest_hash
+from ..io import check_output
+from .core import FORMAT, Issue, CheckpointError, atomic_dir, clean_tmp, verify, _sha256, _manifest_hash, _ENTRY_CHECKS
 
 # %% auto #0
 __all__ = ['dcp_save', 'dcp_load', 'dcp_to_hf', 'hf_to_dcp']
@@ -24,10 +25,19 @@ def _bcast(obj):
     if not on: return obj
     lst = [obj]; dist.broadcast_object_list(lst, src=0); return lst[0]
 
+def _rank0(fn):
+    "`fn()` run on rank 0; its result, or its `CheckpointError`, on every rank (no rank left waiting)."
+    r = None
+    if _dist()[2] == 0:
+        try: r = (fn(), None)
+        except CheckpointError as e: r = (None, str(e))
+    r = _bcast(r)
+    if r[1] is not None: raise CheckpointError(r[1])
+    return r[0]
+
 def _dcp_item_ranges(dir) -> dict:
     "{file: [(offset, length, fqn/offsets)]} for every stored chunk of a DCP folder (reads .metadata)."
-    from torch.distributed.checkpoint import FileSystemReader
-    md = FileSystemReader(str(dir)).read_metadata()
+    md = _dcp_metadata(dir)                     # our own folder, read as any other: no code runs
     out = {}
     for idx, info in md.storage_data.items():
         label = idx.fqn + ("" if idx.offset is None or not any(idx.offset) else f"@{list(idx.offset)}")
@@ -97,7 +107,8 @@ def dcp_load(dir,                  # DCP folder (written by `dcp_save`, accelera
              model=None,           # module to fill in place: any sharding, any world size
              optimizer=None,       # optimizer to fill
              *, verify:bool=True,  # check the manifest hashes first (when the folder has one)
-             strict:bool=True) -> dict:
+             strict:bool=True,
+             trust:bool=False) -> dict: # unpickle any object the folder holds (runs its code; only for folders you trust)
     "Load a DCP checkpoint into `model`/`optimizer`, resharding to the current world size; returns `extra` and step."
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict, set_state_dict, set_model_state_dict, StateDictOptions
@@ -107,24 +118,30 @@ def dcp_load(dir,                  # DCP folder (written by `dcp_save`, accelera
     if verify and has_m:
         iss = _bcast(globals()["verify"](dir, strict=False) if rank == 0 else None)
         if iss: raise CheckpointError(f"DCP checkpoint {dir} failed verification", iss)
-    md = _bcast(_dcp_metadata(dir) if rank == 0 else None)
+    md = _rank0(lambda: _dcp_metadata(dir, trust))   # refused on every rank when it is not DCP metadata
+    Reader, Planner = _safe_dcp()
     sd = {}
     if model is not None and optimizer is not None: sd["model"], sd["optim"] = get_state_dict(model, optimizer)
     elif model is not None: sd["model"] = get_model_state_dict(model)
     extra_keys = [k for k in md.state_dict_metadata if k.startswith("extra.")]
-    flat_extra = {k: None for k in extra_keys}
+    planners = []
+    def _load(state, no_dist):
+        planners.append(Planner(dir, trust))
+        dcp.load(state, storage_reader=Reader(str(dir), md), planner=planners[-1], no_dist=no_dist)
     try:
-        dcp.load(sd, checkpoint_id=str(dir), no_dist=not on)
+        _load(sd, not on)
         ex = {}
         if extra_keys:
             from torch.distributed.checkpoint.metadata import TensorStorageMetadata
             ex = {k: torch.empty(v.size, dtype=v.properties.dtype) if isinstance(v, TensorStorageMetadata) else None
                   for k,v in md.state_dict_metadata.items() if k.startswith("extra.")}
             ex2 = {"extra": {k[6:]: v for k,v in ex.items()}}
-            dcp.load(ex2, checkpoint_id=str(dir), no_dist=True)
+            _load(ex2, True)
             ex = ex2["extra"]
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)): raise
+        refused = next((p.refused for p in planners if p.refused is not None), None)
+        if refused is not None: raise refused from None          # DCP wraps it; say it plainly
         raise CheckpointError(f"could not load DCP checkpoint {dir}: {e}") from e
     opts = StateDictOptions(strict=strict)
     if model is not None and optimizer is not None:
@@ -133,9 +150,107 @@ def dcp_load(dir,                  # DCP folder (written by `dcp_save`, accelera
     m = json.loads((dir/"manifest.json").read_text()) if has_m else {}
     return {"step": m.get("step"), "extra": ex}
 
-def _dcp_metadata(dir):
-    from torch.distributed.checkpoint import FileSystemReader
-    return FileSystemReader(str(dir)).read_metadata()
+
+# %% ../../nbs/62_checkpoint_dcp.ipynb #a92851cc
+def _verify_dcp_file(dir, fname, ent) -> list:
+    "`verify`'s issues for one DCP data file: size, the SHA-256 of every stored chunk and of the whole file."
+    p = Path(dir)/fname
+    if not p.exists(): return [Issue(fname, None, "missing")]
+    size, iss = p.stat().st_size, []
+    if size != ent["size"]:
+        cut = [k for k,c in ent.get("chunks", {}).items() if c["offset"] + c["length"] > size]
+        iss.append(Issue(fname, cut[0] if cut else None, f"size {size} bytes, manifest says {ent['size']}" +
+                         (f" (truncated: {len(cut)} chunk(s) cut)" if cut else "")))
+    fh = hashlib.sha256()
+    with open(p, "rb") as f:
+        for k,c in ent.get("chunks", {}).items():
+            f.seek(c["offset"]); b = f.read(c["length"])
+            if len(b) == c["length"] and _sha256(b) != c["sha256"]:
+                iss.append(Issue(fname, k, "SHA-256 of its bytes differs from the manifest (data corrupted)"))
+        f.seek(0)
+        for blk in iter(lambda: f.read(1 << 24), b""): fh.update(blk)
+    if not iss and fh.hexdigest() != ent["sha256"]:
+        iss.append(Issue(fname, None, "SHA-256 differs from the manifest" + (" (in DCP metadata / padding bytes)" if "chunks" in ent else "")))
+    return iss
+
+_ENTRY_CHECKS["chunks"] = _verify_dcp_file
+
+# %% ../../nbs/62_checkpoint_dcp.ipynb #563baf84
+_DCP_CLASSES = {   # module -> the names DCP metadata may look up there (plus torch's dtypes)
+    "torch.distributed.checkpoint.metadata": {"Metadata", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed._shard.sharded_tensor.metadata": {"TensorProperties", "MEM_FORMAT_ENCODING"},   # older torch versions
+    "torch.serialization": {"_get_layout"},           # how torch.layout pickles: a lookup among torch's layouts
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},        # StorageMeta.checkpoint_id
+    "collections": {"OrderedDict"}}
+
+_TRUST = "model_ops reads DCP folders without running code from them; pass trust=True if you trust this folder"
+
+def _dcp_allowed(module:str, name:str) -> bool:
+    return name in _DCP_CLASSES.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+
+class _DCPUnpickler(pickle.Unpickler):
+    "Unpickles DCP's `.metadata`, looking up only the classes in `_DCP_CLASSES` (and torch dtypes); anything else is refused by name."
+    def __init__(self, f, path): super().__init__(f); self.path = path
+    def find_class(self, module, name):
+        if _dcp_allowed(module, name): return super().find_class(module, name)
+        raise CheckpointError(f"{self.path}: refuses to unpickle {module}.{name}: not one of the classes DCP metadata is made of; {_TRUST}")
+    def persistent_load(self, pid): raise CheckpointError(f"{self.path}: refuses a persistent id in DCP metadata; {_TRUST}")
+
+def _dcp_metadata(dir, trust:bool=False):
+    "DCP's `.metadata` of folder `dir`, unpickled by `_DCPUnpickler` (plain `pickle` when `trust`), checked to be DCP metadata."
+    from torch.distributed.checkpoint.metadata import Metadata
+    p = Path(dir)/".metadata"
+    if not p.is_file(): raise CheckpointError(f"{dir} has no .metadata: not a torch.distributed.checkpoint folder (or its save was interrupted)")
+    with open(p, "rb") as f:
+        try: md = pickle.load(f) if trust else _DCPUnpickler(f, p).load()
+        except CheckpointError: raise
+        except Exception as e: raise CheckpointError(f"{p}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
+    if not (isinstance(md, Metadata) and isinstance(md.state_dict_metadata, dict) and isinstance(md.storage_data, dict)):
+        raise CheckpointError(f"{p}: holds a {type(md).__name__}, not DCP metadata")
+    for info in md.storage_data.values():               # data files stay inside the folder
+        rp = getattr(info, "relative_path", None)
+        if not isinstance(rp, str) or Path(rp).is_absolute() or ".." in Path(rp).parts:
+            raise CheckpointError(f"{p}: names a data file outside the folder ({rp!r}); DCP writes its files inside it")
+    return md
+
+def _refused(e:pickle.UnpicklingError) -> str:
+    "The global a `weights_only` load refused, as module.name (torch names builtins bare)."
+    g = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return "an object" if g is None else g.group(1) if "." in g.group(1) else f"builtins.{g.group(1)}"
+
+def _load_bytes(f, where:str, trust:bool=False):
+    "A non-tensor value DCP stored with `torch.save`: `weights_only=True` unless `trust`."
+    if trust: return torch.load(f, weights_only=False)
+    try: return torch.load(f, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{where}: refuses to unpickle {_refused(e)}: only numbers, strings, "
+                              f"containers and tensors load without trust; {_TRUST}") from None
+
+@functools.cache
+def _safe_dcp() -> tuple:
+    "(Reader, Planner) for `dcp.load`: the reader returns metadata read by `_dcp_metadata`, the planner unpickles values by `_load_bytes`."
+    from torch.distributed.checkpoint import FileSystemReader, DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint._traverse import set_element
+    class Reader(FileSystemReader):
+        def __init__(self, path, md): super().__init__(path); self.md = md
+        def read_metadata(self, *a, **kw):
+            md = copy.deepcopy(self.md)
+            if getattr(md, "storage_meta", None) is None: md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+    class Planner(DefaultLoadPlanner):
+        def __init__(self, dir, trust:bool): super().__init__(); self.dir, self.trust, self.refused = Path(dir), trust, None
+        def load_bytes(self, read_item, value):       # DefaultLoadPlanner.load_bytes, without weights_only=False
+            info = self.metadata.storage_data[read_item.storage_index]
+            try: obj = _load_bytes(value, f"{self.dir/info.relative_path} (value {read_item.storage_index.fqn!r})", self.trust)
+            except CheckpointError as e: self.refused = e; raise
+            if self.flatten_state_dict: set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else: self.state_dict[read_item.dest_index.fqn] = obj
+    return Reader, Planner
 
 # %% ../../nbs/62_checkpoint_dcp.ipynb #aaa50578
 def _dcp_tensor_keys(md, prefix):
@@ -168,7 +283,10 @@ def _dcp_chunk(src:Path, info, fds:dict, numel:int, dtype) -> torch.Tensor:
     if head != b"PK\x03\x04":
         raise CheckpointError(f"{src}: the chunk at byte {info.offset} of {info.relative_path} is not in torch.save format "
                               "(the FileSystemWriter default); dcp_to_hf reads only that format")
-    t = torch.load(_FileSlice(fd, info.offset, info.length), map_location="cpu", weights_only=True)
+    try: t = torch.load(_FileSlice(fd, info.offset, info.length), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{src/info.relative_path}: refuses to unpickle {_refused(e)} in the chunk at byte "
+                              f"{info.offset}: a tensor chunk holds a tensor and nothing else") from None
     if not isinstance(t, torch.Tensor) or t.numel() != numel or t.dtype != dtype:
         raise CheckpointError(f"{src}: the chunk at byte {info.offset} of {info.relative_path} does not hold the {numel} {dtype} values the metadata promise")
     if t.untyped_storage().nbytes() != t.numel() * t.element_size(): t = t.clone()   # a view of a bigger saved storage
@@ -195,11 +313,13 @@ def dcp_to_hf(src,                          # DCP folder
               max_shard_size="2GB",         # shard size; peak memory is about this plus the largest tensor
               dtype=None,                   # cast to this dtype (e.g. torch.bfloat16)
               config=None,                  # dict, PretrainedConfig or HF folder whose config.json to copy
-              overwrite:bool=False) -> Path:
+              overwrite:bool=False,
+              trust:bool=False) -> Path:    # unpickle any object in `.metadata` (runs its code; only for folders you trust)
     "Convert a DCP checkpoint's model tensors to a sharded HF safetensors folder with bounded memory."
     from model_ops.io import ShardWriter
+    check_output(out, [src, config])               # before anything is read: `out` must not be, hold or sit inside an input
     src = Path(src)
-    md = _dcp_metadata(src)
+    md = _dcp_metadata(src, trust)
     keys = _dcp_tensor_keys(md, prefix)
     if not keys: raise CheckpointError(f"{src}: no tensors under prefix {prefix!r}; keys look like {list(md.state_dict_metadata)[:3]}")
     if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
@@ -228,6 +348,7 @@ def hf_to_dcp(src,                     # anything `WeightStore.open` reads: HF f
               overwrite:bool=False) -> Path:
     "Write a HF model's tensors as a single-process DCP checkpoint loadable by `dcp_load` on any number of ranks."
     from model_ops.io import WeightStore
+    check_output(out, [src])
     ws = WeightStore.open(src)
     sd = {k: ws[k] for k in ws.keys()}
     if ws.config is not None and ws.config.get("tie_word_embeddings"):     # tied heads absent on disk: store them too

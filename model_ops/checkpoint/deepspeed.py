@@ -9,7 +9,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from concurrent.futures import wait
 import torch
-from ..io import _fsync_dir, write_bytes, _write_all, _done, _pool, _NCPU
+from ..io import check_output, _fsync_dir, write_bytes, _write_all, _done, _pool, _NCPU
 from .core import (
     CheckpointError, Issue, read_manifest, atomic_dir, _verify_dir)
 from .universal import _per_expert, _sub_sizes, _commit_manifest, _FOLDER_READERS
@@ -183,6 +183,7 @@ def save_deepspeed_universal(u:dict,              # universal form (`read_zero`,
                              overwrite:bool=False,
                              latest:bool=True) -> Path: # also write `<out.parent>/latest_universal` naming `out`
     "Write DeepSpeed's universal layout (`zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`, `zero/optimizer_state.pt`) atomically, with a manifest."
+    check_output(out, list(copy))                      # the files copied in are inputs
     opt = {**(u.get("optimizer") or {}), "param_groups": (u.get("optimizer") or {}).get("param_groups", [])}
     states = {n: [_DS_FILE.get(st, st) for st,ts in u["states"].items() if n in ts] for n in u["meta"]}
     order = sorted(u["meta"], key=lambda n: -u["states"]["param"][n].numel())

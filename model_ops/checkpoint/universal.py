@@ -6,6 +6,7 @@
 from __future__ import annotations
 import os, re, json, time
 from pathlib import Path
+from ..io import check_output
 from dataclasses import dataclass, field
 import torch
 from .core import (
@@ -163,6 +164,7 @@ def to_universal(ranks,                   # TP ranks (list of dicts), a [pp][tp]
                  ep:int=None) -> dict:    # expert-parallel degree of `ranks` (expert parameters hold E/ep experts each)
     "Consolidate TP/PP(/EP)-sliced model and optimizer state into one parallelism-free form."
     if isinstance(ranks, (str, Path)):
+        if out is not None: check_output(out, [ranks])   # before anything is read
         kind = _ckpt_kind(ranks, None)
         if kind in _FOLDER_READERS:                      # DeepSpeed ZeRO rank files / DeepSpeed universal folder
             u = _FOLDER_READERS[kind](ranks, layout, strict)

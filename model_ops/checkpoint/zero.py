@@ -6,6 +6,7 @@
 from __future__ import annotations
 import re, math
 from pathlib import Path
+from ..io import check_output
 from collections import OrderedDict
 import torch
 from .core import CheckpointError, Issue, atomic_dir, _OPT_RE, _ckpt_kind, _FOLDER_LOADERS
@@ -221,8 +222,9 @@ def ds_to_universal(src,                 # DeepSpeed ZeRO checkpoint folder (`gl
                     latest:bool=True) -> Path:  # write `latest_universal` beside `out`
     "DeepSpeed's `ds_to_universal.py` without DeepSpeed: ZeRO-1/2/3 x TP rank files -> `zero/<param>/*.pt` (all checks before writing, one parameter in memory at a time)."
     src = Path(src)
-    p = _zero_prepare(src, layout, strict, trust)
     out = Path(out) if out is not None else src.parent/f"{src.name}_universal"
+    check_output(out, [src])                              # before anything is read
+    p = _zero_prepare(src, layout, strict, trust)
     return _zero_stream(p, out, copy=[src/f for f in p["model_files"]], overwrite=overwrite, latest=latest)
 
 # %% ../../nbs/66_checkpoint_zero.ipynb #9de8b847
@@ -357,13 +359,15 @@ def reshard(src,                 # a TP folder (`save_tp`), a universal folder, 
             tp:int=None,         # target TP degree; None (and no `dp`) writes the universal form
             layout:TPLayout=None, overwrite:bool=False,
             dp:int=None,         # target data-parallel degree: write DeepSpeed ZeRO rank files for tp x dp ranks
-            zero_stage:int=2) -> Path: # ZeRO stage of those files (1, 2 or 3)
+            zero_stage:int=2,    # ZeRO stage of those files (1, 2 or 3)
+            trust:bool=False) -> Path: # DeepSpeed folders: unpickle any object (runs code; only for files you trust)
     "Reshard a TP or DeepSpeed checkpoint to another TP (and DP) degree through the universal form."
+    check_output(out, [src])                              # before anything is read
     kind = _ckpt_kind(src, None)
     if kind == "zero" and tp is None and dp is None:      # ZeRO -> universal: streamed, one parameter in memory at a time
-        return _zero_stream(_zero_prepare(src, layout), out, overwrite=overwrite, latest=False)
-    if kind == "zero": u = read_zero(src, layout)
-    elif kind == "deepspeed_universal": u = load_deepspeed_universal(src)
+        return _zero_stream(_zero_prepare(src, layout, trust=trust), out, overwrite=overwrite, latest=False)
+    if kind == "zero": u = read_zero(src, layout, trust=trust)
+    elif kind == "deepspeed_universal": u = load_deepspeed_universal(src, trust)
     elif kind == "universal": u = load_universal(src)
     elif kind == "tp": ranks, lay = load_tp(src); u = to_universal(ranks, layout or lay)
     else: raise CheckpointError(f"{src} is not a TP, universal or DeepSpeed checkpoint folder (kind {kind!r})")
