@@ -942,7 +942,7 @@ def test_conversions_refuse_outputs_overlapping_inputs(dcp_folder, zero_src, tmp
                       (dsrc, lambda s, o: cli_ckpt("convert", str(s), str(o), to="hf", overwrite=True)),
                       (zsrc, lambda s, o: cli_ckpt("reshard", str(s), str(o), tp=1, overwrite=True)),
                       (zsrc, lambda s, o: save_deepspeed_universal(read_zero(zsrc), o, copy=[zsrc/"mp_rank_00_model_states.pt"], overwrite=True))]:
-        for out, msg in [(src, "is the input"), (src.parent, "contains the input"), (src/"sub", "lies inside the input")]:
+        for out, msg in [(src, "(is|contains) the input"), (src.parent, "contains the input"), (src/"sub", "lies inside the input")]:
             with pytest.raises(ModelIOError, match=msg): conv(src, out)
             n += 1
     assert n == 27 and _tree_digest(tmp_path/"in") == before

@@ -110,7 +110,7 @@ def _die(): os.kill(os.getpid(), signal.SIGKILL)
 
 def _killed_save(path, model:dict, step:int, moment:str) -> bool:
     "`save` in a forked child that SIGKILLs itself at `moment` (one of `KILL_MOMENTS`); whether the kill came."
-    import model_ops.io as mio, model_ops.checkpoint.core as core
+    import model_ops.io.format as mio, model_ops.checkpoint.core as core
     if not hasattr(os, "fork"): raise NotImplementedError("the kill demo forks a child process (Linux, macOS)")
     i = KILL_MOMENTS.index(moment)
     pid = os.fork()

@@ -229,7 +229,7 @@ def set_rng_state(s:dict):
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.clone() for t in s["cuda"]])
 
 # %% ../../nbs/61_checkpoint_core.ipynb #a9cb738d
-from ..io import atomic_dir as _io_atomic_dir, clean_tmp, remove_dir, restore_aside, _TMP_RE
+from ..io import atomic_dir as _io_atomic_dir, clean_tmp, remove_dir, restore_aside, set_aside
 
 class atomic_dir(_io_atomic_dir):
     "`model_ops.io.atomic_dir` raising `CheckpointError`: a temporary sibling folder renamed to `path` on clean exit."
@@ -523,9 +523,9 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 
 def _restore_checkpoints(root:Path):
     "Put back every `step-N` that a save killed between setting it aside and renaming its successor in left hidden."
-    for q in root.iterdir():
-        if (m := _TMP_RE.match(q.name)) and m.group(2) == "old" and _STEP_RE.match(m.group(1)):
-            try: restore_aside(root/m.group(1))
+    for name in set_aside(root):
+        if _STEP_RE.match(name):
+            try: restore_aside(root/name)
             except OSError: pass                     # another process put it back first
 
 def list_checkpoints(root) -> list:

@@ -183,7 +183,7 @@ def save_deepspeed_universal(u:dict,              # universal form (`read_zero`,
                              overwrite:bool=False,
                              latest:bool=True) -> Path: # also write `<out.parent>/latest_universal` naming `out`
     "Write DeepSpeed's universal layout (`zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`, `zero/optimizer_state.pt`) atomically, with a manifest."
-    check_output(out, list(copy))                      # the files copied in are inputs
+    check_output(out, [Path(f).parent for f in copy])  # the checkpoint folders the copied files come from are inputs
     opt = {**(u.get("optimizer") or {}), "param_groups": (u.get("optimizer") or {}).get("param_groups", [])}
     states = {n: [_DS_FILE.get(st, st) for st,ts in u["states"].items() if n in ts] for n in u["meta"]}
     order = sorted(u["meta"], key=lambda n: -u["states"]["param"][n].numel())

@@ -15,7 +15,7 @@ from .format import parse_size, shard_names, plan_shards, header_bytes, write_sa
 from .store import WeightStore
 
 # %% auto #0
-__all__ = ['clean_tmp', 'restore_aside', 'remove_dir', 'atomic_dir', 'check_output', 'PlannedWriter', 'ShardWriter',
+__all__ = ['clean_tmp', 'restore_aside', 'set_aside', 'remove_dir', 'atomic_dir', 'check_output', 'PlannedWriter', 'ShardWriter',
            'finalize_parts', 'save_model', 'save_pretrained_atomic']
 
 # %% ../../nbs/00c_io_write.ipynb #80ff1ea2
@@ -61,6 +61,15 @@ def restore_aside(p, # a folder that a writer may have been replacing
         if m and m.group(1) == p.name and m.group(2) == "old" and q.is_dir() and not _pid_alive(int(m.group(3))):
             os.rename(q, p); _fsync_dir(p.parent); return True
     return False
+
+def set_aside(root, # a folder whose children writers replace (a checkpoint root, a models folder)
+             )->list: # names of the children that a killed writer left set aside
+    "Children of `root` that are missing because their writer died between its two renames (each one `restore_aside` can put back)."
+    root, out = Path(root), []
+    for q in sorted(root.iterdir()) if root.is_dir() else []:
+        m = _TMP_RE.match(q.name)
+        if m and m.group(2) == "old" and q.is_dir() and not (root/m.group(1)).exists() and not _pid_alive(int(m.group(3))): out.append(m.group(1))
+    return out
 
 def remove_dir(p):
     "Delete folder `p` atomically: rename it to a hidden name first, so a crash never leaves half of it."
