@@ -4,15 +4,15 @@
 
 # %% ../../nbs/00a_io_format.ipynb #851c9796
 from __future__ import annotations
-import json, os, re, mmap, queue, ctypes, struct, hashlib, math, threading
+import json, os, re, stat, mmap, queue, ctypes, struct, hashlib, math, threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import torch
 import xxhash
 
 # %% auto #0
-__all__ = ['ModelIOError', 'parse_header', 'header_problems', 'read_header', 'parse_size', 'shard_names', 'plan_shards',
-           'header_bytes', 'tensor_bytes', 'Flusher', 'write_safetensors', 'write_bytes', 'write_files']
+__all__ = ['ModelIOError', 'parse_header', 'header_problems', 'read_header', 'read_small', 'parse_size', 'shard_names',
+           'plan_shards', 'header_bytes', 'tensor_bytes', 'Flusher', 'write_safetensors', 'write_bytes', 'write_files']
 
 # %% ../../nbs/00a_io_format.ipynb #c0a0cee3
 class ModelIOError(ValueError):
@@ -92,6 +92,21 @@ def read_header(path, # a `.safetensors` file
         raise ModelIOError(f"{path}: " + (f"tensor {name!r}: " if name is not None else "") + p)
     meta = hdr.pop('__metadata__', None) or {}
     return hdr, meta, start
+
+# %% ../../nbs/00a_io_format.ipynb #1f117769
+def read_small(path, # a JSON or text file of a model or checkpoint folder (index, config, manifest, state)
+               limit:int=1 << 28, # most bytes accepted (256 MiB: far above any such file model_ops writes)
+               error=ModelIOError, # exception class raised
+              )->bytes:
+    "The bytes of a small file, refused without reading when it is not a regular file (a FIFO would block, a device never end) or too large."
+    p = Path(path)
+    try: st = os.stat(p)
+    except FileNotFoundError: raise error(f"{p}: missing") from None
+    except (OSError, ValueError) as e: raise error(f"{p}: cannot be read ({e})") from None
+    if not stat.S_ISREG(st.st_mode): raise error(f"{p}: not a regular file (a FIFO, a device or a folder); refusing to read it")
+    if st.st_size > limit: raise error(f"{p}: {st.st_size:,} bytes, more than the {limit:,} accepted for {p.name}")
+    with open(p, 'rb') as f: return f.read(limit + 1)
+
 
 # %% ../../nbs/00a_io_format.ipynb #de90d334
 def parse_size(s)->int:

@@ -9,10 +9,10 @@ from pathlib import Path
 from collections.abc import Mapping
 import torch
 from torch import nn
-from .format import ModelIOError, _ST_DTYPES, _dtype_size, read_header, _meta_crc, _entries_crc, _crc
+from .format import ModelIOError, _ST_DTYPES, _dtype_size, read_header, read_small, _meta_crc, _entries_crc, _crc
 
 # %% auto #0
-__all__ = ['WeightStore', 'fingerprint', 'verify_store', 'summary', 'format_summary']
+__all__ = ['member_path', 'WeightStore', 'fingerprint', 'verify_store', 'summary', 'format_summary']
 
 # %% ../../nbs/00b_io_store.ipynb #e8f3f55e
 class _SafetensorsSource:
@@ -87,13 +87,13 @@ class _BinSource(_DictSource):
 
 # %% ../../nbs/00b_io_store.ipynb #29a3daff
 def _read_index(idx:Path)->dict:
-    try: j = json.loads(idx.read_text())
+    try: j = json.loads(read_small(idx))
     except Exception as e: raise ModelIOError(f"{idx}: not a valid JSON index ({e})") from None
     wm = j.get('weight_map') if isinstance(j, dict) else None
     if not isinstance(wm, dict) or not wm: raise ModelIOError(f"{idx}: index has no 'weight_map'")
     root, files, seen = _trust_root(idx.parent), {}, {}
     for k, v in wm.items():
-        if v not in seen: seen[v] = _shard_path(idx, v, f"shard {v!r} for tensor {k!r}", root)
+        if v not in seen: seen[v] = _shard_path(idx.parent, v, f"shard {v!r} for tensor {k!r}", root, where=idx)
         files[k] = seen[v]
     return files
 
@@ -104,15 +104,24 @@ def _trust_root(d:Path)->Path:
     if d.parent.name == 'snapshots' and d.parent.parent.name.startswith(('models--', 'datasets--')): return d.parent.parent.resolve()
     return d.resolve()
 
-def _shard_path(where:Path, name, what:str, root:Path)->Path:
-    "The file `name` of the folder of `where`, links followed, refused unless it is a plain relative name that stays under `root`."
+def _shard_path(folder:Path, name, what:str, root:Path, error=ModelIOError, where=None)->Path:
+    "The file `name` of `folder`, links followed, refused unless it is a plain relative name that stays under `root` (`where`: the file naming it, for messages)."
+    where = where or folder
     if not isinstance(name, str) or not name or '\x00' in name or os.path.isabs(name) or any(len(part) > 255 for part in name.split('/')):
-        raise ModelIOError(f"{where}: {what} is not a valid relative file name")
-    try: fn = (where.parent / name).resolve()
-    except (OSError, RuntimeError) as e: raise ModelIOError(f"{where}: {what} cannot be resolved ({e.__class__.__name__}: {e})") from None
-    if root not in fn.parents: raise ModelIOError(f"{where}: {what} lies outside the folder (it leads to {fn})")
-    if not fn.is_file(): raise ModelIOError(f"{where}: {what} is missing" + ("" if not fn.exists() else " (not a file)"))
-    return where.parent / name           # (the name the folder gives it, for messages and summaries)
+        raise error(f"{where}: {what} is not a valid relative file name")
+    try: fn = (folder / name).resolve()
+    except (OSError, RuntimeError) as e: raise error(f"{where}: {what} cannot be resolved ({e.__class__.__name__}: {e})") from None
+    if root not in fn.parents: raise error(f"{where}: {what} lies outside the folder (it leads to {fn})")
+    if not fn.is_file(): raise error(f"{where}: {what} is missing" + ("" if not fn.exists() else " (not a regular file)"))
+    return folder / name                 # (the name the folder gives it, for messages and summaries)
+
+def member_path(folder, # a model or checkpoint folder
+                name, # a file name read from that folder's own index or manifest (untrusted)
+                error=ModelIOError, # exception class raised
+               )->Path:
+    "`folder/name`, refused unless `name` is a plain relative name of a regular file that stays inside `folder` (links followed)."
+    folder = Path(folder)
+    return _shard_path(folder, name, f"file {name!r}", _trust_root(folder), error)
 
 def _st_files_without_index(fns:list)->dict:
     files = {}
@@ -126,11 +135,11 @@ def _st_files_without_index(fns:list)->dict:
 def _folder_source(d:Path):
     if (d/'model.safetensors.index.json').is_file(): return _SafetensorsSource(_read_index(d/'model.safetensors.index.json'))
     if (d/'model.safetensors').is_file():
-        return _SafetensorsSource(_st_files_without_index([_shard_path(d/'model.safetensors', 'model.safetensors', "file 'model.safetensors'", _trust_root(d))]))
+        return _SafetensorsSource(_st_files_without_index([_shard_path(d, 'model.safetensors', "file 'model.safetensors'", _trust_root(d))]))
     if (d/'pytorch_model.bin.index.json').is_file(): return _BinSource(_read_index(d/'pytorch_model.bin.index.json'))
     if (d/'pytorch_model.bin').is_file(): return _BinSource({k: d/'pytorch_model.bin' for k in _load_bin(d/'pytorch_model.bin')})
     sts = sorted(d.glob('*.safetensors'))
-    if sts: return _SafetensorsSource(_st_files_without_index([_shard_path(f, f.name, f"file {f.name!r}", _trust_root(d)) for f in sts]))
+    if sts: return _SafetensorsSource(_st_files_without_index([_shard_path(d, f.name, f"file {f.name!r}", _trust_root(d)) for f in sts]))
     raise ModelIOError(f"{d}: no weights found (looked for model.safetensors.index.json, model.safetensors, "
                        "pytorch_model.bin.index.json, pytorch_model.bin, *.safetensors)")
 
@@ -223,8 +232,8 @@ class WeightStore(Mapping):
     def close(self): self._src.close()
 
 def _read_config(p:Path):
-    if not p.is_file(): return None
-    try: return json.loads(p.read_text())
+    if not p.exists(): return None
+    try: return json.loads(read_small(p))
     except Exception as e: raise ModelIOError(f"{p}: not valid JSON ({e})") from None
 
 # %% ../../nbs/00b_io_store.ipynb #bf5d43a7
