@@ -14,7 +14,7 @@ from .kernels import _ckernel
 from .config import MergePlan, TensorJob
 
 # %% auto #0
-__all__ = ['PROPAGATE_NONFINITE', 'read_tensor', 'check_device', 'compute_job', 'stream_merge', 'process_merge']
+__all__ = ['PROPAGATE_NONFINITE', 'read_tensor', 'check_device', 'compute_job', 'mergekit_order', 'stream_merge', 'process_merge']
 
 # %% ../../nbs/14_merge_executor.ipynb #b77dee07
 _HDR_CACHE, _HDR_LOCK = {}, threading.Lock()
@@ -64,7 +64,16 @@ def read_tensor(store, name:str)->torch.Tensor:
     return buf.view(dt).reshape(shape)
 
 # %% ../../nbs/14_merge_executor.ipynb #4d7e8343
-def _math_dtype(plan): return torch.float64 if plan.dtype == torch.float64 else torch.float32
+def _math_dtype(plan, job=None, precise:bool=False):
+    """The dtype the method computes in. mergekit's (the default): the recipe's `dtype` when it names one, else the
+    inputs' own dtype (promoted across the inputs of `job`). `precise=True`: float32 (float64 stays float64)."""
+    if precise: return torch.float64 if plan.dtype == torch.float64 else torch.float32
+    if plan.dtype is not None or job is None: return plan.dtype or torch.float32
+    dt = None
+    for i, n in list(job.inputs) + ([job.base] if job.base is not None else []):
+        d = plan.models[i].store.dtype(n)
+        if d.is_floating_point: dt = d if dt is None else torch.promote_types(dt, d)
+    return dt or torch.float32
 
 def _out_dtype(plan):
     if plan.out_dtype or plan.dtype: return plan.out_dtype or plan.dtype
@@ -99,11 +108,12 @@ def _job_shape(plan, job):
 PROPAGATE_NONFINITE = {"linear", "task_arithmetic", "slerp", "nuslerp", "model_stock", "passthrough"}
 
 @torch.no_grad()
-def compute_job(plan:MergePlan, job:TensorJob, device="cpu", seed:int=0, check_finite:bool=True, pool=None)->torch.Tensor:
+def compute_job(plan:MergePlan, job:TensorJob, device="cpu", seed:int|None=None, check_finite:bool=True, pool=None,
+                precise:bool=False)->torch.Tensor:
     """Load the inputs of one output tensor, merge them on `device` in float32, and return the result on CPU.
     `pool` (a `_BufferPool`): full-size temporaries and the result come from it (the caller gives the result back)."""
     _POOL.pool = pool
-    try: return _compute_job(plan, job, device, seed, check_finite)
+    try: return _compute_job(plan, job, device, seed, check_finite, precise)
     finally: _POOL.pool = None
 
 def _name_nonfinite(plan, job, every):
@@ -112,7 +122,7 @@ def _name_nonfinite(plan, job, every):
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"tensor {n!r} of model {plan.models[i]} contains NaN or inf; fix or drop that model before merging")
 
-def _compute_job(plan, job, device, seed, check_finite):
+def _compute_job(plan, job, device, seed, check_finite, precise=False):
     def load(i, n):
         x = read_tensor(plan.models[i].store, n)
         if check_finite and not (propagates or own) and not _finite(x):
@@ -130,10 +140,10 @@ def _compute_job(plan, job, device, seed, check_finite):
             raise ValueError(f"non-float tensor {job.out!r} differs between the inputs; it cannot be merged")
         return every[0]
     out_dt = _job_dtype(plan, job)
-    dt = _math_dtype(plan)
+    dt = _math_dtype(plan, job, precise)
     xs = [x.to(device=device, dtype=dt) for x in raw]
     b = rawb.to(device=device, dtype=dt) if rawb is not None else None
-    kw = dict(job.params, seed=seed, name=job.out)
+    kw = dict(job.params, seed=seed, name=job.out, **({"precise": True} if precise else {}))
     if plan.method.layerwise: kw.update(layer=job.layer, num_layers=plan.num_layers)
     try: r = plan.method.fn(xs, b, **kw, **({"_check_finite": True} if own else {}))
     except _NonFinite:
@@ -147,12 +157,35 @@ def _compute_job(plan, job, device, seed, check_finite):
     return y
 
 # %% ../../nbs/14_merge_executor.ipynb #142420fd
-def stream_merge(plan:MergePlan, device="cpu", seed:int=0, workers:int=2, check_finite:bool=True, progress=False,
-                 recycle:bool=False):
+def _global_draws(plan, seed)->bool:
+    "Whether the method draws from torch's global RNG (a random method, `seed=None`): then the jobs run one at a time, in mergekit's order."
+    return seed is None and plan.method.random
+
+def _mergekit_key(job): return max(n for _, n in list(job.inputs) + ([job.base] if job.base is not None else []))
+
+def mergekit_order(plan:MergePlan)->MergePlan:
+    """The plan with its jobs in the order mergekit 0.1.5 computes them: its scheduler runs the merge tasks sorted by their
+    group label, the largest input tensor name. DARE/DELLA with `seed=None` draw from torch's global generator in this
+    order, so the same draws need it (`stream_merge` computes in it whatever order it yields in)."""
+    return MergePlan(**{**plan.__dict__, "jobs": sorted(plan.jobs, key=_mergekit_key)})
+
+def _in_mergekit_order(plan, run):
+    """Yield `run(job)` for every job in plan order, computing them in `mergekit_order`: a result computed before its turn
+    waits (none does when the plan already is in that order)."""
+    order, ahead = sorted(range(len(plan.jobs)), key=lambda i: _mergekit_key(plan.jobs[i])), {}
+    it = iter(order)
+    for want in range(len(plan.jobs)):
+        while want not in ahead:
+            i = next(it); ahead[i] = run(plan.jobs[i])
+        yield plan.jobs[want], ahead.pop(want)
+
+def stream_merge(plan:MergePlan, device="cpu", seed:int|None=None, workers:int=2, check_finite:bool=True, progress=False,
+                 recycle:bool=False, precise:bool=False):
     """Yield (name, merged tensor) in plan order, computing up to `workers` tensors at a time (threads). On CPU each worker
     gets its share of torch's threads (one each on two cores): small element-wise ops do not pay for thread hand-offs.
     `recycle=True`: the caller is done with each tensor when it asks for the next one (a writer), so its memory is reused."""
     pool = _BufferPool() if recycle else None
+    if _global_draws(plan, seed): workers = 1      # mergekit's draws from the global RNG: one tensor after the other
     from tqdm.auto import tqdm
     bar = tqdm(total=len(plan.jobs), unit="tensor", desc=f"merge ({plan.method.name})", disable=not progress)
     threads, collect = torch.get_num_threads(), gc.isenabled()
@@ -160,8 +193,10 @@ def stream_merge(plan:MergePlan, device="cpu", seed:int=0, workers:int=2, check_
     gc.disable()    # the chunk loops make many short-lived tensors; full collections of a big process cost seconds
     try:
         if workers <= 1:
-            for j in plan.jobs:
-                y = compute_job(plan, j, device, seed, check_finite, pool); bar.update(); yield j.out, y
+            run = lambda j: compute_job(plan, j, device, seed, check_finite, pool, precise)
+            jobs = _in_mergekit_order(plan, run) if _global_draws(plan, seed) else ((j, run(j)) for j in plan.jobs)
+            for j, y in jobs:
+                bar.update(); yield j.out, y
                 if pool is not None: pool.give(y)
                 del y
             return
@@ -170,13 +205,13 @@ def stream_merge(plan:MergePlan, device="cpu", seed:int=0, workers:int=2, check_
             # one job more than workers in flight: a worker that finishes early starts the next tensor at once
             it, q = iter(plan.jobs), deque()
             for j in it:
-                q.append((j, ex.submit(compute_job, plan, j, device, seed, check_finite, pool)))
+                q.append((j, ex.submit(compute_job, plan, j, device, seed, check_finite, pool, precise)))
                 if len(q) > workers: break
             while q:
                 j, f = q.popleft()
                 y = f.result()
                 nxt = next(it, None)
-                if nxt is not None: q.append((nxt, ex.submit(compute_job, plan, nxt, device, seed, check_finite, pool)))
+                if nxt is not None: q.append((nxt, ex.submit(compute_job, plan, nxt, device, seed, check_finite, pool, precise)))
                 bar.update(); yield j.out, y
                 if pool is not None: pool.give(y)
                 del y
@@ -218,7 +253,7 @@ class _SlotPool(_BufferPool):
             return s[0][:s[1]].view(dtype)
         return super().take(n, dtype)
 
-def _child_loop(plan, device, seed, check_finite, rfd, wfd, slots, size, outs):
+def _child_loop(plan, device, seed, check_finite, rfd, wfd, slots, size, outs, precise=False):
     "A merge worker process: job and slot numbers in, the result's bytes in the shared slot and (dtype, shape, xxh3) out."
     import pickle, traceback
     torch.set_num_threads(1)
@@ -231,7 +266,7 @@ def _child_loop(plan, device, seed, check_finite, rfd, wfd, slots, size, outs):
         try:
             dst = torch.frombuffer(slots, dtype=torch.uint8, count=size, offset=si * size)
             pool.slot = (dst, outs[ji][1], outs[ji][0])     # the result is computed in the slot when it can be
-            y = compute_job(plan, plan.jobs[ji], device, seed, check_finite, pool)
+            y = compute_job(plan, plan.jobs[ji], device, seed, check_finite, pool, precise)
             pool.slot = None
             b = y.detach().contiguous().reshape(-1).view(torch.uint8)
             if b.numel() and b.data_ptr() != dst.data_ptr(): dst[:b.numel()].copy_(b)
@@ -253,8 +288,8 @@ class _Workers:
     `per_worker` queued each) while a slot is free, so a slow tensor does not leave the other process idle: results
     that arrive early wait in their slots for their turn. A scheduler thread receives results and hands out jobs while
     the caller writes (in I/O, without the GIL). `close()` stops the processes."""
-    def __init__(self, plan:MergePlan, device="cpu", seed:int=0, workers:int=2, check_finite:bool=True, progress=False,
-                 per_worker:int=2):
+    def __init__(self, plan:MergePlan, device="cpu", seed:int|None=None, workers:int=2, check_finite:bool=True, progress=False,
+                 per_worker:int=2, precise:bool=False):
         self.it = None                                   # the running iteration (`__iter__`), closed by `close`
         self.plan, self.jobs, self.progress, self.per = plan, plan.jobs, progress, per_worker
         self.kids, self.ok, self.bar, self.stop = [], False, None, (-1).to_bytes(4, "little", signed=True) * 2
@@ -280,7 +315,7 @@ class _Workers:
                     try:
                         os.close(p2c[1]); os.close(c2p[0])
                         for o in self.kids: os.close(o["w"]); os.close(o["r"])
-                        _child_loop(plan, device, seed, check_finite, p2c[0], c2p[1], self.slots, size, outs)
+                        _child_loop(plan, device, seed, check_finite, p2c[0], c2p[1], self.slots, size, outs, precise)
                     except BaseException: code = 1
                     finally: os._exit(code)
                 os.close(p2c[0]); os.close(c2p[1])
@@ -397,11 +432,13 @@ class _Workers:
         if self.collect: gc.enable(); self.collect = False
 
 # %% ../../nbs/14_merge_executor.ipynb #32cc05e3
-def process_merge(plan:MergePlan, device="cpu", seed:int=0, workers:int=2, check_finite:bool=True, progress=False,
-                  per_worker:int=2):
+def process_merge(plan:MergePlan, device="cpu", seed:int|None=None, workers:int=2, check_finite:bool=True, progress=False,
+                  per_worker:int=2, precise:bool=False):
     """Like `stream_merge(..., recycle=True)`, with `workers` forked processes instead of threads (CPU, Linux): an
     iterable of (name, tensor, xxh3 hex digest or None) in plan order; each tensor lives in a shared-memory slot, valid
     until the next one is asked for. The processes start now (the caller prepares its writer meanwhile) and stop at
     `close()`. Each has up to `per_worker` jobs queued (see `_Workers`)."""
     if not plan.jobs: return (r for r in ())
-    return _Workers(plan, device, seed, workers, check_finite, progress, per_worker)
+    if _global_draws(plan, seed):        # mergekit's draws from the global RNG: one job after the other, in this process
+        return stream_merge(plan, device, seed, 1, check_finite, progress, recycle=True, precise=precise)
+    return _Workers(plan, device, seed, workers, check_finite, progress, per_worker, precise)
