@@ -66,6 +66,18 @@ parameters:
   normalize: false
   int8_mask: true
 """,
+    "ties_rescale": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {{density: 0.3, weight: 0.8}}
+  - model: {b}
+    parameters: {{density: 0.7, weight: 0.6}}
+parameters:
+  rescale: true
+  lambda: 1.2
+""",
     "breadcrumbs": """
 merge_method: breadcrumbs
 base_model: {base}
@@ -111,6 +123,50 @@ models:
     parameters: {{weight: 0.3}}
   - model: {b}
     parameters: {{weight: 0.9}}
+""",
+    "nuslerp_rows": """
+merge_method: nuslerp
+models:
+  - model: {a}
+    parameters: {{weight: 1.0}}
+  - model: {b}
+    parameters: {{weight: 0.5}}
+parameters:
+  nuslerp_flatten: false
+  nuslerp_row_wise: true
+""",
+    "model_stock_filter": """
+merge_method: model_stock
+base_model: {base}
+models:
+  - model: {a}
+  - model: {b}
+parameters:
+  filter_wise: true
+""",
+    "linear_sum": """
+merge_method: linear
+base_model: {base}
+models:
+  - model: {base}
+    parameters: {{weight: 0.5}}
+  - model: {a}
+    parameters: {{weight: 0.25}}
+  - model: {c}
+    parameters: {{weight: 0.25}}
+parameters:
+  normalize: false
+""",
+    "breadcrumbs_rescale": """
+merge_method: breadcrumbs
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {{density: 0.6, gamma: 0.02, weight: 1.0}}
+  - model: {c}
+    parameters: {{density: 0.4, gamma: 0.05, weight: 0.5}}
+parameters:
+  rescale: true
 """,
     "model_stock": """
 merge_method: model_stock

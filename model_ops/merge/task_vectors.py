@@ -254,9 +254,10 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
     # phase 1, per model: a magnitude threshold (computed in chunks), a chunked DARE mask, or a materialised sparse task
     # vector, as (kind, data, factor, finite); finite: True/False when the planning pass saw x and base, None when not
     prep = []
-    # float64 inputs: mergekit ranks the magnitudes rounded to float32 on CPU, which can tie values that differ in float64;
-    # the default then takes the whole-tensor path (`sparsify_magnitude`, mergekit's selection)
-    whole = not precise and base.dtype == torch.float64 and base.device.type == "cpu"
+    # the default takes the whole-tensor path (`sparsify_magnitude`: mergekit's selection and L1 sums) for float64 inputs
+    # (mergekit ranks their magnitudes rounded to float32 on CPU, which can tie values that differ in float64) and with
+    # `rescale` (its L1 factor is the ratio of two whole-tensor torch sums in the math dtype, not of our float64 sums)
+    whole = not precise and (rescale or (base.dtype == torch.float64 and base.device.type == "cpu"))
     mags = _magnitude_plans(tensors, base, ds, rescale, precise=precise) if sparsify == "magnitude" and not whole else None
     bands = _outlier_plan(tensors, base, ds, gs, precise) if sparsify == "outliers" and not rescale and not whole and base.device.type == "cpu" \
         and all(x.dtype == base.dtype and x.dtype in (torch.float32, torch.float64) for x in tensors) else None
