@@ -1,5 +1,5 @@
 """Parity by default: the methods model_ops shares with mergekit 0.1.5 give mergekit's tensors bit for bit, on tiny float32
-and bfloat16 models, in the recipe's dtype (or the inputs' own when the recipe names none), with mergekit's order for
+and bfloat16 models (math in bfloat16, float32 or float16), in the recipe's dtype (or the inputs' own when the recipe names none), with mergekit's order for
 equal magnitudes at a density cut, and for DARE/DELLA with `seed=None` the draws of torch's global generator in
 mergekit's order (`--random-seed N` there, `torch.manual_seed(N)` here). `precise=True` keeps model_ops' own choices
 (float32 math, lowest-index ties), checked here to differ where they should.
@@ -220,7 +220,7 @@ models:
 RECIPES = DETERMINISTIC | RANDOM
 # variant -> (models' dtype, the recipe's dtype lines)
 VARIANTS = {"f32": ("f32", ""), "bf16": ("bf16", "dtype: bfloat16\n"), "bf16own": ("bf16", ""),
-            "bf16_f32math": ("bf16", "dtype: float32\nout_dtype: bfloat16\n")}
+            "bf16_f32math": ("bf16", "dtype: float32\nout_dtype: bfloat16\n"), "f32_f16math": ("f32", "dtype: float16\n")}
 
 def _load(path):
     s = WeightStore.open(path)
