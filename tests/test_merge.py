@@ -342,7 +342,7 @@ def test_dare_chunked_equals_whole_tensor_reference():
     assert (got - ref).abs().max().item() <= 1e-6 and torch.equal(got != base, ref != base)
 
 def test_same_bits_whatever_the_thread_count():
-    "Rescaled TIES (its sums run in NumPy) and seeded DARE (L1 sums in fixed 1024-value rows; a float32 torch.sum of a 64K chunk differs between 1 and 2 threads) do not depend on torch's thread count."
+    "Rescaled TIES with precise=True (its sums run in NumPy; the default sums like mergekit) and seeded DARE (L1 sums in fixed 1024-value rows; a float32 torch.sum of a 64K chunk differs between 1 and 2 threads) do not depend on torch's thread count."
     g = torch.Generator().manual_seed(5)
     n = 300_000
     base = torch.randn(n, generator=g); xs = [base + 0.01 * torch.randn(n, generator=g) for _ in range(2)]
@@ -351,7 +351,7 @@ def test_same_bits_whatever_the_thread_count():
         res = []
         for t in (1, 2):
             torch.set_num_threads(t)
-            res.append((M.ties(xs, base, weight=[0.5, 0.5], density=0.4, rescale=True),
+            res.append((M.ties(xs, base, weight=[0.5, 0.5], density=0.4, rescale=True, precise=True),
                         M.dare_ties(xs, base, weight=[0.5, 0.5], density=0.4, seed=1, name="x")))
     finally: torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(*res))
@@ -452,8 +452,8 @@ def test_compiled_kernels_give_the_torch_paths_bits(monkeypatch, threads):
             for meth in ("ties", "dare_ties", "task_arithmetic", "dare_linear"):
                 for kw in [dict(weight=[0.5, 0.5], density=[0.5, 0.3]), dict(weight=[0.7, 0.4], density=[1.0, 0.2], lambda_=0.8),
                            dict(weight=[0.5, 0.5], density=[0.0, 0.5]), dict(weight=[0.3, 1.2], density=[0.5, 0.5], normalize=True),
-                           dict(weight=[0.3, 0.9], density=[0.4, 0.6], rescale=True),
-                           dict(weight=[0.3, 0.9], density=[0.4, 0.6], rescale=True, rescale_mode="inverse"),
+                           dict(weight=[0.3, 0.9], density=[0.4, 0.6], rescale=True, precise=True),   # (rescaled TIES: the default
+                           dict(weight=[0.3, 0.9], density=[0.4, 0.6], rescale=True, rescale_mode="inverse", precise=True),   # is mergekit's whole-tensor path)
                            dict(weight=[-0.3, 0.9], density=[0.4, 0.6], normalize=False)]:
                     got = M.METHODS[meth](xs, b, seed=3, name="t", _check_finite=True, **kw)
                     with M.torch_path(): ref = M.METHODS[meth](xs, b, seed=3, name="t", _check_finite=True, **kw)

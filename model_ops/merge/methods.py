@@ -11,7 +11,7 @@ import numpy as np, torch
 
 # %% auto #0
 __all__ = ['REQUIRED', 'METHODS', 'CHUNK', 'CUDA_CHUNK', 'MergeMethod', 'register', 'get_method', 'tensor_seed',
-           'tensor_generator', 'tensor_bits', 'keep_mask', 'rescale_l1', 'kth_largest', 'topk_mask',
+           'tensor_generator', 'tensor_bits', 'keep_mask', 'rescale_l1', 'kth_largest', 'topk_mask', 'argsort_mask',
            'sparsify_magnitude', 'sparsify_outliers', 'sparsify_random', 'sparsify_della', 'linear', 'slerp_tensors',
            'slerp', 'nuslerp_tensors', 'nuslerp', 'model_stock', 'passthrough', 'pcb_scores', 'pcb', 'layer_swap']
 
@@ -123,11 +123,23 @@ def topk_mask(x, k:int):
     return m.reshape(x.shape)
 
 # %% ../../nbs/11_merge_methods.ipynb #3d399f5f
-def sparsify_magnitude(x, density, rescale=False):
-    "TIES trim: keep exactly max(1, int(density·numel)) largest-magnitude entries."
+def argsort_mask(x, k:int, descending=True, start:int=0):
+    """mergekit's selection, ties included: the entries at ranks [start, start + k) of `torch.argsort(|x|)` (ascending or
+    descending, not stable), with |x| in float32 on CPU as mergekit sorts it. Equal magnitudes straddling a cut are
+    kept in whatever order that sort returns (on CPU it depends on the whole tensor, not on the positions alone)."""
+    w = x.abs().reshape(-1)
+    if w.device.type == "cpu": w = w.float()
+    m = torch.zeros(w.numel(), dtype=torch.bool, device=x.device)
+    m[torch.argsort(w, descending=descending)[start:start + k]] = True
+    return m.reshape(x.shape)
+
+def sparsify_magnitude(x, density, rescale=False, precise=False):
+    """TIES trim: keep exactly max(1, int(density·numel)) largest-magnitude entries. Equal magnitudes at the cut: those
+    mergekit's `argsort` keeps (`argsort_mask`, the default), or the lowest positions (`precise=True`, `topk_mask`)."""
     if density >= 1: return x
     if density <= 0 or x.numel() == 0: return torch.zeros_like(x)
-    masked = x * topk_mask(x, max(1, int(density * x.numel()))).to(x.dtype)
+    k = max(1, int(density * x.numel()))
+    masked = x * (topk_mask(x, k) if precise else argsort_mask(x, k)).to(x.dtype)
     return rescale_l1(x, masked) if rescale else masked
 
 def _band(n, density, gamma):
@@ -136,15 +148,18 @@ def _band(n, density, gamma):
     n_bot = max(0, n - target - n_top)
     return n - n_bot - target, target
 
-def sparsify_outliers(x, density, gamma=0.01, rescale=False):
+def sparsify_outliers(x, density, gamma=0.01, rescale=False, precise=False):
     """Breadcrumbs: drop the top `gamma` fraction and the smallest entries, keeping int(density·numel). Equal magnitudes
-    at a cut are ranked by position (lowest first), as in TIES's top-k."""
+    at a cut: as mergekit's ascending `sort` orders them (the default), or by position, lowest first, as in TIES's
+    top-k (`precise=True`)."""
     if density >= 1: return x
     n = x.numel(); skip, target = _band(n, density, gamma)
-    w = x.abs().reshape(-1)
-    if w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16): w = w.float()
-    idx = torch.sort(w, descending=True, stable=True).indices[skip:skip + target]
-    mask = torch.zeros(n, dtype=x.dtype, device=x.device); mask[idx] = 1
+    if not precise: mask = argsort_mask(x, target, descending=False, start=n - skip - target).to(x.dtype)
+    else:
+        w = x.abs().reshape(-1)
+        if w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16): w = w.float()
+        idx = torch.sort(w, descending=True, stable=True).indices[skip:skip + target]
+        mask = torch.zeros(n, dtype=x.dtype, device=x.device); mask[idx] = 1
     masked = x * mask.reshape(x.shape)
     return rescale_l1(x, masked) if rescale else masked
 
@@ -287,10 +302,11 @@ def slerp_tensors(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
     na, nb = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x[s:e].to(dt)) for s, e in ps])) for x in (a, b)]
     na = na if na > eps else torch.ones_like(na); nb = nb if nb > eps else torch.ones_like(nb)
     dot = torch.stack([((a[s:e].to(dt) / na) * (b[s:e].to(dt) / nb)).sum() for s, e in ps]).sum().clamp(-1, 1)
-    if dot.abs() > dot_threshold: ca, cb = 1 - t, t
+    tt = torch.tensor(t, dtype=dt, device=dot.device)      # t in the math dtype, as mergekit holds it
+    if dot.abs() > dot_threshold: ca, cb = float(1 - tt), float(tt)
     else:
         theta = torch.acos(dot); s_ = torch.sin(theta)
-        ca, cb = float(torch.sin((1 - t) * theta) / s_), float(torch.sin(t * theta) / s_)
+        ca, cb = float(torch.sin((1 - tt) * theta) / s_), float(torch.sin(tt * theta) / s_)
     out = torch.empty(a.numel(), dtype=v0.dtype, device=a.device)      # (each piece computed in dt, stored as v0's dtype)
     for s, e in ps: out[s:e] = torch.mul(a[s:e].to(dt), ca).add_(torch.mul(b[s:e].to(dt), cb))
     return out.reshape(v0.shape)
@@ -301,19 +317,21 @@ def slerp(tensors, base, *, t, **_):
     return slerp_tensors(float(t), base, tensors[0])
 
 # %% ../../nbs/11_merge_methods.ipynb #45707eda
-def nuslerp_tensors(t, v0, v1, dim=-1, eps=1e-8, flatten=False):
-    "mergekit's NuSLERP kernel: SLERP per row/column (or flattened), lerp where colinear."
+def nuslerp_tensors(t, v0, v1, dim=-1, eps=1e-8, flatten=False, precise=False):
+    """mergekit's NuSLERP kernel: SLERP per row/column (or flattened), lerp where colinear. The default computes the
+    flattened case with mergekit's full-size operations (its bits); `precise=True` sums the cosine piece by piece and
+    makes one fused pass (no full-size temporaries; within a rounding step of mergekit's)."""
     shape = v0.shape
     if v0.numel() == 0: return ((1 - t) * v0 + t * v1).reshape(shape)
     if flatten: v0, v1 = v0.reshape(-1), v1.reshape(-1)
     elif dim != -1: v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
     nrm = lambda x: x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
-    if v0.dim() == 1:        # flattened: mergekit's normalised products, summed piece by piece (no full-size temporaries)
+    if v0.dim() == 1 and precise:        # flattened: mergekit's normalised products, summed piece by piece (no full-size temporaries)
         n0, n1 = [torch.norm(x).clamp(min=1e-7) for x in (v0, v1)]
         cos = torch.stack([((v0[s:e] / n0) * (v1[s:e] / n1)).sum() for s, e in _pieces(v0.numel())]).sum().clamp(-1, 1).reshape(1)
     else: cos = torch.sum(nrm(v0) * nrm(v1), dim=-1, keepdim=True).clamp(-1, 1)     # (mergekit's own operations)
     colinear = (1 - cos.square()) <= eps ** 2
-    if v0.dim() == 1:                              # flattened: one pair of scalar weights, one fused pass
+    if v0.dim() == 1 and precise:                              # flattened: one pair of scalar weights, one fused pass
         if bool(colinear): ca, cb = 1 - t, t
         else:
             theta = torch.acos(cos); s = torch.sin(theta)
@@ -327,19 +345,21 @@ def nuslerp_tensors(t, v0, v1, dim=-1, eps=1e-8, flatten=False):
 
 @register("nuslerp", base="optional", min_models=2, max_models=2, model_params={"weight": REQUIRED},
           shared_params={"nuslerp_flatten": True, "nuslerp_row_wise": False})
-def nuslerp(tensors, base=None, *, weight, nuslerp_flatten=True, nuslerp_row_wise=False, **_):
-    "NuSLERP: t = w₂/(w₁+w₂); with a base, SLERP the task vectors and add them back."
+def nuslerp(tensors, base=None, *, weight, nuslerp_flatten=True, nuslerp_row_wise=False, precise=False, **_):
+    "NuSLERP: t = w₂/(w₁+w₂); with a base, SLERP the task vectors and add them back. `precise`: see `nuslerp_tensors`."
     w = _per_model(weight, 2, "weight"); tot = sum(w)
     t = 0.5 if abs(tot) < 1e-6 else w[1] / tot
     dim = 0 if nuslerp_row_wise else -1
     if base is not None:
-        return base + nuslerp_tensors(t, tensors[0] - base, tensors[1] - base, dim=dim, flatten=nuslerp_flatten)
-    return nuslerp_tensors(t, tensors[0], tensors[1], dim=dim, flatten=nuslerp_flatten)
+        return base + nuslerp_tensors(t, tensors[0] - base, tensors[1] - base, dim=dim, flatten=nuslerp_flatten, precise=precise)
+    return nuslerp_tensors(t, tensors[0], tensors[1], dim=dim, flatten=nuslerp_flatten, precise=precise)
 
 # %% ../../nbs/11_merge_methods.ipynb #63635433
 @register("model_stock", base="required", min_models=2, shared_params={"filter_wise": False})
-def model_stock(tensors, base, *, filter_wise=False, **_):
-    "Model Stock: t = N·cos/(1+(N−1)·cos) from the mean pairwise cosine of the task vectors; t·mean + (1−t)·base."
+def model_stock(tensors, base, *, filter_wise=False, precise=False, **_):
+    """Model Stock: t = N·cos/(1+(N−1)·cos) from the mean pairwise cosine of the task vectors; t·mean + (1−t)·base.
+    The default computes t·mean + (1−t)·base with mergekit's operations (its bits); `precise=True` in fused passes
+    (fewer full-size temporaries; within 1e-6 of mergekit's order)."""
     shape = base.shape
     if filter_wise:
         w0 = base.unsqueeze(0) if base.dim() == 1 else base
@@ -357,7 +377,7 @@ def model_stock(tensors, base, *, filter_wise=False, **_):
     n = len(ws); den = 1 + (n - 1) * c
     sing = den.abs() < 1e-6
     t = torch.where(sing, torch.zeros_like(c), (n * c) / torch.where(sing, torch.ones_like(den), den))
-    if not filter_wise:       # scalar t: t/n·Σxᵢ + (1−t)·base in fused passes (within 1e-6 of mergekit's order)
+    if not filter_wise and precise:       # scalar t: t/n·Σxᵢ + (1−t)·base in fused passes (within 1e-6 of mergekit's order)
         tf = float(t)
         acc = torch.add(ws[0], ws[1]).to(torch.promote_types(torch.result_type(ws[0], ws[1]), w0.dtype))
         for x in ws[2:]: acc = acc.add_(x) if acc.dtype == torch.promote_types(acc.dtype, x.dtype) else acc + x

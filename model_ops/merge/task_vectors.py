@@ -8,6 +8,7 @@ import math
 import numpy as np, torch
 from .methods import REQUIRED, CHUNK, register, tensor_bits, tensor_generator, keep_mask, _keep_threshold
 from .methods import sparsify_random, sparsify_outliers, sparsify_della, _band, _per_model, _finite, _NonFinite
+from .methods import argsort_mask, sparsify_magnitude
 from .methods import _chunk, _chunks, _empty, _release, _sample_at, _sample_size, _sample_ranks
 from .kernels import _ckernel, _c_bracket, _c_dare, _c_band, _c_merge2
 
@@ -27,11 +28,12 @@ def _l1_scale(before, after, eps=1e-7):
     return None if (before < eps or after < eps) else torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32)
 
 # %% ../../nbs/15_merge_task_vectors.ipynb #3fe342d1
-def _magnitude_plans(xs, base, densities, rescale, ks=None):
+def _magnitude_plans(xs, base, densities, rescale, ks=None, precise=True):
     """Exact top-k of |x − base| for each x (TIES trim), found in one chunked pass over the inputs (no full-size
     temporaries). Per model: `lam`, the hardshrink threshold that keeps the top-k (|d| > lam); `ties`, the flat positions
     of kept entries equal to the k-th value when the threshold alone cannot separate them (duplicates straddling the
-    cut; they go to the lowest indices), else None; and `scale`, the L1 rescale factor. None: keep everything.
+    cut; they go to the lowest indices, or with `precise=False` to those mergekit's `argsort` keeps: found by that sort,
+    only for a tensor where they occur), else None; and `scale`, the L1 rescale factor. None: keep everything.
     On CPU the comparisons, counts and selections run in NumPy (several times faster than torch's boolean kernels)."""
     n = base.numel()
     X, B = [x.reshape(-1) for x in xs], base.reshape(-1)
@@ -134,6 +136,9 @@ def _magnitude_plans(xs, base, densities, rescale, ks=None):
         if need == eq.numel() and X[i].dtype == B.dtype == dt:   # every entry equal to it is kept: |d| >= thr, one pass
             lam = float(torch.nextafter(thr, torch.tensor(-math.inf, dtype=dt, device=thr.device))) if float(thr) > 0 else 0.0
             plans[i] = dict(lam=lam, ties=None, scale=scale, finite=finite if use_np else None)
+        elif not precise and need < eq.numel():    # equal magnitudes straddle the cut: keep those mergekit's argsort keeps
+            ties = _argsort_ties(X[i], B, k, thr)
+            plans[i] = dict(lam=float(thr), ties=ties, scale=scale, finite=finite if use_np else None)
         else:
             eq = eq[:need]
             ties = eq if pos is None else (_equal_at(Xs[i], Bs, thr.item(), need, c) if isinstance(pos, str) else pos[eq])
@@ -141,6 +146,14 @@ def _magnitude_plans(xs, base, densities, rescale, ks=None):
     return plans
 
 # %% ../../nbs/15_merge_task_vectors.ipynb #e1933972
+def _argsort_ties(x, b, k, thr):
+    """The flat positions (ascending) of the entries equal to `thr` among the top k of |x − b| as mergekit selects them
+    (`argsort_mask`: the difference in x's dtype, then a full sort, whose order for equal values depends on the tensor)."""
+    w = torch.sub(x, b).abs()
+    if w.device.type == "cpu": w = w.float()
+    top = torch.argsort(w, descending=True)[:k]
+    return top[w[top] == thr.to(w.dtype)].sort().values
+
 def _equal_at(x, b, v, need, chunk):
     "The `need` lowest flat positions where |x − b| == v (NumPy arrays), as a torch int64 tensor."
     got, T = [], np.empty(min(chunk, x.size), b.dtype)
@@ -151,10 +164,11 @@ def _equal_at(x, b, v, need, chunk):
     return torch.from_numpy(np.concatenate(got))
 
 # %% ../../nbs/15_merge_task_vectors.ipynb #fefc7214
-def _outlier_plan(xs, base, densities, gammas):
+def _outlier_plan(xs, base, densities, gammas, precise=True):
     """Breadcrumbs' masks without a sort (CPU): per model, the exact top-k sets at both cuts of its band (`_magnitude_plans`,
     ties to the lowest positions, as `sparsify_outliers` orders them), then one pass marking |d| inside the band. Per
-    model: (byte mask, finite) or None when it keeps everything."""
+    model: (byte mask, finite) or None when it keeps everything. `precise=False`: where equal magnitudes straddle a
+    cut, the band of mergekit's ascending `sort` instead (`argsort_mask`, a full sort of that tensor only)."""
     n = base.numel()
     cuts = [_band(n, d, g) if d < 1 else None for d, g in zip(densities, gammas)]
     todo = [i for i, c in enumerate(cuts) if c is not None]
@@ -176,6 +190,9 @@ def _outlier_plan(xs, base, densities, gammas):
             np.logical_and(Mn[s:e], np.logical_not(U[:e - s], out=U[:e - s]), out=Mn[s:e])
         for p, v in ((hi, True), (top, False)):      # equal magnitudes at a cut: the kept ones are listed
             if p is not None and p.get("ties") is not None: Mn[p["ties"].numpy()] = v
+        if not precise and any(p is not None and p.get("ties") is not None for p in (top, hi)):   # mergekit's band
+            skip, target = cuts[i]
+            Mn[:] = argsort_mask(xs[i].reshape(-1) - base.reshape(-1), target, descending=False, start=n - skip - target).numpy()
         fin = [p.get("finite") for p in (top, hi) if p is not None and "finite" in p]
         out[i] = (M, fin[0] if fin else None)
     return out
@@ -224,7 +241,8 @@ def _fast_random(x, base, density, gen):
 
 def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=None, consensus=False,
                                 normalize=False, rescale=False, lambda_=1.0, gamma=0.01, epsilon=0.15,
-                                election="weighted", rescale_mode="l1", seed=None, name="", _check_finite=False, **_):
+                                election="weighted", rescale_mode="l1", seed=None, name="", precise=False,
+                                _check_finite=False, **_):
     """mergekit's generalized task arithmetic: sparsify task vectors, weight them, optionally elect signs, sum, add to base.
     `_check_finite` (the executor's): raise `_NonFinite` before the element-wise phase if an input holds NaN or inf,
     found from the sums the planning pass computes anyway (in cache), or by one pass over inputs it does not scan."""
@@ -236,12 +254,16 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
     # phase 1, per model: a magnitude threshold (computed in chunks), a chunked DARE mask, or a materialised sparse task
     # vector, as (kind, data, factor, finite); finite: True/False when the planning pass saw x and base, None when not
     prep = []
-    mags = _magnitude_plans(tensors, base, ds, rescale) if sparsify == "magnitude" else None
-    bands = _outlier_plan(tensors, base, ds, gs) if sparsify == "outliers" and not rescale and base.device.type == "cpu" \
+    # the default takes the whole-tensor path (`sparsify_magnitude`: mergekit's selection and L1 sums) for float64 inputs
+    # (mergekit ranks their magnitudes rounded to float32 on CPU, which can tie values that differ in float64) and with
+    # `rescale` (its L1 factor is the ratio of two whole-tensor torch sums in the math dtype, not of our float64 sums)
+    whole = not precise and (rescale or (base.dtype == torch.float64 and base.device.type == "cpu"))
+    mags = _magnitude_plans(tensors, base, ds, rescale, precise=precise) if sparsify == "magnitude" and not whole else None
+    bands = _outlier_plan(tensors, base, ds, gs, precise) if sparsify == "outliers" and not rescale and not whole and base.device.type == "cpu" \
         and all(x.dtype == base.dtype and x.dtype in (torch.float32, torch.float64) for x in tensors) else None
     for i, x in enumerate(tensors):
         if sparsify is None: prep.append(None); continue
-        if sparsify == "magnitude": prep.append(("mag", mags[i], None, (mags[i] or {}).get("finite"))); continue
+        if sparsify == "magnitude" and not whole: prep.append(("mag", mags[i], None, (mags[i] or {}).get("finite"))); continue
         if bands is not None:      # breadcrumbs on CPU: a byte mask from two exact top-k cuts (no sort)
             prep.append(None if bands[i] is None else ("mask", bands[i][0], None, bands[i][1])); continue
         # seeded random masks: `tensor_bits` on CPU, a torch generator elsewhere (CUDA draws its own masks)
@@ -251,7 +273,8 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
             prep.append(("mask", m, f, ok)); continue
         d = x - base
         if sparsify == "random": d = sparsify_random(d, ds[i], rescale, gen, rescale_mode)
-        elif sparsify == "outliers": d = sparsify_outliers(d, ds[i], gs[i], rescale)
+        elif sparsify == "outliers": d = sparsify_outliers(d, ds[i], gs[i], rescale, precise)
+        elif sparsify == "magnitude": d = sparsify_magnitude(d, ds[i], rescale, precise)
         elif sparsify == "della": d = sparsify_della(d, ds[i], es[i], rescale, gen, rescale_mode)
         else: raise ValueError(f"unknown sparsifier {sparsify!r}")
         prep.append(("full", d.reshape(-1), None, None))
@@ -313,6 +336,7 @@ def generalized_task_arithmetic(tensors, base, *, weight, density=1.0, sparsify=
     if two or plain:
         # scalars as 0-dim tensors of the math dtype (the same products; a Python scalar costs a conversion per call)
         w0, w1, lam_t = [torch.tensor(v, dtype=dt, device=B.device) for v in (wf[0], wf[-1], float(lambda_))]
+        if dt not in (torch.float32, torch.float64): lam_t = float(lambda_)    # (mergekit's λ: a Python scalar, kept in float32 math)
         bufs = [torch.empty(c, dtype=dt, device=B.device) for _ in range(5 if two else 2)]
         one = torch.ones((), dtype=dt, device=B.device)
         s, acc = 0, torch.zeros((), dtype=torch.float64, device=B.device)
