@@ -146,6 +146,7 @@ def main():
     ap.add_argument("--device", default="cpu", help="where model_ops runs the math (cuda: the GPU; the floor and mergekit stay on CPU)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool (the fastest is compared)")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--precise", action="store_true", help="run model-ops with --precise (float32 math, lowest-index ties: the fast path) instead of mergekit parity")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -168,7 +169,7 @@ def main():
         outs = {"model_ops": root / "out_model_ops", "mergekit": root / "out_mergekit"}
         for label, cmd in [("io_floor", [sys.executable, "-c", FLOOR, *ins, str(root / "floor.safetensors")]),
                            ("model_ops", [*ours, "merge", str(cfgp), str(outs["model_ops"]), "--workers", str(a.workers),
-                                          "--device", a.device, "--seed", "42"]),
+                                          "--device", a.device, "--seed", "42"] + (["--precise"] if a.precise else [])),
                            ("mergekit", [mk, str(cfgp), str(outs["mergekit"]), "--no-copy-tokenizer", "--quiet", "--random-seed", "42"])]:
             if label == "mergekit" and (a.skip_mergekit or mk is None or method not in MERGEKIT): continue
             for o in outs.values():

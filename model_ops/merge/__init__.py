@@ -10,7 +10,7 @@ from .methods import REQUIRED, MergeMethod, METHODS, register, get_method, tenso
 from .methods import tensor_generator, tensor_bits, keep_mask, rescale_l1, kth_largest, topk_mask
 from .methods import sparsify_magnitude, sparsify_outliers, sparsify_random, sparsify_della, CHUNK
 from .methods import CUDA_CHUNK, linear, slerp_tensors, slerp, nuslerp_tensors, nuslerp, model_stock
-from .methods import passthrough, pcb_scores, pcb, layer_swap
+from .methods import passthrough, pcb_scores, pcb, layer_swap, argsort_mask
 from .task_vectors import generalized_task_arithmetic, task_arithmetic, ties, dare_linear, dare_ties
 from .task_vectors import breadcrumbs, breadcrumbs_ties, della, della_linear
 from .more_methods import stack_deltas, sign_agreement, sce_select, sce_weights, sce, karcher_mean
@@ -20,7 +20,7 @@ from .kernels import torch_path
 from .config import log, evaluate_setting, Layout, layout, TensorJob, MergePlan, TOKENIZER_FILES
 from .config import plan_merge
 from .executor import read_tensor, check_device, PROPAGATE_NONFINITE, compute_job, stream_merge
-from .executor import process_merge
+from .executor import process_merge, mergekit_order
 from ..io import PlannedWriter
 from .api import provenance, merge_config, merge, split_jobs, cli_merge, sign_conflicts, per_layer
 from .api import plot_sign_conflicts, demo_step, merge_widget
@@ -35,6 +35,6 @@ __all__ = ['REQUIRED', 'MergeMethod', 'METHODS', 'register', 'get_method', 'tens
            'multislerp', 'nearswap', 'FUSION_SAMPLE', 'fusion_importance', 'fusion_threshold', 'arcee_fusion',
            'ram_masks', 'ram', 'ramplus_tl',
            'Layout', 'layout', 'TensorJob', 'MergePlan', 'TOKENIZER_FILES', 'plan_merge', 'read_tensor',
-           'check_device', 'PROPAGATE_NONFINITE', 'compute_job', 'stream_merge', 'process_merge', 'PlannedWriter',
+           'check_device', 'PROPAGATE_NONFINITE', 'compute_job', 'stream_merge', 'process_merge', 'mergekit_order', 'argsort_mask', 'PlannedWriter',
            'provenance', 'merge_config', 'merge', 'split_jobs', 'cli_merge', 'sign_conflicts', 'per_layer',
            'plot_sign_conflicts', 'demo_step', 'merge_widget']

@@ -11,7 +11,7 @@ from fastcore.script import call_parse
 from ..io import WeightStore, ShardWriter, ModelIOError, finalize_parts, check_output
 from .methods import METHODS, get_method, tensor_generator
 from .config import MergePlan, TOKENIZER_FILES, plan_merge, _ALIASES, _LAYER_RE
-from .executor import check_device, process_merge, stream_merge
+from .executor import check_device, process_merge, stream_merge, mergekit_order
 from ..io import PlannedWriter
 from .executor import _can_fork, _job_dtype, _job_shape, _out_dtype
 
@@ -30,13 +30,13 @@ def _config_used(plan):
         return next((m.key for m in plan.models if m.ref is o), repr(o))
     return fix(plan.config)
 
-def provenance(plan:MergePlan, seed:int=0, device="cpu")->dict:
+def provenance(plan:MergePlan, seed:int|None=None, device="cpu", precise:bool=False)->dict:
     "What a merged model records about how it was made (stored in config form and in the safetensors headers)."
     import model_ops
     return {"operation": "merge", "method": plan.method.name, "library": f"model_ops {model_ops.__version__}",
             "inputs": [{"model": m.key, "fingerprint": m.store.fingerprint()} for m in plan.models],
             "base": plan.models[plan.base].key if plan.base is not None else None,
-            "seed": seed, "device": str(device), "config": _config_used(plan)}
+            "seed": seed, "precise": precise, "device": str(device), "config": _config_used(plan)}
 
 def _write_extras(plan, write_json, copy_file, copy_tokenizer, meta):
     import tempfile, yaml
@@ -77,7 +77,8 @@ def _plan_inputs(plan:MergePlan)->list:
 def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
                  out_dir, # folder to create (atomically)
                  device="cpu", # where the math runs: 'cpu', 'cuda', 'cuda:1', ...
-                 seed:int|None=0, # seed for DARE/DELLA (per tensor name, so order and workers do not matter)
+                 seed:int|None=None, # DARE/DELLA: None draws from torch's global generator as mergekit does; N: our per-tensor seeds (order and workers do not matter)
+                 precise:bool=False, # float32 math and lowest-index ties instead of mergekit's dtype and tie order
                  workers:int=2, # tensors merged at once (processes or threads, see `processes`)
                  max_shard_size="2GB", # largest output shard
                  overwrite:bool=False, # replace a non-empty `out_dir`
@@ -95,15 +96,16 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
         out = Path(out_dir).expanduser()
         plan = config if isinstance(config, MergePlan) else plan_merge(config, out=out)   # (refuses an input as `out` first)
         check_output(out, _plan_inputs(plan))     # no output that is, holds or lies in an input: before any weight is read
-        seed = 0 if seed is None else int(seed)
+        seed = None if seed is None else int(seed)
         if progress is None: progress = sys.stderr.isatty()
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         if world_size > 1:
             return _merge_distributed(plan, out, rank, world_size, device, seed, workers, max_shard_size, overwrite,
-                                      check_finite, progress, copy_tokenizer, provenance(plan, seed, device))
+                                      check_finite, progress, copy_tokenizer, provenance(plan, seed, device, precise), precise)
         t0 = time.time()
-        plan = _largest_first(plan)    # (write, and so compute, the largest tensors first)
+        # mergekit's global draws (DARE/DELLA, no seed) come in its order; otherwise the largest tensors first
+        plan = mergekit_order(plan) if (seed is None and plan.method.random) else _largest_first(plan)
         entries = [(j.out, _job_shape(plan, j), _job_dtype(plan, j)) for j in plan.jobs]
         # processes by default where each worker would get a single torch thread anyway (workers ≥ cores): they run the
         # chunk loops without sharing a GIL; with fewer workers than cores, threads keep torch's intra-op parallelism
@@ -111,12 +113,12 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
         if processes and workers > 1 and torch.device(device).type == "cpu" and plan.jobs:
             if out.is_dir() and any(out.iterdir()) and not overwrite:    # (the writer's own check, before any work starts)
                 raise ModelIOError(f"{out}: folder exists and is not empty; pass overwrite=True to replace it")
-            results = process_merge(plan, device, seed, workers, check_finite, progress)   # they start while we prepare the writer
-        else: results = stream_merge(plan, device, seed, workers, check_finite, progress, recycle=True)
+            results = process_merge(plan, device, seed, workers, check_finite, progress, precise=precise)   # they start while we prepare the writer
+        else: results = stream_merge(plan, device, seed, workers, check_finite, progress, recycle=True, precise=precise)
         try:
-            meta = provenance(plan, seed, device)
+            meta = provenance(plan, seed, device, precise)
             with PlannedWriter(out, entries, max_shard_size=max_shard_size, overwrite=overwrite,
-                               metadata={k: meta[k] for k in ("operation", "method", "inputs", "seed")}) as w:
+                               metadata={k: meta[k] for k in ("operation", "method", "inputs", "seed", "precise")}) as w:
                 for name, t, *digest in results: w.add(name, t, *digest)   # (worker processes also send the checksum)
                 results.close()          # workers gone before the extras are written
                 meta["seconds"] = round(time.time() - t0, 3)
@@ -131,9 +133,10 @@ def merge(models:list, # models: HF folders, files, `nn.Module`s, state dicts or
           base=None, # the model the fine-tunes started from (required by task-vector methods)
           out=None, # folder to write; None merges in memory
           device="cpu", # where the math runs
-          seed:int=0, # seed for random methods
+          seed:int|None=None, # random methods: None draws from torch's global generator as mergekit does; N: our per-tensor seeds
+          precise:bool=False, # float32 math and lowest-index ties instead of mergekit's dtype and tie order
           workers:int=2, # tensors merged at once
-          dtype=None, # math/input dtype name as in mergekit (float32 math is used below float32)
+          dtype=None, # math/input dtype as in mergekit (the math runs in it unless precise=True)
           out_dtype=None, # dtype of the result
           overwrite:bool=False, # replace `out` if it exists
           progress:bool=False, # show a progress bar
@@ -159,9 +162,9 @@ def merge(models:list, # models: HF folders, files, `nn.Module`s, state dicts or
     if out_dtype is not None: cfg["out_dtype"] = str(out_dtype).replace("torch.", "")
     plan = plan_merge(cfg, out=out)
     if out is not None:
-        merge_config(plan, out, device=device, seed=seed, workers=workers, overwrite=overwrite, progress=progress)
+        merge_config(plan, out, device=device, seed=seed, precise=precise, workers=workers, overwrite=overwrite, progress=progress)
         return WeightStore.open(out)
-    sd = dict(stream_merge(plan, device, seed, workers, True, progress))
+    sd = dict(stream_merge(plan, device, seed, workers, True, progress, precise=precise))
     tmpl = base if isinstance(base, torch.nn.Module) else next((x for x in models if isinstance(x, torch.nn.Module)), None)
     if tmpl is None: return sd
     new = copy.deepcopy(tmpl)
@@ -182,7 +185,7 @@ def split_jobs(jobs:list, world_size:int)->list:
 def _config_digest(meta)->str:
     "Digest of what determines the merged bits (config, inputs' fingerprints, seed): parts from another run are refused."
     import hashlib
-    key = json.dumps({k: meta.get(k) for k in ("method", "inputs", "seed", "config")}, sort_keys=True, default=str)
+    key = json.dumps({k: meta.get(k) for k in ("method", "inputs", "seed", "precise", "config")}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 def _barrier(rank, world, out, digest, timeout):
@@ -205,14 +208,16 @@ def _barrier(rank, world, out, digest, timeout):
         time.sleep(0.2)
 
 def _merge_distributed(plan, out, rank, world, device, seed, workers, max_shard_size, overwrite, check_finite, progress,
-                       copy_tokenizer, meta, timeout=24 * 3600):
+                       copy_tokenizer, meta, precise=False, timeout=24 * 3600):
     "This rank's share of the tensors into its part folder (`io.ShardWriter(rank=...)`); rank 0 joins them (`io.finalize_parts`)."
+    if seed is None and plan.method.random:
+        raise ValueError(f"a distributed {plan.method.name} merge needs seed=N: mergekit's global draws run one tensor after another, which ranks cannot share")
     mine = split_jobs(plan.jobs, world)[rank]
     digest = _config_digest(meta)
     sub = MergePlan(**{**plan.__dict__, "jobs": mine})
     with ShardWriter(out, max_shard_size=max_shard_size, overwrite=overwrite, rank=rank, world_size=world,
                      metadata={k: meta[k] for k in ("operation", "method", "inputs", "seed")}) as w:
-        for name, t in stream_merge(sub, device, seed, workers, check_finite, progress): w.add(name, t)   # ShardWriter keeps them
+        for name, t in stream_merge(sub, device, seed, workers, check_finite, progress, precise=precise): w.add(name, t)   # ShardWriter keeps them
         if rank == 0: _write_extras(plan, w.write_json, w.copy_file, copy_tokenizer, dict(meta, world_size=world))
         w.write_json("merge_part.json", {"digest": digest, "rank": rank, "tensors": len(mine)})
     _barrier(rank, world, out, digest, timeout)
@@ -234,13 +239,16 @@ def _merge_distributed(plan, out, rank, world, device, seed, workers, max_shard_
 def cli_merge(config:str, # mergekit YAML file
               out_dir:str, # output folder (created atomically)
               device:str="cpu", # where the math runs, e.g. cuda
-              seed:int=None, # seed for DARE/DELLA (default 0)
+              seed:int=None, # per-tensor seeds for DARE/DELLA (default: torch's global generator, drawn as mergekit draws)
+              random_seed:int=None, # seed torch's global generator first, as mergekit-yaml's --random-seed
+              precise:bool=False, # float32 math and lowest-index ties (our own; default: mergekit's dtype and tie order)
               workers:int=2, # tensors merged at once
               max_shard_size:str="2GB", # largest output shard
               overwrite:bool=False, # replace a non-empty OUT_DIR
              ):
     "Merge models as described by a mergekit YAML config: `model-ops merge CONFIG.yml OUT_DIR`."
-    out = merge_config(config, out_dir, device=device, seed=seed, workers=workers, max_shard_size=max_shard_size,
+    if random_seed is not None: torch.manual_seed(random_seed)
+    out = merge_config(config, out_dir, device=device, seed=seed, precise=precise, workers=workers, max_shard_size=max_shard_size,
                        overwrite=overwrite)
     print(f"merged model written to {out}")
     return out
