@@ -889,6 +889,8 @@ def test_malicious_dcp_values_never_run(tmp_path):
     with open(f, "ab") as fh: fh.write(b.getvalue())
     md.storage_data[idx] = dataclasses.replace(md.storage_data[idx], offset=off, length=len(b.getvalue()))
     (d/".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError, match=r"\.metadata is corrupt"): dcp_to_hf(d, tmp_path/"hf")   # the manifest says so first
+    (d/"manifest.json").unlink()                                                                       # a third-party folder: no manifest
     with pytest.raises(CheckpointError, match="refuses to unpickle builtins.exec in the chunk"): dcp_to_hf(d, tmp_path/"hf")
     assert not mark.exists()
 
@@ -1008,3 +1010,98 @@ def test_load_names_folders_it_does_not_read(dcp_folder, zero_src, tmp_path):
              (save_model({"w": torch.ones(2)}, tmp_path/"hf"), "model folder.*WeightStore")]
     for d, msg in cases:
         with pytest.raises(CheckpointError, match=msg): load(d, rng=False)
+
+# --------------------------------------------------------------------------- FIFOs, names leaving a folder, DCP and ZeRO folders checked against our manifest
+
+from model_ops.checkpoint import load_tp
+
+class _Hang(BaseException): "A reader blocked (it opened the FIFO); no `except Exception` turns it into a clean error."
+
+@contextlib.contextmanager
+def _no_hang(s=3):
+    "Fail instead of waiting forever when a reader blocks opening a FIFO."
+    def on_alarm(*_): raise _Hang()
+    old = signal.signal(signal.SIGALRM, on_alarm); signal.setitimer(signal.ITIMER_REAL, s)
+    try: yield
+    finally: signal.setitimer(signal.ITIMER_REAL, 0); signal.signal(signal.SIGALRM, old)
+
+@pytest.fixture
+def small_folders(tmp_path, dcp_folder):
+    "One small folder of each kind: training (save), universal, TP, DCP (a copy), ZeRO (save_zero, tp=1 x dp=2) and its DeepSpeed universal folder."
+    g = torch.Generator().manual_seed(3)
+    lay = TPLayout(replicated=[r"norm\.weight$"], row_parallel=[r"o\.weight$"])
+    p = {"blk.q.weight": torch.randn(8, 6, generator=g), "blk.o.weight": torch.randn(6, 8, generator=g), "blk.norm.weight": torch.randn(6, generator=g)}
+    u = {"meta": {k: lay.rule(k, v.ndim) for k,v in p.items()}, "states": {"param": p, "exp_avg": {k: torch.randn(v.shape, generator=g) for k,v in p.items()}},
+         "layout": lay.to_dict(), "groups": [sorted(p)]}
+    z = save_zero(u, tmp_path/"zero"/"global_step4", tp=1, dp=2)
+    ds_to_universal(z, tmp_path/"zero"/"global_step4_universal")          # and `latest_universal` beside it
+    shutil.copytree(dcp_folder[0], tmp_path/"dcp")
+    return {"training": save(tmp_path/"ck", model={"w": torch.arange(6.0), "b": torch.ones(3)}, extra={"lr": 0.5}, rng=False),
+            "universal": save_universal(u, tmp_path/"u"), "tp": save_tp(from_universal(u, 2), tmp_path/"tp", lay),
+            "dcp": tmp_path/"dcp", "zero": z, "zero_root": tmp_path/"zero"}
+
+@pytest.mark.parametrize("folder,fname,reader", [
+    ("training", "state.json", lambda d: load(d, rng=False)), ("training", "state.json", lambda d: load(d, rng=False, verify=False)),
+    ("training", "manifest.json", lambda d: load(d, rng=False)), ("training", "manifest.json", verify),
+    ("training", "model.safetensors", verify), ("universal", "universal.json", load_universal), ("tp", "tp_layout.json", load_tp),
+    ("dcp", ".metadata", lambda d: dcp_load(d, tiny_model())), ("dcp", ".metadata", lambda d: dcp_to_hf(d, d.parent/"hf")),
+    ("dcp", "manifest.json", lambda d: dcp_to_hf(d, d.parent/"hf")), ("zero_root", "latest_universal", load_deepspeed_universal),
+    ("zero", "manifest.json", read_zero)])
+def test_fifo_in_place_of_a_small_file_is_refused(small_folders, folder, fname, reader):
+    "A FIFO where a reader expects an index, manifest, state or metadata file: refused by name (never opened: it would block)."
+    d = small_folders[folder]; (d/fname).unlink(); os.mkfifo(d/fname)
+    with _no_hang(), pytest.raises(CheckpointError, match=re.escape(fname)): reader(d)
+
+def test_manifest_names_leaving_the_folder_are_refused(small_folders, tmp_path):
+    "A re-hashed manifest naming ../outside.safetensors, or a file of the folder linking outside it: load and verify refuse it."
+    d = small_folders["training"]; m = read_manifest(d); f0 = m["model_files"][0]
+    shutil.move(d/f0, tmp_path/"outside.safetensors")
+    m["model_files"][0] = "../outside.safetensors"; m["files"]["../outside.safetensors"] = m["files"].pop(f0)
+    m["manifest_sha256"] = _manifest_hash(m); (d/"manifest.json").write_text(json.dumps(m))
+    for fn in (lambda: load(d, rng=False), lambda: load(d, rng=False, verify=False), lambda: verify(d)):
+        with pytest.raises(CheckpointError, match="outside the folder"): fn()
+    assert any("outside the folder" in i.problem for i in verify(d, strict=False))
+    s = small_folders["universal"]; shutil.move(s/"param.safetensors", tmp_path/"param.safetensors"); os.symlink(tmp_path/"param.safetensors", s/"param.safetensors")
+    with pytest.raises(CheckpointError, match="outside the folder"): load_universal(s)      # the link is followed, and leaves the folder
+
+def _flip_inside(f, data:bytes):
+    "Flip one bit in the middle of `data`, found in file `f`."
+    pos = f.read_bytes().find(data); assert pos >= 0
+    _flip(f, pos + len(data) // 2)
+
+def test_dcp_to_hf_checks_what_it_reads_against_the_manifest(small_folders, dcp_folder, tmp_path):
+    "A flipped bit in a tensor's bytes of a DCP data file or in .metadata: dcp_to_hf names the file (it returned other weights before)."
+    d = small_folders["dcp"]; ref = dcp_to_hf(d, tmp_path/"ref")
+    f = d/"__0_0.distcp"; raw = f.read_bytes()
+    _flip_inside(f, dcp_folder[1].state_dict()["model.layers.0.mlp.up_proj.weight"].numpy().tobytes())
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: the chunk at byte \d+ is corrupt: its SHA-256 differs"): dcp_to_hf(d, tmp_path/"hf")
+    f.write_bytes(raw); md = (d/".metadata").read_bytes(); _flip(d/".metadata", len(md) // 2)
+    with pytest.raises(CheckpointError, match=r"\.metadata is corrupt"): dcp_to_hf(d, tmp_path/"hf")
+    (d/".metadata").write_bytes(md); (d/"manifest.json").unlink(); f.write_bytes(raw[:len(raw) // 3])   # no manifest: a cut file
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp"): dcp_to_hf(d, tmp_path/"hf2")          # a CheckpointError, not torch's RuntimeError
+    assert not (tmp_path/"hf").exists() and not (tmp_path/"hf2").exists() and ref.exists()
+
+def test_save_zero_writes_a_manifest_that_read_zero_checks(small_folders):
+    "save_zero records every file's SHA-256; read_zero and ds_to_universal refuse a flipped bit in a rank file's tensor (read silently before)."
+    z = small_folders["zero"]; m = read_manifest(z)
+    assert m["kind"] == "zero" and set(m["files"]) == {p.name for p in z.iterdir()} - {"manifest.json"}
+    f = z/"zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    _flip_inside(f, _ds_load(f)["optimizer_state_dict"]["single_partition_of_fp32_groups"][0].numpy().tobytes())
+    for fn in (read_zero, lambda s: ds_to_universal(s, s.parent/"u2")):
+        with pytest.raises(CheckpointError, match=rf"{re.escape(str(z))} failed verification\n  {f.name}: SHA-256 differs"): fn(z)
+    assert not (z.parent/"u2").exists()
+    (z/"manifest.json").unlink(); read_zero(z)                           # DeepSpeed's own folders have no manifest: read as they are
+
+@pytest.mark.parametrize("key", ["param_slice_mappings", "base_optimizer_state", "single_partition_of_fp32_groups"])
+def test_zero_rank_file_without_a_record_names_file_and_key(small_folders, key):
+    "A ZeRO rank file without a record DeepSpeed always writes: a CheckpointError naming the file and the key (a raw KeyError before)."
+    z = small_folders["zero"]; (z/"manifest.json").unlink()             # as DeepSpeed writes it
+    f = z/"zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    obj = _ds_load(f); del obj["optimizer_state_dict"][key]; b = _ds_bytes(obj); f.write_bytes(b)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(f))}: optimizer_state_dict\['{key}'\] is missing"): read_zero(z)
+
+def test_zero_stage_mismatch_names_the_folder_and_both_files(small_folders):
+    z = small_folders["zero"]; (z/"manifest.json").unlink()
+    f = z/"zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    obj = _ds_load(f); obj["optimizer_state_dict"]["zero_stage"] = 1; b = _ds_bytes(obj); f.write_bytes(b)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(z))}: zero_pp_rank_1_mp_rank_00_optim_states\.pt has zero_stage 2 but {f.name} has 1"): read_zero(z)

@@ -229,7 +229,7 @@ def set_rng_state(s:dict):
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.clone() for t in s["cuda"]])
 
 # %% ../../nbs/61_checkpoint_core.ipynb #a9cb738d
-from ..io import atomic_dir as _io_atomic_dir, clean_tmp, remove_dir, restore_aside, set_aside
+from ..io import atomic_dir as _io_atomic_dir, clean_tmp, remove_dir, restore_aside, set_aside, read_small, member_path
 
 class atomic_dir(_io_atomic_dir):
     "`model_ops.io.atomic_dir` raising `CheckpointError`: a temporary sibling folder renamed to `path` on clean exit."
@@ -329,7 +329,8 @@ def read_manifest(dir) -> dict:
         hint = "; a model folder (safetensors, no manifest) opens with model_ops.io.WeightStore.open" if any(Path(dir).glob("*.safetensors")) else ""
         raise CheckpointError(f"{dir}: no manifest.json -- not a complete model_ops checkpoint (interrupted save?){hint}",
                               [Issue("manifest.json", None, "missing")])
-    try: m = json.loads(p.read_text())
+    b = read_small(p, error=CheckpointError)         # a FIFO or device in its place is refused, never opened
+    try: m = json.loads(b)
     except Exception as e: raise CheckpointError(f"{dir}: manifest.json unreadable", [Issue("manifest.json", None, f"invalid JSON: {e}")]) from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CheckpointError(f"{dir}: manifest.json is not a {FORMAT} manifest", [Issue("manifest.json", None, "wrong format")])
@@ -350,14 +351,22 @@ def _file_sha256(p) -> str:
         while n := f.readinto(mv): h.update(mv[:n])
     return h.hexdigest()
 
+def _member(dir, fname) -> Path:
+    "`dir/fname` for a name read from `dir`'s manifest; `CheckpointError` (its one `Issue`) unless a regular file inside `dir`, links followed."
+    if isinstance(fname, str) and fname and not os.path.isabs(fname) and ".." not in Path(fname).parts and not os.path.lexists(Path(dir)/fname):
+        raise CheckpointError(f"checkpoint {dir} is incomplete", [Issue(fname, None, "missing")])
+    try: return member_path(dir, fname, error=CheckpointError)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {dir}: its manifest names a file that cannot be read", [Issue(str(fname), None, str(e).split(": ", 1)[-1])]) from None
+
 _ENTRY_CHECKS = {}   # key of manifest entries `save` does not write -> check(dir, fname, entry); "chunks" (DCP files): filled by .dcp
 
 def _verify_file(dir, fname, ent, full:bool=True) -> list:
     "Issues for one file: existence, size, header, every tensor's hash, and (`full`) the file's SHA-256, in one sequential read."
     for key, check in _ENTRY_CHECKS.items():
         if key in ent: return check(dir, fname, ent)
-    p = Path(dir)/fname
-    if not p.exists(): return [Issue(fname, None, "missing")]
+    try: p = _member(dir, fname)
+    except CheckpointError as e: return e.issues
     size = p.stat().st_size
     if "tensors" not in ent:
         if size != ent["size"]: return [Issue(fname, None, f"size {size} bytes, manifest says {ent['size']}")]
@@ -467,26 +476,26 @@ def load(dir,                      # checkpoint folder written by `save`, or a D
     if kind in _USE_INSTEAD: raise CheckpointError(f"{dir} is {_USE_INSTEAD[kind]}; `load` reads the checkpoints `save` writes")
     m = read_manifest(dir)
     files = m["files"]
-    if verify:
-        for f in files:
-            if not (dir/f).exists(): raise CheckpointError(f"checkpoint {dir} is incomplete", [Issue(f, None, "missing")])
+    mfiles, tied = _files_of(m, "model"), m.get("tied", {})
+    if any(f not in files for f in [*mfiles, *_files_of(m, "state"), "state.json"]):
+        raise CheckpointError(f"{dir}: manifest.json names model/state files it has no entry for (not a manifest `save` writes)")
+    paths = {f: _member(dir, f) for f in (files if verify else [*mfiles, *_files_of(m, "state"), "state.json"])}   # inside `dir`
     if verify == "full": _verify_dir(dir, full=True)
     chk = bool(verify)
-    mfiles, tied = _files_of(m, "model"), m.get("tied", {})
     names = {k for f in mfiles for k in files[f]["tensors"]}
     targets = _inplace_targets(model, names, tied) if map_location is None or isinstance(model, nn.Module) else {}
     mt, st = {}, {}
     started, err, reads = [], None, _Reads()
     try:
-        for f in mfiles: started.append(_read_st(dir/f, files[f], chk, into=targets or None, reads=reads))
+        for f in mfiles: started.append(_read_st(paths[f], files[f], chk, into=targets or None, reads=reads))
     except BaseException as e: err = e
     reads.start()                                    # all files' reads at once, biggest first (also after an error: they close their files)
     for fin in started:                              # wait for every started file, even after an error
         try: mt.update(fin())
         except BaseException as e: err = err or e
     if err is not None: raise err
-    for f in _files_of(m, "state"): st.update(read_safetensors(dir/f, files[f], chk))
-    sj = (dir/"state.json").read_bytes()
+    for f in _files_of(m, "state"): st.update(read_safetensors(paths[f], files[f], chk))
+    sj = read_small(paths["state.json"], error=CheckpointError)
     if chk and _sha256(sj) != files["state.json"]["sha256"]:
         raise CheckpointError(f"checkpoint file {dir}/state.json is corrupt", [Issue("state.json", None, "SHA-256 differs from the manifest")])
     state = unpack(json.loads(sj), st)
@@ -514,7 +523,7 @@ def load(dir,                      # checkpoint folder written by `save`, or a D
 # %% ../../nbs/61_checkpoint_core.ipynb #4e016a7c
 def tensor_byte_range(dir, fname:str, tensor:str) -> tuple:
     "Absolute (start, stop) byte positions of `tensor`'s data inside checkpoint file `fname`."
-    m = read_manifest(dir); _, hb, start = read_header(Path(dir)/fname)
+    m = read_manifest(dir); _, hb, start = read_header(_member(dir, fname))
     a,b = m["files"][fname]["tensors"][tensor]["data_offsets"]
     return start + a, start + b
 

@@ -8,8 +8,8 @@ import os, io, re, copy, json, time, pickle, hashlib, warnings, functools
 from pathlib import Path
 import numpy as np
 import torch
-from ..io import check_output
-from .core import FORMAT, Issue, CheckpointError, atomic_dir, clean_tmp, verify, _sha256, _manifest_hash, _ENTRY_CHECKS
+from ..io import check_output, read_small, member_path
+from .core import FORMAT, Issue, CheckpointError, atomic_dir, clean_tmp, verify, read_manifest, _sha256, _manifest_hash, _ENTRY_CHECKS, _member
 
 # %% auto #0
 __all__ = ['dcp_save', 'dcp_load', 'dcp_to_hf', 'hf_to_dcp']
@@ -114,11 +114,12 @@ def dcp_load(dir,                  # DCP folder (written by `dcp_save`, accelera
     from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict, set_state_dict, set_model_state_dict, StateDictOptions
     dist, on, rank, world = _dist()
     dir = Path(dir)
-    has_m = (dir/"manifest.json").exists()
+    has_m = os.path.lexists(dir/"manifest.json")
+    m = _rank0(lambda: read_manifest(dir)) if has_m else {}
     if verify and has_m:
         iss = _bcast(globals()["verify"](dir, strict=False) if rank == 0 else None)
         if iss: raise CheckpointError(f"DCP checkpoint {dir} failed verification", iss)
-    md = _rank0(lambda: _dcp_metadata(dir, trust))   # refused on every rank when it is not DCP metadata
+    md = _rank0(lambda: _dcp_metadata(dir, trust, _md_sha256(dir, m) if verify else None))   # refused on every rank when it is not DCP metadata
     Reader, Planner = _safe_dcp()
     sd = {}
     if model is not None and optimizer is not None: sd["model"], sd["optim"] = get_state_dict(model, optimizer)
@@ -147,15 +148,14 @@ def dcp_load(dir,                  # DCP folder (written by `dcp_save`, accelera
     if model is not None and optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=opts)
     elif model is not None: set_model_state_dict(model, sd["model"], options=opts)
-    m = json.loads((dir/"manifest.json").read_text()) if has_m else {}
     return {"step": m.get("step"), "extra": ex}
 
 
 # %% ../../nbs/62_checkpoint_dcp.ipynb #a92851cc
 def _verify_dcp_file(dir, fname, ent) -> list:
     "`verify`'s issues for one DCP data file: size, the SHA-256 of every stored chunk and of the whole file."
-    p = Path(dir)/fname
-    if not p.exists(): return [Issue(fname, None, "missing")]
+    try: p = _member(dir, fname)
+    except CheckpointError as e: return e.issues
     size, iss = p.stat().st_size, []
     if size != ent["size"]:
         cut = [k for k,c in ent.get("chunks", {}).items() if c["offset"] + c["length"] > size]
@@ -199,22 +199,51 @@ class _DCPUnpickler(pickle.Unpickler):
         raise CheckpointError(f"{self.path}: refuses to unpickle {module}.{name}: not one of the classes DCP metadata is made of; {_TRUST}")
     def persistent_load(self, pid): raise CheckpointError(f"{self.path}: refuses a persistent id in DCP metadata; {_TRUST}")
 
-def _dcp_metadata(dir, trust:bool=False):
+def _md_sha256(dir, m:dict):
+    "The SHA-256 our manifest `m` records for `.metadata` (None without a manifest)."
+    if not m: return None
+    ent = m.get("files", {}).get(".metadata")
+    if not isinstance(ent, dict) or "sha256" not in ent: raise CheckpointError(f"{dir}: manifest.json has no entry for .metadata", [Issue(".metadata", None, "not in the manifest")])
+    return ent["sha256"]
+
+def _dcp_metadata(dir, trust:bool=False, sha256:str=None):   # `sha256`: what the folder's manifest says `.metadata` hashes to
     "DCP's `.metadata` of folder `dir`, unpickled by `_DCPUnpickler` (plain `pickle` when `trust`), checked to be DCP metadata."
     from torch.distributed.checkpoint.metadata import Metadata
     p = Path(dir)/".metadata"
-    if not p.is_file(): raise CheckpointError(f"{dir} has no .metadata: not a torch.distributed.checkpoint folder (or its save was interrupted)")
-    with open(p, "rb") as f:
-        try: md = pickle.load(f) if trust else _DCPUnpickler(f, p).load()
-        except CheckpointError: raise
-        except Exception as e: raise CheckpointError(f"{p}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
+    if not os.path.lexists(p): raise CheckpointError(f"{dir} has no .metadata: not a torch.distributed.checkpoint folder (or its save was interrupted)")
+    b = read_small(p, error=CheckpointError)            # a FIFO in its place is refused, never opened
+    if sha256 is not None and _sha256(b) != sha256:
+        raise CheckpointError(f"{p} is corrupt", [Issue(".metadata", None, "SHA-256 differs from the manifest")])
+    try: md = pickle.loads(b) if trust else _DCPUnpickler(io.BytesIO(b), p).load()
+    except CheckpointError: raise
+    except Exception as e: raise CheckpointError(f"{p}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
     if not (isinstance(md, Metadata) and isinstance(md.state_dict_metadata, dict) and isinstance(md.storage_data, dict)):
         raise CheckpointError(f"{p}: holds a {type(md).__name__}, not DCP metadata")
     for info in md.storage_data.values():               # data files stay inside the folder
         rp = getattr(info, "relative_path", None)
         if not isinstance(rp, str) or Path(rp).is_absolute() or ".." in Path(rp).parts:
             raise CheckpointError(f"{p}: names a data file outside the folder ({rp!r}); DCP writes its files inside it")
+    for rp in {info.relative_path for info in md.storage_data.values()}: member_path(dir, rp, error=CheckpointError)   # links followed
+    _check_md(md, p)
     return md
+
+def _check_md(md, p):
+    "Raise a `CheckpointError` naming `.metadata` unless every record in it has the fields and types DCP writes (a flipped byte can rename one)."
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata, BytesStorageMetadata, MetadataIndex
+    ints = lambda xs, n=None: isinstance(xs, (tuple, list)) and all(isinstance(x, int) for x in xs) and (n is None or len(xs) == n)
+    for k, v in md.state_dict_metadata.items():
+        ok = isinstance(k, str) and isinstance(v, (TensorStorageMetadata, BytesStorageMetadata))
+        if ok and isinstance(v, TensorStorageMetadata):
+            ok = (isinstance(getattr(getattr(v, "properties", None), "dtype", None), torch.dtype) and ints(getattr(v, "size", None))
+                  and isinstance(getattr(v, "chunks", None), list)
+                  and all(ints(getattr(c, "offsets", None), len(v.size)) and ints(getattr(c, "sizes", None), len(v.size))
+                          and MetadataIndex(k, tuple(c.offsets)) in md.storage_data for c in v.chunks))
+        elif ok: ok = MetadataIndex(k) in md.storage_data
+        if not ok: raise CheckpointError(f"{p}: the record of {k!r} is not the DCP metadata of a stored value (damaged .metadata)")
+    for idx, info in md.storage_data.items():
+        if not (isinstance(idx, MetadataIndex) and isinstance(getattr(info, "offset", None), int) and isinstance(getattr(info, "length", None), int)
+                and info.offset >= 0 and info.length >= 0):
+            raise CheckpointError(f"{p}: the storage record {idx!r} is not a DCP file slice (damaged .metadata)")
 
 def _refused(e:pickle.UnpicklingError) -> str:
     "The global a `weights_only` load refused, as module.name (torch names builtins bare)."
@@ -273,12 +302,27 @@ class _FileSlice(io.RawIOBase):
         got = os.preadv(self.fd, [memoryview(b).cast("B")[:m]], self.off + self.pos)
         self.pos += got; return got
 
-def _dcp_chunk(src:Path, info, fds:dict, numel:int, dtype) -> torch.Tensor:
-    "One stored DCP tensor chunk, read from its file slice into a single fresh allocation."
+def _slice_sha256(fd:int, off:int, n:int) -> str:
+    "SHA-256 of bytes [off, off+n) of an open file, read in 8 MiB pieces (None when the file ends before)."
+    h, pos = hashlib.sha256(), off
+    while pos < off + n:
+        b = os.pread(fd, min(1 << 23, off + n - pos), pos)
+        if not b: return None
+        h.update(b); pos += len(b)
+    return h.hexdigest()
+
+def _dcp_chunk(src:Path, info, fds:dict, numel:int, dtype, want:dict=None) -> torch.Tensor:
+    "One stored DCP tensor chunk, read from its file slice into a single fresh allocation (`want`: the manifest's chunk SHA-256s, checked first)."
     if getattr(info, "transform_descriptors", None):
         raise CheckpointError(f"{src}: chunk in {info.relative_path} uses DCP extensions {info.transform_descriptors}; not supported by dcp_to_hf")
     fd = fds.get(info.relative_path)
-    if fd is None: fd = fds[info.relative_path] = os.open(Path(src)/info.relative_path, os.O_RDONLY)
+    if fd is None: fd = fds[info.relative_path] = os.open(member_path(src, info.relative_path, error=CheckpointError), os.O_RDONLY)
+    where = f"{src/info.relative_path}: the chunk at byte {info.offset}"
+    if want is not None:
+        sha = want.get((info.relative_path, info.offset, info.length))
+        if sha is None: raise CheckpointError(f"{where} is not in the folder's manifest.json (the manifest and .metadata disagree)")
+        got = _slice_sha256(fd, info.offset, info.length)
+        if got != sha: raise CheckpointError(f"{where} is " + ("cut short (file truncated)" if got is None else "corrupt: its SHA-256 differs from the manifest"))
     head = os.pread(fd, 4, info.offset)
     if head != b"PK\x03\x04":
         raise CheckpointError(f"{src}: the chunk at byte {info.offset} of {info.relative_path} is not in torch.save format "
@@ -287,21 +331,28 @@ def _dcp_chunk(src:Path, info, fds:dict, numel:int, dtype) -> torch.Tensor:
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{src/info.relative_path}: refuses to unpickle {_refused(e)} in the chunk at byte "
                               f"{info.offset}: a tensor chunk holds a tensor and nothing else") from None
+    except Exception as e: raise CheckpointError(f"{where} is not a readable torch.save archive ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(t, torch.Tensor) or t.numel() != numel or t.dtype != dtype:
         raise CheckpointError(f"{src}: the chunk at byte {info.offset} of {info.relative_path} does not hold the {numel} {dtype} values the metadata promise")
     if t.untyped_storage().nbytes() != t.numel() * t.element_size(): t = t.clone()   # a view of a bigger saved storage
     return t
 
-def _dcp_tensor(src:Path, md, fqn:str, tmd, fds:dict) -> torch.Tensor:
+def _dcp_tensor(src:Path, md, fqn:str, tmd, fds:dict, want:dict=None) -> torch.Tensor:
+    "The full tensor `fqn` from its stored chunks; every error a `CheckpointError` naming the file."
+    try: return _dcp_tensor1(src, md, fqn, tmd, fds, want)
+    except CheckpointError: raise
+    except Exception as e: raise CheckpointError(f"{src/'.metadata'}: tensor {fqn!r} cannot be assembled from its chunks ({type(e).__name__}: {e})") from None
+
+def _dcp_tensor1(src:Path, md, fqn:str, tmd, fds:dict, want:dict=None) -> torch.Tensor:
     "The full tensor `fqn` from its stored chunks: the chunk itself when saved whole, else assembled piece by piece."
     from torch.distributed.checkpoint.metadata import MetadataIndex
     size, dt = list(tmd.size), tmd.properties.dtype
     if len(tmd.chunks) == 1 and list(tmd.chunks[0].sizes) == size:
         c = tmd.chunks[0]
-        return _dcp_chunk(src, md.storage_data[MetadataIndex(fqn, c.offsets)], fds, int(np.prod(size, dtype=np.int64)), dt).reshape(size)
+        return _dcp_chunk(src, md.storage_data[MetadataIndex(fqn, c.offsets)], fds, int(np.prod(size, dtype=np.int64)), dt, want).reshape(size)
     out = torch.empty(size, dtype=dt)
     for c in tmd.chunks:
-        piece = _dcp_chunk(src, md.storage_data[MetadataIndex(fqn, c.offsets)], fds, int(np.prod(list(c.sizes), dtype=np.int64)), dt)
+        piece = _dcp_chunk(src, md.storage_data[MetadataIndex(fqn, c.offsets)], fds, int(np.prod(list(c.sizes), dtype=np.int64)), dt, want)
         view = out
         for d,(o,n) in enumerate(zip(c.offsets, c.sizes)): view = view.narrow(d, o, n)
         view.copy_(piece.reshape(list(c.sizes))); del piece
@@ -314,12 +365,15 @@ def dcp_to_hf(src,                          # DCP folder
               dtype=None,                   # cast to this dtype (e.g. torch.bfloat16)
               config=None,                  # dict, PretrainedConfig or HF folder whose config.json to copy
               overwrite:bool=False,
-              trust:bool=False) -> Path:    # unpickle any object in `.metadata` (runs its code; only for folders you trust)
+              trust:bool=False,             # unpickle any object in `.metadata` (runs its code; only for folders you trust)
+              verify:bool=True) -> Path:    # check `.metadata` and every chunk read against the folder's manifest.json (when it has one)
     "Convert a DCP checkpoint's model tensors to a sharded HF safetensors folder with bounded memory."
     from model_ops.io import ShardWriter
     check_output(out, [src, config])               # before anything is read: `out` must not be, hold or sit inside an input
     src = Path(src)
-    md = _dcp_metadata(src, trust)
+    m = read_manifest(src) if verify and os.path.lexists(src/"manifest.json") else {}
+    md = _dcp_metadata(src, trust, _md_sha256(src, m))
+    want = {(f, c["offset"], c["length"]): c["sha256"] for f, e in m["files"].items() for c in e.get("chunks", {}).values()} if m else None
     keys = _dcp_tensor_keys(md, prefix)
     if not keys: raise CheckpointError(f"{src}: no tensors under prefix {prefix!r}; keys look like {list(md.state_dict_metadata)[:3]}")
     if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
@@ -331,7 +385,7 @@ def dcp_to_hf(src,                          # DCP folder
             for name,(fqn,tmd) in keys.items():
                 out_dt = dtype if dtype is not None and tmd.properties.dtype.is_floating_point else tmd.properties.dtype
                 w.make_room(int(np.prod(list(tmd.size), dtype=np.int64)) * out_dt.itemsize)   # write the shard before reading a tensor that would not fit
-                t = _dcp_tensor(src, md, fqn, tmd, fds)
+                t = _dcp_tensor(src, md, fqn, tmd, fds, want)
                 if dtype is not None and t.is_floating_point(): t = t.to(dtype)    # drop the source before the next read
                 w.add(name, t); del t
             if config is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from concurrent.futures import wait
 import torch
-from ..io import check_output, _fsync_dir, write_bytes, _write_all, _done, _pool, _NCPU
+from ..io import check_output, read_small, _fsync_dir, write_bytes, _write_all, _done, _pool, _NCPU
 from .core import (
     CheckpointError, Issue, read_manifest, atomic_dir, _verify_dir)
 from .universal import _per_expert, _sub_sizes, _commit_manifest, _FOLDER_READERS
@@ -50,7 +50,9 @@ _DS_SAFE = [(c, c._ds_name) for c in _DS_CLASSES] + [argparse.Namespace]
 def _ds_load(path, trust:bool=False):
     "torch.load a DeepSpeed `.pt` file: tensors, containers and known DeepSpeed records only (no code runs) unless `trust`."
     path = Path(path)
-    if not path.is_file(): raise CheckpointError(f"{path} is missing", [Issue(path.name, None, "missing")])
+    if not path.is_file():
+        if os.path.lexists(path): raise CheckpointError(f"{path}: not a regular file (a FIFO, a device or a folder); refusing to read it")
+        raise CheckpointError(f"{path} is missing", [Issue(path.name, None, "missing")])
     mm = zipfile.is_zipfile(path)                # tensors memory-mapped, read when used (not the legacy format)
     try:
         if trust: return torch.load(path, map_location="cpu", weights_only=False, mmap=mm)
@@ -197,12 +199,21 @@ def _ds_shapes(dir, trust:bool) -> dict:
         for g in _ds_load(f, trust).get("param_shapes") or []: shapes.update(g)
     return shapes
 
+def _latest_name(p:Path) -> str:
+    "The folder name DeepSpeed's `latest` / `latest_universal` file `p` holds: read as a small file, a plain name of a folder beside it."
+    b = read_small(p, limit=4096, error=CheckpointError)
+    try: name = b.decode().strip()
+    except UnicodeDecodeError: name = ""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise CheckpointError(f"{p}: does not hold the name of a checkpoint folder beside it ({b[:60]!r})")
+    return name
+
 def load_deepspeed_universal(dir,                 # `global_stepN_universal` folder, or its parent holding `latest_universal`
                              trust:bool=False,    # unpickle arbitrary objects (runs code; only for files you trust)
                              verify:bool=True) -> dict: # check the manifest's SHA-256s when there is one (folders we wrote)
     "Read a DeepSpeed universal checkpoint (`ds_to_universal.py` or `ds_to_universal` output) into the universal form."
     dir = Path(dir)
-    if not (dir/"zero").is_dir() and (dir/"latest_universal").is_file(): dir = dir/(dir/"latest_universal").read_text().strip()
+    if not (dir/"zero").is_dir() and os.path.lexists(dir/"latest_universal"): dir = dir/_latest_name(dir/"latest_universal")
     z = dir/"zero"
     if not z.is_dir(): raise CheckpointError(f"{dir} has no zero/ folder; pass the global_stepN_universal folder")
     m = None

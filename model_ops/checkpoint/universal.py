@@ -6,12 +6,12 @@
 from __future__ import annotations
 import os, re, json, time
 from pathlib import Path
-from ..io import check_output
+from ..io import check_output, read_small
 from dataclasses import dataclass, field
 import torch
 from .core import (
     FORMAT, Issue, CheckpointError, atomic_dir, write_safetensors, read_safetensors, read_manifest,
-    _ckpt_kind, _manifest_hash, _sha256)
+    _ckpt_kind, _manifest_hash, _sha256, _member)
 
 # %% auto #0
 __all__ = ['TPLayout', 'llama_layout', 'tp_split', 'tp_merge', 'to_universal', 'from_universal', 'save_universal',
@@ -228,9 +228,15 @@ def _write_json(tmp, name, obj, files):
     files[name] = {"size": len(b), "sha256": _sha256(b)}
 
 def _read_json(dir, name, m):
-    b = (Path(dir)/name).read_bytes()
-    if _sha256(b) != m["files"][name]["sha256"]: raise CheckpointError(f"{dir}/{name} is corrupt", [Issue(name, None, "SHA-256 differs from the manifest")])
+    ent = _entry(dir, m, name)
+    b = read_small(_member(dir, name), error=CheckpointError)     # a FIFO in its place is refused, never opened
+    if _sha256(b) != ent["sha256"]: raise CheckpointError(f"{dir}/{name} is corrupt", [Issue(name, None, "SHA-256 differs from the manifest")])
     return json.loads(b)
+
+def _entry(dir, m, name):
+    "The manifest entry of file `name` (a name `universal.json` / `tp_layout.json` gives), or a `CheckpointError`."
+    if not isinstance(name, str) or name not in m["files"]: raise CheckpointError(f"{dir}: manifest.json has no entry for {name!r}", [Issue(str(name), None, "not in the manifest")])
+    return m["files"][name]
 
 def save_universal(u:dict, out, overwrite:bool=False) -> Path:
     "Write a universal checkpoint (from `to_universal`) to folder `out`, atomically, with a manifest."
@@ -246,7 +252,7 @@ def load_universal(dir, verify:bool=True) -> dict:
     m = read_manifest(dir)
     if m.get("kind") != "universal": raise CheckpointError(f"{dir} is a {m.get('kind', 'training')} checkpoint, not a universal one")
     info = _read_json(dir, "universal.json", m)
-    states = {st: read_safetensors(Path(dir)/f"{st}.safetensors", m["files"][f"{st}.safetensors"], verify) for st in info["states"]}
+    states = {st: read_safetensors(_member(dir, f"{st}.safetensors"), _entry(dir, m, f"{st}.safetensors"), verify) for st in info["states"]}
     return {"meta": info["meta"], "states": states, "layout": info["layout"]}
 
 def save_tp(ranks:list, out, layout:TPLayout, overwrite:bool=False) -> Path:
@@ -269,7 +275,7 @@ def load_tp(dir, verify:bool=True) -> tuple:
     for r in range(info["tp"]):
         fn = f"tp-{r:02d}-of-{info['tp']:02d}.safetensors"
         rk = {}
-        for k,v in read_safetensors(Path(dir)/fn, m["files"][fn], verify).items():
+        for k,v in read_safetensors(_member(dir, fn), _entry(dir, m, fn), verify).items():
             st, name = k.split("/", 1); rk.setdefault(st, {})[name] = v
         ranks.append(rk)
     return ranks, TPLayout(**info["layout"])

@@ -4,14 +4,14 @@
 
 # %% ../../nbs/66_checkpoint_zero.ipynb #cc308fc0
 from __future__ import annotations
-import re, math
+import os, re, math
 from pathlib import Path
 from ..io import check_output
 from collections import OrderedDict
 import torch
-from .core import CheckpointError, Issue, atomic_dir, _OPT_RE, _ckpt_kind, _FOLDER_LOADERS
+from .core import CheckpointError, Issue, atomic_dir, read_manifest, _verify_dir, _OPT_RE, _ckpt_kind, _FOLDER_LOADERS
 from .universal import (
-    TPLayout, tp_merge, to_universal, from_universal, save_universal, load_universal, save_tp, load_tp, _FOLDER_READERS)
+    TPLayout, tp_merge, to_universal, from_universal, save_universal, load_universal, save_tp, load_tp, _FOLDER_READERS, _commit_manifest)
 from .deepspeed import (
     _Frag, _ds_load, _ds_write, _write_ds_universal, save_deepspeed_universal, load_deepspeed_universal)
 
@@ -23,10 +23,15 @@ _MS3_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 
 def _numel(shape) -> int: return math.prod(int(s) for s in shape)
 
-def _zero_plan(src, trust:bool=False) -> dict:
-    "The rank files of DeepSpeed ZeRO folder `src`, its stage and its tp/dp degrees, all checked against each other."
+def _zero_plan(src, trust:bool=False, verify:bool=True) -> dict:
+    "The rank files of DeepSpeed ZeRO folder `src`, its stage and its tp/dp degrees, all checked against each other (and `verify`: against its manifest)."
     src = Path(src)
     if not src.is_dir(): raise CheckpointError(f"{src} is not a folder")
+    listed = None
+    if verify and os.path.lexists(src/"manifest.json"):   # a `save_zero` folder: every file's SHA-256 first
+        m = read_manifest(src)
+        if m.get("kind") != "zero": raise CheckpointError(f"{src}: its manifest.json describes a {m.get('kind')!r} folder, not DeepSpeed ZeRO rank files")
+        _verify_dir(src); listed = set(m["files"])
     names = sorted(p.name for p in src.iterdir() if p.is_file())
     if any(n.startswith("layer_") for n in names):
         raise CheckpointError(f"{src} holds layer_* files (pipeline or MoE expert files); model_ops reads DeepSpeed ZeRO folders without them")
@@ -40,6 +45,7 @@ def _zero_plan(src, trust:bool=False) -> dict:
     pre = pre.pop()
     first = _ds_load(src/opt[min(opt)][1], trust)
     osd = first.get("optimizer_state_dict") if isinstance(first, dict) else None
+    if isinstance(osd, dict) and not isinstance(osd.get("zero_stage", 1), int): raise CheckpointError(f"{src/opt[min(opt)][1]}: zero_stage {osd['zero_stage']!r} is not a number")
     if not isinstance(osd, dict) or not ("zero_stage" in osd or "single_partition_of_fp32_groups" in osd):
         raise CheckpointError(f"{src/opt[min(opt)][1]} has no optimizer_state_dict.zero_stage: not a ZeRO optimizer file")
     stage = int(osd.get("zero_stage", 1))                 # DeepSpeed's bf16 optimizer (ZeRO-1 layout) records none
@@ -49,6 +55,7 @@ def _zero_plan(src, trust:bool=False) -> dict:
     m0 = src/mfile(0, 0)
     if not m0.exists(): raise CheckpointError(f"{src} is incomplete", [Issue(m0.name, None, "missing (model states of rank 0)")])
     ms0 = _ds_load(m0, trust)
+    if not isinstance(ms0, dict): raise CheckpointError(f"{m0}: holds a {type(ms0).__name__}, not DeepSpeed model states")
     tp_files, dp_files = max(t for t,_ in opt) + 1, max(d for _,d in opt) + 1
     pc = osd.get("partition_count")
     pc = max(pc) if isinstance(pc, (list, tuple)) and pc else pc
@@ -63,16 +70,27 @@ def _zero_plan(src, trust:bool=False) -> dict:
     missing += sorted({mfile(t, d) for t in range(tp) for d in range(dp) if not (src/mfile(t, d)).exists()})
     if missing: raise CheckpointError(f"{src} is incomplete: tp={tp} x dp={dp} ranks need these missing files",
                                       [Issue(f, None, "missing") for f in missing])
+    if listed is not None and (extra := sorted({v[1] for v in opt.values()} - listed)):
+        raise CheckpointError(f"{src}: rank files its manifest.json does not list (added after save_zero wrote it)", [Issue(f, None, "not in the manifest") for f in extra])
     return {"src": src, "stage": stage, "tp": tp, "dp": dp, "opt": {k: src/v[1] for k,v in opt.items()},
             "model": {t: src/mfile(t, 0) for t in range(tp)}, "model_files": sorted({mfile(t, d) for t in range(tp) for d in range(dp)}),
             "first": first, "ms0": ms0}
+
+def _field(f:Path, d, key:str, kind:type, where:str="optimizer_state_dict"):
+    "`d[key]`, or a `CheckpointError` naming rank file `f` and the key when it is missing or not a `kind`."
+    v = d.get(key) if isinstance(d, dict) else None
+    if not isinstance(v, kind):
+        raise CheckpointError(f"{f}: {where}[{key!r}] is " + ("missing" if v is None else f"a {type(v).__name__}") +
+                              f", not the {kind.__name__} a DeepSpeed ZeRO optimizer file holds")
+    return v
 
 def _fragments(plan:dict, t:int, d:int, shapes:list, trust:bool) -> tuple:
     "({(name, state): flat piece}, {name: step}, osd) of one (tp, dp) rank file: the pieces of each parameter this rank owns."
     f = plan["opt"][(t, d)]
     sd = plan["first"] if (t, d) == min(plan["opt"]) else _ds_load(f, trust)
-    osd = sd["optimizer_state_dict"]
-    if int(osd.get("zero_stage", 1)) != plan["stage"]: raise CheckpointError(f"{f.name}: zero_stage {osd.get('zero_stage')} but rank 0 has {plan['stage']}")
+    osd = _field(f, sd, "optimizer_state_dict", dict, "the file")
+    if osd.get("zero_stage", 1) != plan["stage"]:
+        raise CheckpointError(f"{plan['src']}: {f.name} has zero_stage {osd.get('zero_stage')!r} but {plan['opt'][min(plan['opt'])].name} has {plan['stage']}")
     out, steps = {}, {}
     def flat_states(g, fp32, state, pad):
         fl = {"fp32": fp32}
@@ -84,8 +102,9 @@ def _fragments(plan:dict, t:int, d:int, shapes:list, trust:bool) -> tuple:
             fl[k] = v.reshape(-1)[:fp32.numel()]
         return fl
     if plan["stage"] <= 2:
-        maps, fp32s = osd["param_slice_mappings"], osd["single_partition_of_fp32_groups"]
-        gst = osd["base_optimizer_state"]["state"]; pads = osd.get("group_paddings") or [0] * len(fp32s)
+        maps, fp32s = _field(f, osd, "param_slice_mappings", list), _field(f, osd, "single_partition_of_fp32_groups", list)
+        gst = _field(f, _field(f, osd, "base_optimizer_state", dict), "state", dict, "optimizer_state_dict['base_optimizer_state']")
+        pads = osd.get("group_paddings") or [0] * len(fp32s)
         if len(maps) != len(fp32s): raise CheckpointError(f"{f.name}: {len(maps)} slice mappings for {len(fp32s)} fp32 groups")
         for g, (mp, fp32) in enumerate(zip(maps, fp32s)):
             fl = flat_states(g, fp32.reshape(-1), gst.get(g), pads[g])
@@ -95,7 +114,8 @@ def _fragments(plan:dict, t:int, d:int, shapes:list, trust:bool) -> tuple:
                 for k,v in fl.items(): out[(name, k)] = v.narrow(0, fa.start, fa.numel)
                 if "step" in (gst.get(g) or {}): steps[name] = gst[g]["step"]
     else:
-        fp32s, gst = osd["fp32_flat_groups"], osd["optimizer_state_dict"]["state"]
+        fp32s = _field(f, osd, "fp32_flat_groups", list)
+        gst = _field(f, _field(f, osd, "optimizer_state_dict", dict), "state", dict, "optimizer_state_dict['optimizer_state_dict']")
         if len(fp32s) != len(shapes): raise CheckpointError(f"{f.name}: {len(fp32s)} fp32 groups but the model states list {len(shapes)}")
         for g, (shp, fp32) in enumerate(zip(shapes, fp32s)):
             fl, off, dp = flat_states(g, fp32.reshape(-1), gst.get(g), 0), 0, plan["dp"]
@@ -126,10 +146,10 @@ def _ds_layout(info:dict) -> TPLayout:
 # %% ../../nbs/66_checkpoint_zero.ipynb #0dc0062b
 _SHARDED = ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups", "fp32_flat_groups", "optimizer_state_dict")
 
-def _zero_prepare(src, layout:TPLayout=None, strict:bool=True, trust:bool=False) -> dict:
+def _zero_prepare(src, layout:TPLayout=None, strict:bool=True, trust:bool=False, verify:bool=True) -> dict:
     """Every check of a DeepSpeed ZeRO folder, reading no tensor data: per TP rank, state and parameter its TP-local shape
     and its dp pieces (views into the memory-mapped rank files), the TP rules, steps and the small common state."""
-    plan = _zero_plan(src, trust)
+    plan = _zero_plan(src, trust, verify)
     tp, dp, stage = plan["tp"], plan["dp"], plan["stage"]
     ms = {t: plan["ms0"] if t == 0 else _ds_load(plan["model"][t], trust) for t in range(tp)}
     shapes = {t: [OrderedDict(g) for g in (ms[t].get("param_shapes") or [])] for t in range(tp)}
@@ -144,7 +164,10 @@ def _zero_prepare(src, layout:TPLayout=None, strict:bool=True, trust:bool=False)
     frags, steps, common = {}, {}, None
     for t in range(tp):
         for d in range(dp):
-            out, st, osd = _fragments(plan, t, d, shapes[t], trust)
+            try: out, st, osd = _fragments(plan, t, d, shapes[t], trust)
+            except CheckpointError: raise
+            except Exception as e:                  # a record of another shape than DeepSpeed writes
+                raise CheckpointError(f"{plan['opt'][(t, d)]}: not a well-formed ZeRO optimizer file ({type(e).__name__}: {e})") from None
             for (name, k), v in out.items(): frags.setdefault((t, name, k), []).append((d, v))
             for name, s in st.items():
                 prev = steps.setdefault(name, s)
@@ -193,9 +216,10 @@ def _zero_local(p:dict, t:int, k:str, name:str) -> torch.Tensor:
 def read_zero(src,                  # DeepSpeed checkpoint folder (`global_stepN`): `*zero_pp_rank_*_optim_states.pt` + model states
               layout:TPLayout=None, # how TP slices merge; default: the `universal_checkpoint_info` patterns saved with the model states
               strict:bool=True,     # every layout pattern must match a parameter
-              trust:bool=False) -> dict: # unpickle arbitrary objects (runs code; only for files you trust)
+              trust:bool=False,     # unpickle arbitrary objects (runs code; only for files you trust)
+              verify:bool=True) -> dict: # check every file against the manifest `save_zero` writes (when there is one)
     "Consolidate a DeepSpeed ZeRO-1/2/3 checkpoint (fp32 master weights and optimizer state, any TP x DP) into the universal form."
-    p = _zero_prepare(src, layout, strict, trust)
+    p = _zero_prepare(src, layout, strict, trust, verify)
     ranks = [{("param" if k == "fp32" else k): {n: _zero_local(p, t, k, n) for n in ts} for k,ts in r.items()} for t,r in enumerate(p["local"])]
     u = to_universal(ranks, p["layout"], strict=strict)
     u.update({k: p[k] for k in ("step", "optimizer", "groups", "info", "iteration", "source", "model_files")})
@@ -219,12 +243,13 @@ def _zero_stream(p:dict, out, copy:list=(), overwrite:bool=False, latest:bool=Tr
 def ds_to_universal(src,                 # DeepSpeed ZeRO checkpoint folder (`global_stepN`)
                     out=None,            # universal folder to create; default `<src>_universal` beside it
                     layout:TPLayout=None, strict:bool=True, trust:bool=False, overwrite:bool=False,
-                    latest:bool=True) -> Path:  # write `latest_universal` beside `out`
+                    latest:bool=True,    # write `latest_universal` beside `out`
+                    verify:bool=True) -> Path:  # check every file against the manifest `save_zero` writes (when there is one)
     "DeepSpeed's `ds_to_universal.py` without DeepSpeed: ZeRO-1/2/3 x TP rank files -> `zero/<param>/*.pt` (all checks before writing, one parameter in memory at a time)."
     src = Path(src)
     out = Path(out) if out is not None else src.parent/f"{src.name}_universal"
     check_output(out, [src])                              # before anything is read
-    p = _zero_prepare(src, layout, strict, trust)
+    p = _zero_prepare(src, layout, strict, trust, verify)
     return _zero_stream(p, out, copy=[src/f for f in p["model_files"]], overwrite=overwrite, latest=latest)
 
 # %% ../../nbs/66_checkpoint_zero.ipynb #9de8b847
@@ -251,8 +276,9 @@ def save_zero(u:dict,                # universal form
     step = lambda g: next((u["step"][n] for n in g if n in (u.get("step") or {})), None)
     it, info = u.get("iteration"), _ds_info(u)
     sts = [s for s in u["states"] if s != "param"]
+    files = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        def put(name, obj): _ds_write(tmp/name, obj)
+        def put(name, obj): files[name] = _ds_write(tmp/name, obj)
         for t in range(tp):
             loc = ranks[t]
             shapes = [OrderedDict((n, torch.Size(loc["param"][n].shape)) for n in g) for g in groups]
@@ -299,6 +325,7 @@ def save_zero(u:dict,                # universal form
                 else:
                     osd = {**opt, "zero_stage": 3, "partition_count": dp, "optimizer_state_dict": base, "fp32_flat_groups": parts["param"]}
                 put(f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt", {"optimizer_state_dict": osd, "ds_config": {}, "ds_version": "model_ops"})
+        _commit_manifest(tmp, dict(sorted(files.items())), "zero", iteration=it, source={"tp": tp, "dp": dp, "zero_stage": stage})   # DeepSpeed ignores it
     return Path(out)
 
 # %% ../../nbs/66_checkpoint_zero.ipynb #ba34669a
