@@ -5,11 +5,9 @@ mergekit runs once, as `mergekit-multi` on one multi-document file holding every
 the same `run_merge` with the same options as `mergekit-yaml`, and one process costs one import of mergekit (about
 15 s here) instead of one per recipe. `test_mergekit_yaml_gives_the_same_files` checks that `mergekit-yaml` itself
 writes the same bits for one recipe."""
-import os, shutil, subprocess, sys
-from pathlib import Path
-import pytest, torch, yaml
-from model_ops.io import WeightStore, save_model
-from model_ops.nn import tiny_model
+import subprocess
+import pytest, torch
+from mergekit_runs import load as _load, mergekit_cmd as _mergekit_cmd, tiny_models, mergekit_multi
 from model_ops.merge.api import merge_config
 from model_ops.merge.config import plan_merge
 from model_ops.merge.executor import read_tensor
@@ -106,34 +104,13 @@ def _text(method, variant, models):
     tag, extra = VARIANTS[variant]
     return RECIPES[method].format(**{k: models[tag, k] for k in ("base", "a", "b", "c")}).lstrip() + extra
 
-def _load(path):
-    s = WeightStore.open(path)
-    return {k: s[k] for k in s.keys()}
-
-def _mergekit_cmd(name):
-    exe = shutil.which(name, path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    if exe is None: pytest.skip(f"{name} is not installed")
-    return exe
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     "Tiny base and three sparse fine-tunes in float32 and bfloat16; every recipe merged once by mergekit."
     root = tmp_path_factory.mktemp("mergekit_methods")
-    m = tiny_model("llama", num_hidden_layers=N_LAYERS)
-    cfg = m.config.to_dict() | {"architectures": ["LlamaForCausalLM"]}
-    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
-    models = {}
-    for tag, dt in (("f32", torch.float32), ("bf16", torch.bfloat16)):
-        models[tag, "base"] = str(save_model(sd, root / f"base_{tag}", config=cfg, dtype=dt))
-        for i, (n, p) in enumerate((("a", 0.7), ("b", 0.5), ("c", 0.9))):   # fine-tune n changes a share p of the entries
-            g = torch.Generator().manual_seed(10 + i)
-            ft = {k: v + 0.02 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < p) for k, v in sd.items()}
-            models[tag, n] = str(save_model(ft, root / f"{n}_{tag}", config=cfg, dtype=dt))
+    models = tiny_models(root, N_LAYERS, (0.7, 0.5, 0.9), 0.02, 10)
     texts = {f"{m}_{v}": _text(m, v, models) for v in VARIANTS for m in RECIPES}
-    (root / "all.yml").write_text("---\n".join(f"name: {n}\n{t}" for n, t in texts.items()))
-    r = subprocess.run([_mergekit_cmd("mergekit-multi"), str(root / "all.yml"), "-I", str(root / "mk"),
-                        "--no-copy-tokenizer", "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    mergekit_multi(root, texts)
     return root, models, texts
 
 def _ours(runs, name):

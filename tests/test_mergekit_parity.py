@@ -6,10 +6,8 @@ mergekit's order (`--random-seed N` there, `torch.manual_seed(N)` here). `precis
 
 mergekit runs once, as `mergekit-multi` over one multi-document file holding every recipe (one import of mergekit
 instead of one per recipe); each document goes through `run_merge`, which seeds the global generator first."""
-import os, shutil, subprocess, sys
 import pytest, torch
-from model_ops.io import WeightStore, save_model
-from model_ops.nn import tiny_model
+from mergekit_runs import load as _load, tiny_models, mergekit_multi
 from model_ops.merge.api import merge_config
 from model_ops.merge.config import plan_merge
 from model_ops.merge.executor import stream_merge
@@ -222,37 +220,16 @@ RECIPES = DETERMINISTIC | RANDOM
 VARIANTS = {"f32": ("f32", ""), "bf16": ("bf16", "dtype: bfloat16\n"), "bf16own": ("bf16", ""),
             "bf16_f32math": ("bf16", "dtype: float32\nout_dtype: bfloat16\n"), "f32_f16math": ("f32", "dtype: float16\n")}
 
-def _load(path):
-    s = WeightStore.open(path)
-    return {k: s[k] for k in s.keys()}
-
-def _mergekit_cmd(name):
-    exe = shutil.which(name, path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    if exe is None: pytest.skip(f"{name} is not installed")
-    return exe
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     "A tiny base and three fine-tunes in float32 and bfloat16; every recipe merged once by mergekit (seeded)."
     root = tmp_path_factory.mktemp("mergekit_parity")
-    m = tiny_model("llama", num_hidden_layers=N_LAYERS)
-    cfg = m.config.to_dict() | {"architectures": ["LlamaForCausalLM"]}
-    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
-    models = {}
-    for tag, dt in (("f32", torch.float32), ("bf16", torch.bfloat16)):
-        models[tag, "base"] = str(save_model(sd, root / f"base_{tag}", config=cfg, dtype=dt))
-        for i, (n, p) in enumerate((("a", 0.8), ("b", 0.6), ("c", 0.9))):   # fine-tune n changes a share p of the entries
-            g = torch.Generator().manual_seed(20 + i)
-            ft = {k: v + 0.01 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < p) for k, v in sd.items()}
-            models[tag, n] = str(save_model(ft, root / f"{n}_{tag}", config=cfg, dtype=dt))
+    models = tiny_models(root, N_LAYERS, (0.8, 0.6, 0.9), 0.01, 20)
     texts = {}
     for v, (tag, extra) in VARIANTS.items():
         for meth, r in RECIPES.items():
             texts[f"{meth}_{v}"] = r.format(**{k: models[tag, k] for k in ("base", "a", "b", "c")}).lstrip() + extra
-    (root / "all.yml").write_text("---\n".join(f"name: {n}\n{t}" for n, t in texts.items()))
-    r = subprocess.run([_mergekit_cmd("mergekit-multi"), str(root / "all.yml"), "-I", str(root / "mk"),
-                        "--no-copy-tokenizer", "--quiet", "--random-seed", str(SEED)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    mergekit_multi(root, texts, "--random-seed", str(SEED))
     return root, models, texts
 
 def _same(ours, ref, name):

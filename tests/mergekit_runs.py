@@ -1,0 +1,38 @@
+"""What the mergekit comparison tests share: tiny float32/bfloat16 models saved as HF folders, and every recipe merged by
+mergekit in one `mergekit-multi` run (one import of mergekit, about 15 s here, instead of one per recipe)."""
+import os, shutil, subprocess, sys
+import pytest, torch
+from model_ops.io import WeightStore, save_model
+from model_ops.nn import tiny_model
+
+def load(path) -> dict:
+    "Every tensor of the model at `path`."
+    s = WeightStore.open(path)
+    return {k: s[k] for k in s.keys()}
+
+def mergekit_cmd(name:str) -> str:
+    "The path of a mergekit command beside this interpreter (skips the test when mergekit is not installed)."
+    exe = shutil.which(name, path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None: pytest.skip(f"{name} is not installed")
+    return exe
+
+def tiny_models(root, n_layers:int, shares:tuple, scale:float, seed:int) -> dict:
+    "A tiny Llama base and fine-tunes a, b, c (fine-tune i changes a share `shares[i]` of the entries), in float32 and bfloat16: {(tag, name): folder}."
+    m = tiny_model("llama", num_hidden_layers=n_layers)
+    cfg = m.config.to_dict() | {"architectures": ["LlamaForCausalLM"]}
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    models = {}
+    for tag, dt in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        models[tag, "base"] = str(save_model(sd, root / f"base_{tag}", config=cfg, dtype=dt))
+        for i, (n, p) in enumerate(zip(("a", "b", "c"), shares)):
+            g = torch.Generator().manual_seed(seed + i)
+            ft = {k: v + scale * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < p) for k, v in sd.items()}
+            models[tag, n] = str(save_model(ft, root / f"{n}_{tag}", config=cfg, dtype=dt))
+    return models
+
+def mergekit_multi(root, texts:dict, *extra):
+    "Merge every recipe of `texts` ({name: YAML}) with mergekit into root/mk/NAME."
+    (root / "all.yml").write_text("---\n".join(f"name: {n}\n{t}" for n, t in texts.items()))
+    r = subprocess.run([mergekit_cmd("mergekit-multi"), str(root / "all.yml"), "-I", str(root / "mk"),
+                        "--no-copy-tokenizer", "--quiet", *extra], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
