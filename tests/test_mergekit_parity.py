@@ -174,6 +174,63 @@ models:
   - model: {b}
   - model: {c}
 """,
+    # `modules:` (mergekit's one module of a decoder-only model is 'default'): module parameters sit between the
+    # slice's and the global ones
+    "modules_models": """
+merge_method: ties
+base_model: {base}
+modules:
+  default:
+    models:
+      - model: {a}
+        parameters: {{density: 0.5}}
+      - model: {b}
+      - model: {c}
+        parameters: {{weight: 0.2}}
+    parameters:
+      weight: 0.5
+      density: [0.9, 0.3]
+parameters:
+  weight: 0.1
+  normalize: false
+""",
+    "modules_slices": """
+merge_method: slerp
+base_model: {a}
+modules:
+  default:
+    slices:
+      - sources:
+          - model: {a}
+            layer_range: [0, 1]
+          - model: {b}
+            layer_range: [0, 1]
+      - sources:
+          - model: {a}
+            layer_range: [1, 2]
+          - model: {b}
+            layer_range: [1, 2]
+        parameters:
+          t: 0.85
+    parameters:
+      t:
+        - filter: mlp
+          value: 0.2
+        - value: 0.6
+""",
+    # keys mergekit ignores: a typo, a parameter beside merge_method, a weight beside its model (warnings here)
+    "ignored_keys": """
+merge_method: task_arithmetic
+base_model: {base}
+dype: float16
+select_topk: 0.3
+models:
+  - model: {a}
+    weight: 2.0
+    parameters: {{weight: 0.6}}
+  - model: {b}
+    parameters: {{weight: 0.4}}
+""",
 }
 RANDOM = {
     "dare_ties": """
@@ -278,3 +335,249 @@ def test_seeded_draws_are_ours(runs):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ref = _load(root / "mk" / "dare_ties_f32")
     assert any(not torch.equal(a[k], ref[k]) for k in ref)
+
+def test_ignored_keys_warn_and_strict_refuses(runs, caplog):
+    "Keys mergekit ignores: one warning each, naming the key, where it is and the likely intended one; strict=True refuses."
+    root, _, texts = runs
+    with caplog.at_level("WARNING", logger="model_ops.merge"): plan_merge(texts["ignored_keys_f32"])
+    msgs = "\n".join(r.getMessage() for r in caplog.records)
+    assert "line 3: key 'dype' at the top level is not a mergekit recipe key" in msgs and "did you mean 'dtype'?" in msgs
+    assert "key 'select_topk' at the top level" in msgs and "did you mean 'parameters: {select_topk: ...}'?" in msgs
+    assert "key 'weight' in models[0]" in msgs
+    with pytest.raises(ValueError, match="line 3: unknown key 'dype' at the top level; did you mean 'dtype'"):
+        plan_merge(texts["ignored_keys_f32"], strict=True)
+    with pytest.raises(ValueError, match="'modules' configs|modules \\['vision_tower'\\]"):
+        plan_merge(texts["modules_models_f32"].replace("  default:", "  vision_tower:"))
+
+# ---- what a recipe asks for beyond the weights: chat_template, the model card, several stages ----
+import filecmp, os, yaml
+from model_ops.merge.recipes import CHAT_TEMPLATES, model_card
+
+LITERAL = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
+# the inputs' own templates: a and b share one (so `auto` picks it), c has llama3's, the base none
+TEMPLATES = {"base": None, "a": LITERAL, "b": LITERAL + "\n", "c": CHAT_TEMPLATES["llama3"]}
+TEMPLATE_RECIPES = {
+    "chatml": """
+merge_method: linear
+models:
+  - model: {a}
+    parameters: {{weight: 0.7}}
+  - model: {b}
+    parameters: {{weight: 0.3}}
+chat_template: chatml
+""",
+    "llama3": """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {{weight: 0.5}}
+  - model: {c}
+    parameters: {{weight: 0.5}}
+chat_template: llama3
+""",
+    "alpaca": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {b}
+    parameters: {{weight: 1.0, density: 0.4}}
+chat_template: alpaca
+""",
+    "mistral": """
+merge_method: slerp
+base_model: {a}
+models:
+  - model: {a}
+  - model: {c}
+parameters: {{t: 0.5}}
+chat_template: mistral
+""",
+    "exaone": """
+merge_method: linear
+models:
+  - model: {c}
+    parameters: {{weight: 1}}
+  - model: {base}
+    parameters: {{weight: 1}}
+chat_template: exaone
+""",
+    "auto": """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {{weight: 0.3}}
+  - model: {b}
+    parameters: {{weight: 0.3}}
+  - model: {c}
+    parameters: {{weight: 0.3}}
+chat_template: auto
+""",
+    "literal": """
+merge_method: linear
+models:
+  - model: {a}
+    parameters: {{weight: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.5}}
+chat_template: |
+  {{% for message in messages %}}[{{{{ message['role'] }}}}] {{{{ message['content'] }}}}
+  {{% endfor %}}{{% if add_generation_prompt %}}[assistant] {{% endif %}}
+""",
+}
+# a pipeline: a soup of two fine-tunes, TIES of the soup and c on the base, then a SLERP of the two stages (with a
+# chat template); in bfloat16 with a DARE stage too (mergekit-multi reseeds before each stage with --random-seed)
+PIPELINE = """name: soup_{tag}
+merge_method: linear
+models:
+  - model: {a}
+    parameters: {{weight: 0.6}}
+  - model: {b}
+    parameters: {{weight: 0.4}}
+---
+name: tied_{tag}
+merge_method: {second}
+base_model: {base}
+models:
+  - model: soup_{tag}
+    parameters: {{weight: 0.8, density: 0.5}}
+  - model: {c}
+    parameters: {{weight: 0.5, density: 0.7}}
+---
+{final_name}merge_method: slerp
+base_model: tied_{tag}
+models:
+  - model: tied_{tag}
+  - model: soup_{tag}
+parameters:
+  t: [0.2, 0.7]
+chat_template: chatml
+"""
+
+def _pipeline(models, tag):
+    second, final_name = ("ties", "") if tag == "f32" else ("dare_ties", f"name: final_{tag}\n")
+    return PIPELINE.format(tag=tag, second=second, final_name=final_name, **{k: models[tag, k] for k in ("base", "a", "b", "c")})
+
+@pytest.fixture(scope="module")
+def tok_runs(tmp_path_factory):
+    """Tiny models with tokenizers and chat templates; every chat-template recipe (float32 and bfloat16) and both
+    pipelines merged by mergekit in one mergekit-multi run that copies tokenizers (the float32 pipeline's unnamed final
+    stage to mk_final, the bfloat16 one's named final to mk/final_bf16)."""
+    root = tmp_path_factory.mktemp("mergekit_recipes")
+    models = tiny_models(root, N_LAYERS, (0.8, 0.6, 0.9), 0.01, 40, templates=TEMPLATES)
+    texts = {f"ct_{n}_{tag}": r.format(**{k: models[tag, k] for k in ("base", "a", "b", "c")}).lstrip()
+             for n, r in TEMPLATE_RECIPES.items() for tag in ("f32", "bf16")}
+    f32, bf16 = _pipeline(models, "f32"), _pipeline(models, "bf16")
+    stages = [d.split("\n", 1) for d in bf16.split("---\n")]
+    mergekit_multi(root, texts | {h.removeprefix("name: "): t for h, t in stages},
+                   "--random-seed", str(SEED), tokenizer=True, file="recipes.yml", final=f32)
+    return root, models, texts, {"f32": f32, "bf16": bf16}
+
+TOKENIZER_OUT = ("chat_template.jinja", "tokenizer_config.json", "tokenizer.json")
+
+@pytest.mark.parametrize("name", [f"ct_{n}_{t}" for n in TEMPLATE_RECIPES for t in ("f32", "bf16")])
+def test_chat_template_files_as_mergekit(tok_runs, name):
+    "`chat_template`: mergekit's tensors and its tokenizer files (chat_template.jinja included) byte for byte."
+    root, _, texts, _ = tok_runs
+    p = root / f"{name}.yml"; p.write_text(texts[name])
+    out, ref = merge_config(str(p), root / "mo" / name, workers=1), root / "mk" / name
+    _same(_load(out), _load(ref), name)
+    for f in TOKENIZER_OUT:
+        assert (out / f).is_file() == (ref / f).is_file(), (name, f)
+        if (ref / f).is_file(): assert filecmp.cmp(out / f, ref / f, shallow=False), (name, f)
+    assert (out / "chat_template.jinja").is_file()
+    if "auto" in name: assert (out / "chat_template.jinja").read_text() == LITERAL   # the majority, stripped
+
+def test_chat_template_errors(tok_runs, tmp_path):
+    "A name that is no built-in and no template is refused before anything is written, with the nearest name."
+    root, _, texts, _ = tok_runs
+    bad = texts["ct_chatml_f32"].replace("chat_template: chatml", "chat_template: chatlm")
+    with pytest.raises(ValueError, match="did you mean 'chatml'"): merge_config(bad, tmp_path / "x", workers=1)
+    assert not (tmp_path / "x").exists()
+
+@pytest.mark.parametrize("tag", ["f32", "bf16"])
+def test_pipeline_as_mergekit_multi(tok_runs, tag):
+    """A multi-stage recipe: the final stage bit for bit as mergekit-multi's (the unnamed final in float32, a named one
+    chosen with `stage=` in bfloat16, through a DARE stage reseeded as mergekit-multi reseeds), its tokenizer files as
+    mergekit's, and no intermediate folder left beside the output."""
+    root, _, _, pipes = tok_runs
+    p = root / f"pipeline_{tag}.yml"; p.write_text(pipes[tag])
+    outdir = root / f"po_{tag}"; outdir.mkdir()
+    stage = None if tag == "f32" else f"final_{tag}"
+    out = merge_config(str(p), outdir / "final", workers=1, stage=stage, random_seed=SEED)
+    ref = root / "mk_final" if tag == "f32" else root / "mk" / f"final_{tag}"
+    _same(_load(out), _load(ref), tag)
+    for f in TOKENIZER_OUT: assert filecmp.cmp(out / f, ref / f, shallow=False), (tag, f)
+    assert sorted(os.listdir(outdir)) == ["final"]                     # the stages' temporary folder is gone
+    assert (out / "mergekit_config.yml").read_text() == pipes[tag]     # the whole recipe, as given
+
+def test_pipeline_failure_leaves_nothing(tok_runs, tmp_path):
+    "A stage that fails (an input with NaN) after an earlier stage was written: no output, no temporary folder."
+    root, models, _, pipes = tok_runs
+    from model_ops.io import save_model
+    sd = _load(models["f32", "c"]); k = next(iter(sd)); sd[k][0] = float("nan")
+    bad = str(save_model(sd, tmp_path / "nan_c", config=WeightStore_config(models["f32", "c"])))
+    text = pipes["f32"].replace(models["f32", "c"], bad)
+    with pytest.raises(Exception, match="NaN"): merge_config(text, tmp_path / "out" / "final", workers=1)
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+def WeightStore_config(path):
+    from model_ops.io import WeightStore
+    return WeightStore.open(path).config
+
+def _card_core(card:str)->tuple:
+    """A card as `(front matter, text, bullets)`: the Hub ids and model bullets sorted (mergekit lists them in set order),
+    and our two changes undone."""
+    card = card.replace("created using [model_ops](https://github.com/model-ops/model-ops) from a [mergekit](https://github.com/cg123/mergekit) recipe",
+                        "created using [mergekit](https://github.com/cg123/mergekit)").replace("- merge\n- model_ops\n", "- merge\n")
+    _, front, body = card.split("---\n", 2)
+    front = yaml.safe_load(front); front["base_model"] = sorted(front["base_model"])
+    lines = body.split("\n")
+    return front, [l for l in lines if not l.startswith("* ")], sorted(l for l in lines if l.startswith("* "))
+
+@pytest.mark.parametrize("name", ["ct_chatml_f32", "ct_llama3_bf16", "ct_mistral_f32"])
+def test_model_card_as_mergekit(tok_runs, name):
+    "README.md: mergekit's card for the same recipe text, but for the sentence naming the tool and the model_ops tag."
+    from mergekit.card import generate_card
+    from mergekit.config import MergeConfiguration
+    root, _, texts, _ = tok_runs
+    out = root / "mo" / name
+    if not out.is_dir():
+        p = root / f"{name}.yml"; p.write_text(texts[name]); merge_config(str(p), out, workers=1)
+    ref = generate_card(MergeConfiguration.model_validate(yaml.safe_load(texts[name])), texts[name], name)
+    assert _card_core((out / "README.md").read_text()) == _card_core(ref)
+
+HUB_RECIPES = ["""merge_method: dare_ties
+base_model: meta-llama/Llama-3.1-8B
+models:
+  - model: NousResearch/Hermes-3-Llama-3.1-8B
+    parameters: {density: 0.5, weight: 0.5}
+  - model: some-org/math-tune@v1.2
+    parameters: {density: 0.5, weight: 0.5}
+dtype: bfloat16
+""", """merge_method: slerp
+base_model: org/left
+slices:
+  - sources:
+      - model: org/left
+        layer_range: [0, 32]
+      - model: /local/right
+        layer_range: [0, 32]
+parameters: {t: 0.5}
+""", """merge_method: model_stock
+base_model: org/base
+models:
+  - model: org/a
+  - model: org/b+org/some-lora
+"""]
+
+@pytest.mark.parametrize("i", range(len(HUB_RECIPES)))
+def test_model_card_hub_ids_as_mergekit(i):
+    "Cards of recipes naming Hub ids (no merge run: mergekit's card needs no download): the same front matter and links."
+    from mergekit.card import generate_card
+    from mergekit.config import MergeConfiguration
+    t = HUB_RECIPES[i]
+    ref = generate_card(MergeConfiguration.model_validate(yaml.safe_load(t)), t, "m")
+    ours = model_card(yaml.safe_load(t), t, "m")
+    assert _card_core(ours) == _card_core(ref)

@@ -11,6 +11,8 @@ from fastcore.script import call_parse
 from ..io import WeightStore, ShardWriter, ModelIOError, finalize_parts, check_output
 from .methods import METHODS, get_method, tensor_generator
 from .config import MergePlan, TOKENIZER_FILES, plan_merge, _ALIASES, _LAYER_RE
+from .config import _check_keys, _check_parameters, _recipe_inputs
+from .recipes import chat_template_text, write_tokenizer, model_card, recipe_stages, stage_order, with_stage_folders
 from .executor import check_device, process_merge, stream_merge, mergekit_order
 from ..io import PlannedWriter
 from .executor import _can_fork, _job_dtype, _job_shape, _out_dtype
@@ -38,8 +40,16 @@ def provenance(plan:MergePlan, seed:int|None=None, device="cpu", precise:bool=Fa
             "base": plan.models[plan.base].key if plan.base is not None else None,
             "seed": seed, "precise": precise, "device": str(device), "config": _config_used(plan)}
 
-def _write_extras(plan, write_json, copy_file, copy_tokenizer, meta):
-    import tempfile, yaml
+def _chat_template(plan:MergePlan)->tuple:
+    """`(asked, template)`: whether the recipe names a `chat_template`, and the template it means (None: the tokenizer
+    keeps its own); resolved, and refused if malformed, before anything is written."""
+    given = plan.config.get("chat_template")
+    if not given: return False, None
+    if not isinstance(given, str): raise ValueError(f"chat_template must be a name, 'auto' or a Jinja template, got {given!r}")
+    return True, chat_template_text(given, [m.store.path for m in plan.models if m.store.path is not None])
+
+def _write_extras(plan, write_json, copy_file, copy_tokenizer, meta, name=None, chat=(False, None), card=True):
+    import logging, tempfile, yaml
     if plan.out_config is not None:
         c = dict(plan.out_config); dt = _out_dtype(plan)
         if dt is not None:
@@ -47,13 +57,24 @@ def _write_extras(plan, write_json, copy_file, copy_tokenizer, meta):
             c.pop("torch_dtype", None)
         write_json("config.json", c)
     src = plan.models[plan.tokenizer_from].store.path if plan.tokenizer_from is not None else None
-    if copy_tokenizer and src is not None:
+    if copy_tokenizer and src is not None and chat[0] and (src / "tokenizer_config.json").is_file():
+        write_tokenizer(src, chat[1], copy_file)      # mergekit: the tokenizer saved again with the template set
+        if (src / "generation_config.json").is_file(): copy_file(src / "generation_config.json", "generation_config.json")
+    elif copy_tokenizer and src is not None:
         for f in TOKENIZER_FILES + ("generation_config.json",):
             if (src / f).is_file(): copy_file(src / f, f)
+    if chat[0] and not (copy_tokenizer and src is not None and (src / "tokenizer_config.json").is_file()):
+        logging.getLogger("model_ops.merge").warning("chat_template: no tokenizer is written (copy_tokenizer=False, or the "
+                                                     "donor has no tokenizer_config.json), so the template is not saved")
+    text = plan.config_text if plan.config_text else yaml.safe_dump(_config_used(plan), sort_keys=False)
     with tempfile.TemporaryDirectory() as td:
         p = Path(td) / "mergekit_config.yml"
-        p.write_text(plan.config_text if plan.config_text else yaml.safe_dump(_config_used(plan), sort_keys=False))
+        p.write_text(text, encoding="utf-8")
         copy_file(p, "mergekit_config.yml")
+        if card:
+            p = Path(td) / "README.md"
+            p.write_text(model_card(_config_used(plan), text, name, plan.stages), encoding="utf-8")
+            copy_file(p, "README.md")
     write_json("merge_provenance.json", meta)
 
 # %% ../../nbs/16_merge_api.ipynb #7630aa15
@@ -88,21 +109,35 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
                  rank:int|None=None, # this process's rank when several processes share the merge (default: $RANK or 0)
                  world_size:int|None=None, # how many processes share it (default: $WORLD_SIZE or 1)
                  processes:bool|None=None, # CPU workers as forked processes (default: on Linux when workers ≥ torch threads), else threads
+                 strict:bool=False, # keys mergekit ignores are errors (default: a warning each)
+                 stage:str|None=None, # a multi-stage recipe: the stage to write (default: the unnamed one, else the last)
+                 random_seed:int|None=None, # seed torch's global generator first (before each stage), as mergekit's --random-seed
+                 card:bool=True, # write README.md, the model card
                 )->Path:
     "Run a mergekit-style merge config, streaming tensor by tensor into an HF folder with config, tokenizer, the config used and provenance."
+    if not isinstance(config, (MergePlan, dict)):
+        stages, text, src = recipe_stages(config)
+        if len(stages) > 1 or stage is not None:
+            return _merge_stages(stages, text, src, out_dir, stage, strict, random_seed, dict(
+                device=device, seed=seed, precise=precise, workers=workers, max_shard_size=max_shard_size, overwrite=overwrite,
+                check_finite=check_finite, progress=progress, copy_tokenizer=copy_tokenizer, rank=rank, world_size=world_size,
+                processes=processes, card=card))
     with _gc_paused():        # full collections of a process that holds torch cost tens of ms each (one during the YAML import: 60 ms)
         import sys
         check_device(device)
         out = Path(out_dir).expanduser()
-        plan = config if isinstance(config, MergePlan) else plan_merge(config, out=out)   # (refuses an input as `out` first)
+        plan = config if isinstance(config, MergePlan) else plan_merge(config, out=out, strict=strict)   # (refuses an input as `out` first)
         check_output(out, _plan_inputs(plan))     # no output that is, holds or lies in an input: before any weight is read
+        chat = _chat_template(plan)
+        if random_seed is not None: torch.manual_seed(random_seed)
         seed = None if seed is None else int(seed)
         if progress is None: progress = sys.stderr.isatty()
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         if world_size > 1:
             return _merge_distributed(plan, out, rank, world_size, device, seed, workers, max_shard_size, overwrite,
-                                      check_finite, progress, copy_tokenizer, provenance(plan, seed, device, precise), precise)
+                                      check_finite, progress, copy_tokenizer, provenance(plan, seed, device, precise), precise,
+                                      extras=dict(name=out.name, chat=chat, card=card))
         t0 = time.time()
         # mergekit's global draws (DARE/DELLA, no seed) come in its order; otherwise the largest tensors first
         plan = mergekit_order(plan) if (seed is None and plan.method.random) else _largest_first(plan)
@@ -122,10 +157,45 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
                 for name, t, *digest in results: w.add(name, t, *digest)   # (worker processes also send the checksum)
                 results.close()          # workers gone before the extras are written
                 meta["seconds"] = round(time.time() - t0, 3)
-                _write_extras(plan, w.write_json, w.copy_file, copy_tokenizer, meta)
+                _write_extras(plan, w.write_json, w.copy_file, copy_tokenizer, meta, name=out.name, chat=chat, card=card)
         finally:
             results.close()              # (an unfinished merge stops its processes / thread pool now)
         return out
+def _merge_stages(stages, text, src, out_dir, stage, strict, random_seed, kw)->Path:
+    """A multi-stage recipe: the stages the final one needs, in order, into a temporary folder beside `out_dir`; the
+    final stage into `out_dir`; the temporary folder removed, also when a stage fails."""
+    import shutil, tempfile
+    where = src or "the recipe"
+    names = {n for n in stages if n is not None}
+    final = stage if stage is not None else (None if None in stages else list(stages)[-1])
+    if final not in stages: raise ValueError(f"{where}: no stage named {stage!r}; its stages are {sorted(names)}")
+    if (kw.get("world_size") or int(os.environ.get("WORLD_SIZE", 1))) > 1:
+        raise ValueError(f"{where}: a multi-stage recipe runs in one process; run each stage on its own under torchrun")
+    order = stage_order(stages, final)
+    for n in order:                       # every stage's recipe checked before anything is written
+        cfg, stext = stages[n]
+        try:
+            _check_keys(cfg, stext, None, strict)
+            if "merge_method" not in cfg: raise ValueError("config has no 'merge_method'")
+            _check_parameters(cfg, get_method(cfg["merge_method"]), stext, None)
+            if isinstance(cfg.get("chat_template"), str) and cfg["chat_template"] != "auto": chat_template_text(cfg["chat_template"])
+        except ValueError as e: raise ValueError(f"{where}, stage {n or '(final)'}: {e}") from None
+    out = Path(out_dir).expanduser()
+    check_output(out, [r for n in order for r in _recipe_inputs(stages[n][0]) if str(r).split("@")[0] not in names])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.stages-", dir=out.parent))
+    try:
+        folders = {}
+        for n in order:
+            cfg = with_stage_folders(stages[n][0], folders)
+            if n != final:
+                folders[n] = merge_config(cfg, tmp / n, strict=strict, random_seed=random_seed, **kw); continue
+            plan = plan_merge(cfg, out=out, strict=strict)
+            plan.config, plan.config_text = dict(stages[n][0]), text   # the card and mergekit_config.yml: the whole recipe
+            plan.stages = tuple(sorted(names))
+            return merge_config(plan, out, random_seed=random_seed, **kw)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
 
 # %% ../../nbs/16_merge_api.ipynb #eebf62d7
 def merge(models:list, # models: HF folders, files, `nn.Module`s, state dicts or `WeightStore`s
@@ -208,7 +278,7 @@ def _barrier(rank, world, out, digest, timeout):
         time.sleep(0.2)
 
 def _merge_distributed(plan, out, rank, world, device, seed, workers, max_shard_size, overwrite, check_finite, progress,
-                       copy_tokenizer, meta, precise=False, timeout=24 * 3600):
+                       copy_tokenizer, meta, precise=False, timeout=24 * 3600, extras=None):
     "This rank's share of the tensors into its part folder (`io.ShardWriter(rank=...)`); rank 0 joins them (`io.finalize_parts`)."
     if seed is None and plan.method.random:
         raise ValueError(f"a distributed {plan.method.name} merge needs seed=N: mergekit's global draws run one tensor after another, which ranks cannot share")
@@ -218,7 +288,7 @@ def _merge_distributed(plan, out, rank, world, device, seed, workers, max_shard_
     with ShardWriter(out, max_shard_size=max_shard_size, overwrite=overwrite, rank=rank, world_size=world,
                      metadata={k: meta[k] for k in ("operation", "method", "inputs", "seed")}) as w:
         for name, t in stream_merge(sub, device, seed, workers, check_finite, progress, precise=precise): w.add(name, t)   # ShardWriter keeps them
-        if rank == 0: _write_extras(plan, w.write_json, w.copy_file, copy_tokenizer, dict(meta, world_size=world))
+        if rank == 0: _write_extras(plan, w.write_json, w.copy_file, copy_tokenizer, dict(meta, world_size=world), **(extras or {}))
         w.write_json("merge_part.json", {"digest": digest, "rank": rank, "tensors": len(mine)})
     _barrier(rank, world, out, digest, timeout)
     if rank != 0: return out
@@ -245,11 +315,13 @@ def cli_merge(config:str, # mergekit YAML file
               workers:int=2, # tensors merged at once
               max_shard_size:str="2GB", # largest output shard
               overwrite:bool=False, # replace a non-empty OUT_DIR
+              strict:bool=False, # keys mergekit ignores are errors (default: a warning naming each)
+              stage:str=None, # a multi-stage recipe: the stage to write (default: the unnamed one, else the last)
+              no_card:bool=False, # no README.md model card
              ):
     "Merge models as described by a mergekit YAML config: `model-ops merge CONFIG.yml OUT_DIR`."
-    if random_seed is not None: torch.manual_seed(random_seed)
     out = merge_config(config, out_dir, device=device, seed=seed, precise=precise, workers=workers, max_shard_size=max_shard_size,
-                       overwrite=overwrite)
+                       overwrite=overwrite, strict=strict, stage=stage, random_seed=random_seed, card=not no_card)
     print(f"merged model written to {out}")
     return out
 

@@ -106,8 +106,8 @@ def _yaml_error(where:str, e, text:str)->str:
     if isinstance(e, yaml.composer.ComposerError) and "single document" in str(getattr(e, "context", "")) + problem:
         try: n = f"{sum(1 for _ in yaml.compose_all(text))} YAML documents"
         except yaml.YAMLError: n = "several YAML documents"
-        return (f"{where} holds {n} (a mergekit-multi recipe, stages separated by '---'): multi-document recipes are not "
-                "supported yet; run each stage as its own recipe, each naming the folder the previous one wrote")
+        return (f"{where} holds {n} (a multi-stage recipe, stages separated by '---'): plan_merge plans one stage; run it "
+                "with merge_config or `model-ops merge`, which merge the stages in order")
     if isinstance(e, yaml.constructor.ConstructorError) and "tag" in problem:
         tag = re.search(r"'([^']*)'", problem)
         tag = tag.group(1).replace("tag:yaml.org,2002:", "!!") if tag else "there"
@@ -115,10 +115,8 @@ def _yaml_error(where:str, e, text:str)->str:
                 "remove the tag")
     return f"{at}: not valid YAML ({problem}); fix the recipe there"
 
-def _load_config(config)->tuple:
-    "`(cfg, text, src)`: the recipe as a dict, its YAML text (None for a dict) and the file it came from (None for text)."
-    import yaml
-    if isinstance(config, dict): return copy.copy(config), None, None
+def _recipe_source(config)->tuple:
+    "`(text, src)`: the YAML text of a recipe given as text or as a path, and the file it came from (None for text)."
     if not isinstance(config, (str, os.PathLike)):
         raise ValueError(f"config must be a dict, a YAML string or a path to a YAML file, got {type(config).__name__}")
     s, src = str(config), None
@@ -132,7 +130,14 @@ def _load_config(config)->tuple:
         except OSError as e: raise ValueError(f"{s}: cannot be read ({e.strerror}); check the file's permissions") from None
     elif isinstance(config, os.PathLike): raise ValueError(f"{s}: no such file; give the path to a mergekit YAML recipe")
     else: text = s
-    where = src or "the recipe text"
+    return text, src
+
+def _load_config(config)->tuple:
+    "`(cfg, text, src)`: the recipe as a dict, its YAML text (None for a dict) and the file it came from (None for text)."
+    import yaml
+    if isinstance(config, dict): return copy.copy(config), None, None
+    text, src = _recipe_source(config)
+    s, where = str(config), src or "the recipe text"
     try: cfg = yaml.safe_load(text)
     except yaml.YAMLError as e: raise ValueError(_yaml_error(where, e, text)) from e
     if not isinstance(cfg, dict):
@@ -144,8 +149,16 @@ def _load_config(config)->tuple:
 
 
 # %% ../../nbs/13_merge_config.ipynb #7eb42fb0
-_KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-               "tokenizer_source", "tokenizer", "chat_template", "name", "modules"}
+# the keys mergekit 0.1.5's recipe schema reads at each place of a recipe (`name` names a stage of a multi-stage recipe);
+# it drops any other key without a word
+_RECIPE_KEYS = {
+    "recipe": ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+               "tokenizer_source", "tokenizer", "chat_template", "name"),
+    "model": ("model", "parameters"),
+    "slice": ("sources", "base_model", "residual_weight", "parameters"),
+    "source": ("model", "layer_range", "parameters"),
+    "module": ("models", "slices", "parameters")}
+_KNOWN_KEYS = set(_RECIPE_KEYS["recipe"])
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -180,6 +193,7 @@ class MergePlan:
     config: dict
     config_text: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    stages: tuple = ()    # a stage of a multi-stage recipe: the names of the other stages (they are no Hub ids)
     def __repr__(self):
         return (f"MergePlan({self.method.name}, {len(self.models)} models, {len(self.jobs)} tensors, "
                 f"{self.num_layers} layers, base={self.models[self.base] if self.base is not None else None})")
@@ -231,17 +245,52 @@ def _param_names(m)->list:
     inv = {a: k for k, a in _ALIASES.items()}
     return [inv.get(p, p) for p in [*m.model_params, *m.shared_params]]
 
+def _key_places(cfg)->list:
+    "Every mapping of a recipe that mergekit reads, with its kind: `[(path in the recipe, kind, the mapping)]`."
+    out = [([], "recipe", cfg)]
+    def group(path, g):      # the recipe itself or one of its modules: models or slices
+        for i, e in enumerate(g.get("models") if isinstance(g.get("models"), list) else []):
+            if isinstance(e, dict): out.append((path + ["models", i], "model", e))
+        for j, sl in enumerate(g.get("slices") if isinstance(g.get("slices"), list) else []):
+            if not isinstance(sl, dict): continue
+            out.append((path + ["slices", j], "slice", sl))
+            for k, e in enumerate(sl.get("sources") if isinstance(sl.get("sources"), list) else []):
+                if isinstance(e, dict): out.append((path + ["slices", j, "sources", k], "source", e))
+    group([], cfg)
+    for name, mod in (cfg.get("modules") or {}).items() if isinstance(cfg.get("modules"), dict) else []:
+        if isinstance(mod, dict): out.append((["modules", name], "module", mod)); group(["modules", name], mod)
+    return out
+
 def _param_places(cfg)->list:
     "Every `parameters:` of a recipe: `[(path in the recipe, model or None, the mapping)]`."
-    out = [(["parameters"], None, cfg.get("parameters"))]
-    for i, e in enumerate(cfg.get("models") or []):
-        if isinstance(e, dict): out.append((["models", i, "parameters"], e.get("model"), e.get("parameters")))
-    for j, sl in enumerate(cfg.get("slices") or []):
-        if not isinstance(sl, dict): continue
-        out.append((["slices", j, "parameters"], None, sl.get("parameters")))
-        for k, e in enumerate(sl.get("sources") or []):
-            if isinstance(e, dict): out.append((["slices", j, "sources", k, "parameters"], e.get("model"), e.get("parameters")))
+    out = [(path + ["parameters"], m.get("model") if kind in ("model", "source") else None, m.get("parameters"))
+           for path, kind, m in _key_places(cfg)]
     return [x for x in out if x[2] is not None]
+
+def _place(path)->str:
+    "`models[1].parameters` for the path `['models', 1, 'parameters']`."
+    return ".".join(f"[{s}]" if isinstance(s, int) else str(s) for s in path).replace(".[", "[")
+
+def _check_keys(cfg:dict, text=None, src=None, strict:bool=False):
+    """Keys mergekit's schema does not read (a typo `dype`, `select_topk` beside `merge_method`, `weight` beside `model`):
+    mergekit drops them silently, so a recipe that ran there runs here, with a warning naming the key, where it is and
+    the likely intended one; `strict=True` makes each an error."""
+    import difflib
+    params = set(_MERGEKIT_PARAMS) | {p for m in METHODS.values() for p in _param_names(m)}
+    for path, kind, m in _key_places(cfg):
+        allowed = _RECIPE_KEYS[kind]
+        for k in m:
+            if k in allowed: continue
+            close = difflib.get_close_matches(str(k), allowed, n=1, cutoff=0.6)
+            hint = (f"did you mean {close[0]!r}?" if close else
+                    f"did you mean 'parameters: {{{k}: ...}}'? ({k!r} is a method parameter)"
+                    if k in params and "parameters" in allowed else f"{_place(path) or 'a recipe'} takes {', '.join(allowed)}")
+            line = _yaml_line(text, path + [k])
+            where = (f"{src or 'the recipe text'}, line {line}: " if line else f"{src}: " if src else "")
+            at = f" in {_place(path)}" if path else " at the top level"
+            if strict: raise ValueError(f"{where}unknown key {k!r}{at}; {hint} (strict: mergekit would ignore it)")
+            log.warning(f"{where}key {k!r}{at} is not a mergekit recipe key: ignored, as mergekit ignores it; {hint} "
+                        "(strict=True or --strict makes this an error)")
 
 def _yaml_line(text, path:list):
     "The line (1-based) of the last key of `path` (keys and list indices) in the YAML `text`, or None."
@@ -268,7 +317,7 @@ def _check_parameters(cfg:dict, method:MergeMethod, text=None, src=None):
         for p in _param_names(m): users.setdefault(p, []).append(m.name)
     for k in _MERGEKIT_PARAMS: users.setdefault(k, [])
     for path, model, ps in _param_places(cfg):
-        place = ".".join(f"[{s}]" if isinstance(s, int) else s for s in path).replace(".[", "[")
+        place = _place(path)
         at = f" (model {model})" if model is not None else ""
         if not isinstance(ps, dict): raise ValueError(f"{place}{at} must map parameter names to values, got {ps!r}")
         for k in ps:
@@ -308,36 +357,52 @@ def _recipe_inputs(cfg:dict)->list:
     "The model references a recipe names (models, slice sources, base models, tokenizer source), as written."
     tk = cfg.get("tokenizer")
     refs = [cfg.get("base_model"), cfg.get("tokenizer_source"), tk.get("source") if isinstance(tk, dict) else None]
-    refs += [e.get("model") for e in cfg.get("models") or [] if isinstance(e, dict)]
-    for sl in cfg.get("slices") or []:
-        if isinstance(sl, dict): refs += [sl.get("base_model")] + [e.get("model") for e in sl.get("sources") or [] if isinstance(e, dict)]
+    for path, kind, m in _key_places(cfg):
+        if kind in ("model", "source"): refs.append(m.get("model"))
+        if kind == "slice": refs.append(m.get("base_model"))
     refs = [r for r in refs if isinstance(r, (str, os.PathLike)) and r not in ("base", "union")]
     return refs + [str(r).split("@")[0] for r in refs if "@" in str(r)]
 
 def plan_merge(config, # mergekit YAML: a dict, YAML text, or a path to a .yml file
                out=None, # the folder the merge will write: refused, before any model is opened, if it is, holds or lies in an input
+               strict:bool=False, # keys mergekit ignores are errors (default: a warning each)
               )->MergePlan:
     "Read a mergekit-style config, open the models, and resolve every output tensor and its parameters; nothing is written."
     cfg, text, src = _load_config(config)
     if out is not None: check_output(out, _recipe_inputs(cfg))
-    try: return _plan_merge(cfg, text, src)
+    try: return _plan_merge(cfg, text, src, strict)
     except ValueError as e:     # name the recipe file in every message about it
         if src is None or src in str(e) or type(e) not in (ValueError, ModelIOError): raise
         raise type(e)(f"{src}: {e}") from e
 
-def _plan_merge(cfg, text, src)->MergePlan:
-    unknown = set(cfg) - _KNOWN_KEYS
-    if unknown: raise ValueError(f"unknown config key(s) {sorted(unknown)}; expected some of {sorted(_KNOWN_KEYS)}")
+def _module_body(cfg)->tuple:
+    """`(body, module parameters)`: the mapping holding the recipe's `models` or `slices` (the recipe itself, or its one
+    module under `modules:`) and that module's `parameters` (None without `modules:`)."""
+    given = [k for k in ("models", "slices", "modules") if cfg.get(k)]
+    if len(given) != 1: raise ValueError(f"exactly one of 'models', 'slices' or 'modules' must be given, got {given or 'none'}")
+    mods = cfg.get("modules")
+    if mods is None: return cfg, None
+    if not isinstance(mods, dict) or not all(isinstance(v, dict) for v in mods.values()):
+        raise ValueError("'modules' must map module names to {models: ...} or {slices: ...} (with optional parameters)")
+    if list(mods) != ["default"]:
+        raise ValueError(f"modules {list(mods)}: model_ops reads one block list per model from its tensor names, mergekit's "
+                         "'default' module; recipes for several modules (a vision tower beside a text decoder) are not "
+                         "supported: name the one module 'default'")
+    body = mods["default"]
+    if bool(body.get("models")) == bool(body.get("slices")):
+        raise ValueError("modules.default: exactly one of 'models' or 'slices' must be given")
+    return body, body.get("parameters")
+
+def _plan_merge(cfg, text, src, strict=False)->MergePlan:
+    _check_keys(cfg, text, src, strict)
     if "merge_method" not in cfg: raise ValueError("config has no 'merge_method'")
     method = get_method(cfg["merge_method"])
     _check_parameters(cfg, method, text, src)
+    body, mparams = _module_body(cfg)
     tk = cfg.get("tokenizer")
     if tk is not None and (not isinstance(tk, dict) or set(tk) - {"source"}):
         raise ValueError("only 'tokenizer: {source: ...}' is supported; per-token embedding sources and pad_to_multiple_of "
                          "(mergekit's vocabulary surgery) are not")
-    if cfg.get("chat_template") is not None: log.warning("chat_template is ignored; the tokenizer files are copied as they are")
-    if cfg.get("modules"): raise ValueError("'modules' configs (multi-module models) are not supported yet; use 'models' or 'slices'")
-    if bool(cfg.get("models")) == bool(cfg.get("slices")): raise ValueError("exactly one of 'models' or 'slices' must be given")
     if cfg.get("tokenizer") is not None and cfg.get("tokenizer_source") is not None:
         raise ValueError("give either 'tokenizer' or 'tokenizer_source', not both")
     models, index = [], {}
@@ -349,9 +414,9 @@ def _plan_merge(cfg, text, src)->MergePlan:
     gparams = cfg.get("parameters") or {}
     # normalise to slices: [{sources: [{model: idx, layer_range, parameters}], base, parameters}]
     slices = []
-    if cfg.get("models"):
+    if body.get("models"):
         srcs = []
-        for e in cfg["models"]:
+        for e in body["models"]:
             if not isinstance(e, dict) or "model" not in e: raise ValueError(f"each entry of 'models' needs a 'model': got {e!r}")
             i = mid(e["model"]); srcs.append(dict(model=i, layer_range=(0, models[i].layout.num_layers), parameters=e.get("parameters")))
         nl = {str(models[s["model"]]): models[s["model"]].layout.num_layers for s in srcs}
@@ -361,7 +426,7 @@ def _plan_merge(cfg, text, src)->MergePlan:
             srcs.append(dict(model=gbase, layer_range=(0, models[gbase].layout.num_layers), parameters=None))
         slices.append(dict(sources=srcs, base=gbase, parameters=None))
     else:
-        for j, sl in enumerate(cfg["slices"]):
+        for j, sl in enumerate(body["slices"]):
             srcs = []
             for e in sl.get("sources") or []:
                 if "model" not in e or "layer_range" not in e: raise ValueError(f"slices[{j}]: every source needs 'model' and 'layer_range'")
@@ -405,7 +470,7 @@ def _plan_merge(cfg, text, src)->MergePlan:
             raise ValueError(f"tensor {out!r} has different shapes in the inputs: {shapes}; merge needs the same architecture "
                              "(for different vocabularies, resize the embeddings first)")
         where = f"tensor {out!r}"
-        shared_src = [sl["parameters"], gparams]
+        shared_src = [sl["parameters"], mparams, gparams]
         params = {p: _resolve(method, p, shared_src, out, t, where) for p in method.shared_params}
         non_base = [s for s in srcs if s["model"] != role_base]
         for p in method.model_params:
@@ -439,7 +504,7 @@ def _plan_merge(cfg, text, src)->MergePlan:
     # output config, dtypes, tokenizer
     dtype, out_dtype = _dtype(cfg.get("dtype"), "dtype"), _dtype(cfg.get("out_dtype"), "out_dtype")
     outcfg = copy.deepcopy(models[gbase if gbase is not None else ref].store.config)
-    if outcfg is not None and cfg.get("slices"):
+    if outcfg is not None and body.get("slices"):
         for k in _NUM_LAYER_KEYS:
             if k in outcfg: outcfg[k] = total_layers
     ts = cfg.get("tokenizer_source", (cfg.get("tokenizer") or {}).get("source"))
