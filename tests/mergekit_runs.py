@@ -45,3 +45,20 @@ def mergekit_multi(root, texts:dict, *extra, tokenizer:bool=False, file:str="all
                         *(["--out-path", str(root / "mk_final")] if final is not None else []),
                         *([] if tokenizer else ["--no-copy-tokenizer"]), "--quiet", *extra], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+
+def hub_cache(home, repo:str, folder, revision:str, branch:str|None="main"):
+    """Lay the files of `folder` out as the Hugging Face cache under HF_HOME=`home` holds repo `repo` at commit `revision`:
+    `hub/models--org--name/blobs/<sha256>`, `snapshots/<revision>/<file>` linked to its blob, and `refs/<branch>`."""
+    import hashlib
+    from pathlib import Path
+    repo_dir = Path(home) / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = repo_dir / "snapshots" / revision
+    snap.mkdir(parents=True, exist_ok=True); (repo_dir / "blobs").mkdir(exist_ok=True)
+    for f in sorted(Path(folder).iterdir()):
+        data = f.read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    if branch is not None:
+        (repo_dir / "refs").mkdir(exist_ok=True); (repo_dir / "refs" / branch).write_text(revision)
+    return snap

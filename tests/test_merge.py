@@ -602,16 +602,16 @@ def test_recipe_file_errors_name_the_file_and_line(tmp_path, models):
         ("merge_method: linear\nmodels:\n\t- model: x\n", "r.yml, line 3, column 1: not valid YAML"),
         (f"merge_method: !!python/object/apply:os.system ['touch {marker}']\n", "r.yml, line 1, column 15: the tag !!python/object/apply:os.system is not allowed"),
         (f"merge_method: !!python/object/new:subprocess.Popen [['touch', '{marker}']]\n", "the tag !!python/object/new:subprocess.Popen is not allowed"),
-        ("name: one\nmerge_method: linear\n---\nname: two\nmerge_method: slerp\n", "r.yml holds 2 YAML documents (a mergekit-multi recipe"),
+        ("name: one\nmerge_method: linear\n---\nname: two\nmerge_method: slerp\n", "r.yml, stage two: exactly one of 'models', 'slices' or 'modules'"),
         ("", "r.yml is not a mergekit recipe: its YAML is empty"),
         ("- a\n- b\n", "its YAML is a list"),
-        ("merge_method: linear\nmodelz: []\n", "r.yml: unknown config key(s) ['modelz']"),
+        ("merge_method: linear\nmodelz: []\n", "r.yml: exactly one of 'models', 'slices' or 'modules' must be given"),
     ]
     for text, msg in cases:
         with pytest.raises(ValueError) as e: M.merge_config(_recipe(tmp_path, text), tmp_path / "out")
         assert msg in str(e.value) and "\n" not in str(e.value), (msg, str(e.value))
         assert not (tmp_path / "out").exists() and not marker.exists()
-    with pytest.raises(ValueError, match="multi-document recipes are not supported yet"): M.plan_merge(_recipe(tmp_path, "a: 1\n---\nb: 2\n"))
+    with pytest.raises(ValueError, match="plan_merge plans one stage; run it with merge_config"): M.plan_merge(_recipe(tmp_path, "a: 1\n---\nb: 2\n"))
     (tmp_path / "bin.yml").write_bytes(b"\xff\xfe\x00\x01")
     for cfg, msg in [(str(tmp_path / "nope.yml"), "nope.yml: no such file"), (tmp_path / "nope.yml", "nope.yml: no such file"),
                      (str(tmp_path), "is a folder"), (str(tmp_path / "bin.yml"), "bin.yml: not a YAML recipe (byte 0 is not UTF-8")]:
@@ -661,3 +661,72 @@ def test_weights_summing_to_zero_are_explained(models, tmp_path):
     a, b = _load(models["a"]), _load(models["b"])
     k = "model.layers.1.mlp.up_proj.weight"
     assert torch.allclose(st[k], 0.5 * a[k] - 0.5 * b[k], atol=1e-7)
+
+# ---- model ids through the Hugging Face cache ----
+from mergekit_runs import hub_cache
+
+@pytest.fixture
+def hub(models, tmp_path, monkeypatch):
+    "An offline Hugging Face cache (HF_HOME) holding org/base, org/a (main) and org/b at main and at branch v1 (= model c)."
+    revs = {"base": "1" * 40, "a": "2" * 40, "b": "3" * 40, "c": "4" * 40}
+    hub_cache(tmp_path / "hf", "org/base", models["base"], revs["base"])
+    hub_cache(tmp_path / "hf", "org/a", models["a"], revs["a"])
+    hub_cache(tmp_path / "hf", "org/b", models["b"], revs["b"])
+    hub_cache(tmp_path / "hf", "org/b", models["c"], revs["c"], branch="v1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf")); monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return revs
+
+def test_hub_ids_resolve_through_the_cache(models, hub, tmp_path):
+    """`org/name` and `org/name@revision` (a branch or a commit) open the cached snapshot, offline; a merge from ids gives
+    the bits of the same merge from the folders; an id the cache lacks is an error naming it and HF_HUB_OFFLINE."""
+    from model_ops.io.store import resolve_model
+    assert resolve_model("org/b@v1") == tmp_path / "hf" / "hub" / "models--org--b" / "snapshots" / hub["c"]
+    assert resolve_model(f"org/b@{hub['b']}") == resolve_model("org/b")
+    for ref, path in [("org/a", models["a"]), ("org/b@v1", models["c"]), (f"org/b@{hub['b']}", models["b"])]:
+        assert WeightStore.open(ref).fingerprint() == WeightStore.open(path).fingerprint()
+    recipe = """merge_method: ties
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.4, density: 0.7}}
+  - model: {c}
+    parameters: {{weight: 0.3, density: 0.3}}
+"""
+    ids = M.merge_config(recipe.format(base="org/base", a="org/a", b="org/b", c="org/b@v1"), tmp_path / "from_ids", workers=1)
+    local = M.merge_config(recipe.format(**{k: models[k] for k in "abc"}, base=models["base"]), tmp_path / "from_folders", workers=1)
+    x, y = _load(ids), _load(local)
+    assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
+    card = (ids / "README.md").read_text()
+    assert "base_model:\n- org/base\n- org/a\n- org/b\n" in card and "[org/b](https://huggingface.co/org/b)" in card
+    with pytest.raises(Exception) as e: M.merge_config(recipe.format(base="org/base", a="org/a", b="org/nope", c="org/b@v1"), tmp_path / "x")
+    assert "org/nope" in str(e.value) and "HF_HUB_OFFLINE" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(Exception, match="at revision 'v2'"): WeightStore.open("org/b@v2")
+    assert not (tmp_path / "x").exists()
+
+def test_a_local_folder_wins_over_an_id(models, hub, tmp_path, monkeypatch):
+    "`org/a` that exists as a folder is that folder, not the cached repo."
+    import shutil
+    shutil.copytree(models["c"], tmp_path / "org" / "a")
+    monkeypatch.chdir(tmp_path)
+    assert WeightStore.open("org/a").fingerprint() == WeightStore.open(models["c"]).fingerprint()
+
+def test_stages_checked_before_anything_is_written(models, tmp_path):
+    "Every stage of a multi-stage recipe is checked first: a typo in the last stage stops it before the first is merged."
+    P = models
+    text = (f"name: soup\nmerge_method: linear\nmodels:\n  - model: {P['a']}\n    parameters: {{weight: 1}}\n"
+            f"  - model: {P['b']}\n    parameters: {{weight: 1}}\n---\nmerge_method: ties\nbase_model: {P['base']}\n"
+            f"models:\n  - model: soup\n    parameters: {{weight: 1, densty: 0.5}}\n")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="stage \\(final\\): .*unknown parameter 'densty'.*did you mean 'density'"):
+        M.merge_config(text, tmp_path / "out" / "m")
+    assert list((tmp_path / "out").iterdir()) == []
+    with pytest.raises(ValueError, match="no stage named 'sop'; its stages are \\['soup'\\]"):
+        M.merge_config(text, tmp_path / "out" / "m", stage="sop")
+    # the first stage alone, named
+    out = M.merge_config(text, tmp_path / "out" / "soup", stage="soup", workers=1)
+    a, b, o = _load(P["a"]), _load(P["b"]), _load(out)
+    assert all(torch.equal(o[k], ((a[k] + b[k]) / 2)) or torch.allclose(o[k], (a[k] + b[k]) / 2, atol=1e-7) for k in o)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["soup"]

@@ -12,7 +12,7 @@ from torch import nn
 from .format import ModelIOError, _ST_DTYPES, _dtype_size, read_header, read_small, _meta_crc, _entries_crc, _crc
 
 # %% auto #0
-__all__ = ['member_path', 'WeightStore', 'fingerprint', 'verify_store', 'summary', 'format_summary']
+__all__ = ['member_path', 'hub_id', 'resolve_model', 'WeightStore', 'fingerprint', 'verify_store', 'summary', 'format_summary']
 
 # %% ../../nbs/00b_io_store.ipynb #e8f3f55e
 class _SafetensorsSource:
@@ -172,6 +172,50 @@ def _module_tied(sd:Mapping)->dict:
         elif key is not None: seen[key] = k
     return tied
 
+# %% ../../nbs/00b_io_store.ipynb #75e351b6
+_HUB_ID = __import__("re").compile(r"^[\w.\-]+/[\w.\-]+$")
+_HUB_FILES = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
+
+def hub_id(ref:str)->tuple|None:
+    "`(repo id, revision or None)` when `ref` reads as a Hub model id `org/name[@revision]`, else None."
+    s = str(ref)
+    name, _, rev = s.partition("@")
+    if s[:1] in "/~." or not _HUB_ID.match(name) or "--" in name or ".." in name or len(name) > 96: return None
+    return name, rev or None
+
+def _hub_cache()->Path:
+    "The Hugging Face cache folder as the environment names it now."
+    if os.environ.get("HF_HUB_CACHE"): return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+def _hub_offline()->bool: return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+def resolve_model(ref)->Path:
+    """The local folder of model `ref`: `ref` itself when it exists, else the Hugging Face snapshot of the id
+    `org/name[@revision]` (from the cache; downloaded when online)."""
+    p = Path(ref).expanduser()
+    if p.exists(): return p
+    hid = hub_id(str(ref))
+    if hid is None: raise ModelIOError(f"{p}: no such file or folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    (repo, rev), cache, offline = hid, _hub_cache(), _hub_offline()
+    try:
+        got = Path(snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=offline, allow_patterns=_HUB_FILES))
+        if not any(got.glob("*.safetensors")):      # an older repo with PyTorch weights only
+            got = Path(snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=offline, allow_patterns=["*.bin", *_HUB_FILES]))
+        return got
+    except LocalEntryNotFoundError:
+        why = ("HF_HUB_OFFLINE is set, so nothing is downloaded: download it where there is a network "
+               f"(`hf download {repo}`) or unset HF_HUB_OFFLINE") if offline else "and it could not be downloaded (no network?)"
+        raise ModelIOError(f"{ref}: no such local path, and the Hugging Face cache ({cache}) does not hold model {repo!r}"
+                           f"{f' at revision {rev!r}' if rev else ''}; {why}") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise ModelIOError(f"{ref}: no such local path, and the Hugging Face Hub has no model {repo!r}"
+                           f"{f' at revision {rev!r}' if rev else ''} ({type(e).__name__}); check the id") from None
+
+
 # %% ../../nbs/00b_io_store.ipynb #99d4af11
 class WeightStore(Mapping):
     "A lazy, read-only name → tensor view over a stored or in-memory model."
@@ -180,7 +224,7 @@ class WeightStore(Mapping):
         self._keys = [k for k in source.keys() if k not in self.tied]
 
     @classmethod
-    def open(cls, src, # HF folder, `.safetensors`/`.bin` file, `nn.Module`, state dict, or `WeightStore`
+    def open(cls, src, # HF folder, `.safetensors`/`.bin` file, Hub id `org/name[@revision]`, `nn.Module`, state dict, or `WeightStore`
             )->WeightStore:
         "Open `src` lazily: no tensor is read until asked."
         if isinstance(src, WeightStore): return src
@@ -194,6 +238,7 @@ class WeightStore(Mapping):
             return cls(_DictSource(src), None, None, {}, 'state dict')
         if not isinstance(src, (str, os.PathLike)): raise ModelIOError(f"cannot open a {type(src).__name__} as a model")
         p = Path(src).expanduser()
+        if not p.exists() and hub_id(str(src)) is not None: p = resolve_model(src)    # a Hub id: the cached snapshot
         if p.is_dir():
             cfg = _read_config(p/'config.json')
             s = _folder_source(p)

@@ -11,7 +11,7 @@ from fastcore.script import call_parse
 from ..io import WeightStore, ShardWriter, ModelIOError, finalize_parts, check_output
 from .methods import METHODS, get_method, tensor_generator
 from .config import MergePlan, TOKENIZER_FILES, plan_merge, _ALIASES, _LAYER_RE
-from .config import _check_keys, _check_parameters, _recipe_inputs
+from .config import _check_keys, _check_parameters, _recipe_inputs, _module_body
 from .recipes import chat_template_text, write_tokenizer, model_card, recipe_stages, stage_order, with_stage_folders
 from .executor import check_device, process_merge, stream_merge, mergekit_order
 from ..io import PlannedWriter
@@ -178,6 +178,7 @@ def _merge_stages(stages, text, src, out_dir, stage, strict, random_seed, kw)->P
             _check_keys(cfg, stext, None, strict)
             if "merge_method" not in cfg: raise ValueError("config has no 'merge_method'")
             _check_parameters(cfg, get_method(cfg["merge_method"]), stext, None)
+            _module_body(cfg)
             if isinstance(cfg.get("chat_template"), str) and cfg["chat_template"] != "auto": chat_template_text(cfg["chat_template"])
         except ValueError as e: raise ValueError(f"{where}, stage {n or '(final)'}: {e}") from None
     out = Path(out_dir).expanduser()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 import torch
 from ..io import WeightStore, ModelIOError, check_output
+from ..io.store import hub_id
 from .methods import MergeMethod, METHODS, REQUIRED, get_method
 
 log = logging.getLogger("model_ops.merge")
@@ -81,11 +82,11 @@ class _Model:
             s = str(ref)
             if "+" in s and not Path(s).exists():
                 raise ValueError(f"model {s!r}: LoRA references (model+lora) are not supported; merge the adapter first")
-            if "@" in s and not Path(s).exists(): s = s.split("@")[0]
+            if "@" in s and not Path(s).exists() and hub_id(s) is None: s = s.split("@")[0]   # a local path's revision: ignored
             self.key = s
-            try: self.store = WeightStore.open(s)
+            try: self.store = WeightStore.open(s)      # a Hub id `org/name[@revision]`: from the Hugging Face cache
             except ModelIOError as e:
-                raise ModelIOError(f"cannot open model {s!r}: {e}. Give a local folder or file (no downloads happen here).") from None
+                raise ModelIOError(f"cannot open model {s!r}: {e}") from None
         else:
             self.store = WeightStore.open(ref)
             self.key = f"<{type(ref).__name__}#{id(ref):x}>"
@@ -407,7 +408,8 @@ def _plan_merge(cfg, text, src, strict=False)->MergePlan:
         raise ValueError("give either 'tokenizer' or 'tokenizer_source', not both")
     models, index = [], {}
     def mid(ref):
-        key = str(ref).split("@")[0] if isinstance(ref, (str, os.PathLike)) and not Path(str(ref)).exists() else (str(ref) if isinstance(ref, (str, os.PathLike)) else id(ref))
+        if not isinstance(ref, (str, os.PathLike)): key = id(ref)
+        else: key = str(ref) if Path(str(ref)).exists() or hub_id(str(ref)) else str(ref).split("@")[0]
         if key not in index: index[key] = len(models); models.append(_Model(ref))
         return index[key]
     gbase = mid(cfg["base_model"]) if cfg.get("base_model") is not None and method.base != "ignored" else None
