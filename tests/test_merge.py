@@ -730,3 +730,19 @@ def test_stages_checked_before_anything_is_written(models, tmp_path):
     a, b, o = _load(P["a"]), _load(P["b"]), _load(out)
     assert all(torch.equal(o[k], ((a[k] + b[k]) / 2)) or torch.allclose(o[k], (a[k] + b[k]) / 2, atol=1e-7) for k in o)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["soup"]
+
+def test_cli_strict_stage_and_card(models, tmp_path):
+    "`model-ops merge --strict` refuses a key mergekit ignores (one line, nothing written); `--stage` and `--no_card`."
+    import subprocess
+    P = models
+    text = (f"name: soup\nmerge_method: linear\ndype: bfloat16\nmodels:\n  - model: {P['a']}\n    parameters: {{weight: 1}}\n"
+            f"  - model: {P['b']}\n    parameters: {{weight: 1}}\n---\nmerge_method: task_arithmetic\nbase_model: {P['base']}\n"
+            f"models:\n  - model: soup\n    parameters: {{weight: 0.5}}\n")
+    p = tmp_path / "two.yml"; p.write_text(text)
+    r = subprocess.run(["model-ops", "merge", str(p), str(tmp_path / "out"), "--strict"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "unknown key 'dype' at the top level; did you mean 'dtype'?" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+    out = M.cli_merge(str(p), str(tmp_path / "soup"), stage="soup", no_card=True, workers=1)
+    assert not (out / "README.md").exists() and (out / "mergekit_config.yml").read_text() == text
+    a, b, o = _load(P["a"]), _load(P["b"]), _load(out)
+    assert all(torch.allclose(o[k], (a[k] + b[k]) / 2, atol=1e-7) for k in o)

@@ -427,7 +427,8 @@ chat_template: |
 """,
 }
 # a pipeline: a soup of two fine-tunes, TIES of the soup and c on the base, then a SLERP of the two stages (with a
-# chat template); in bfloat16 with a DARE stage too (mergekit-multi reseeds before each stage with --random-seed)
+# chat template); in bfloat16 with a DARE stage instead (mergekit-multi reseeds before each stage with --random-seed)
+# and `auto`, where the stages' own tokenizers vote (the soup's carries a's template, the TIES stage's the base's none)
 PIPELINE = """name: soup_{tag}
 merge_method: linear
 models:
@@ -452,12 +453,13 @@ models:
   - model: soup_{tag}
 parameters:
   t: [0.2, 0.7]
-chat_template: chatml
+chat_template: {template}
 """
 
 def _pipeline(models, tag):
-    second, final_name = ("ties", "") if tag == "f32" else ("dare_ties", f"name: final_{tag}\n")
-    return PIPELINE.format(tag=tag, second=second, final_name=final_name, **{k: models[tag, k] for k in ("base", "a", "b", "c")})
+    second, final_name, template = ("ties", "", "chatml") if tag == "f32" else ("dare_ties", f"name: final_{tag}\n", "auto")
+    return PIPELINE.format(tag=tag, second=second, final_name=final_name, template=template,
+                           **{k: models[tag, k] for k in ("base", "a", "b", "c")})
 
 @pytest.fixture(scope="module")
 def tok_runs(tmp_path_factory):
@@ -509,6 +511,7 @@ def test_pipeline_as_mergekit_multi(tok_runs, tag):
     ref = root / "mk_final" if tag == "f32" else root / "mk" / f"final_{tag}"
     _same(_load(out), _load(ref), tag)
     for f in TOKENIZER_OUT: assert filecmp.cmp(out / f, ref / f, shallow=False), (tag, f)
+    assert (out / "chat_template.jinja").read_text() == (CHAT_TEMPLATES["chatml"] if tag == "f32" else LITERAL)
     assert sorted(os.listdir(outdir)) == ["final"]                     # the stages' temporary folder is gone
     assert (out / "mergekit_config.yml").read_text() == pipes[tag]     # the whole recipe, as given
 

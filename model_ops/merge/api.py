@@ -46,7 +46,9 @@ def _chat_template(plan:MergePlan)->tuple:
     given = plan.config.get("chat_template")
     if not given: return False, None
     if not isinstance(given, str): raise ValueError(f"chat_template must be a name, 'auto' or a Jinja template, got {given!r}")
-    return True, chat_template_text(given, [m.store.path for m in plan.models if m.store.path is not None])
+    read = {plan.base} | {i for j in plan.jobs for i, _ in j.inputs + ([j.base] if j.base else [])}
+    # auto: the models the merge reads vote, in recipe order (a tokenizer_source that is not merged does not)
+    return True, chat_template_text(given, [m.store.path for i, m in enumerate(plan.models) if i in read and m.store.path is not None])
 
 def _write_extras(plan, write_json, copy_file, copy_tokenizer, meta, name=None, chat=(False, None), card=True):
     import logging, tempfile, yaml
@@ -161,6 +163,7 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
         finally:
             results.close()              # (an unfinished merge stops its processes / thread pool now)
         return out
+
 def _merge_stages(stages, text, src, out_dir, stage, strict, random_seed, kw)->Path:
     """A multi-stage recipe: the stages the final one needs, in order, into a temporary folder beside `out_dir`; the
     final stage into `out_dir`; the temporary folder removed, also when a stage fails."""

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/16a_merge_recipes.ipynb #a2f03878
 from __future__ import annotations
-import logging, os, re
+import logging, os
 from collections import Counter
 from pathlib import Path
 from .config import _key_places, _load_config, _recipe_source, _yaml_error
@@ -206,10 +206,11 @@ The following YAML configuration was used to produce this model:
 """
 
 def _ref_parts(ref:str)->tuple:
-    "`(path, lora)` of a recipe's model reference `path[@revision][+lora]`."
+    "`(path, lora)` of a recipe's model reference `path[@revision][+lora]` (a local path that exists is taken whole)."
     s = str(ref)
-    path, _, lora = s.partition("+") if not os.path.exists(s) else (s, "", "")
-    return path.split("@")[0] if not os.path.exists(path) else path, lora or None
+    if os.path.exists(s): return s, None
+    path, _, lora = s.partition("+")
+    return path.split("@")[0], lora or None
 
 def _is_hub_id(path:str)->bool:
     "A Hub model id rather than a local path, by mergekit's rule without its network call: `org/name` that is no local path."
