@@ -180,7 +180,7 @@ def test_every_failure_is_one_line(trio, tmp_path):
         (['merge', str(recipe), str(tmp_path / 'o'), '--frobnicate'], 2, "model-ops: error: model-ops merge: unrecognized arguments: --frobnicate"),
         (['frobnicate'], 2, "model-ops: error: unknown command 'frobnicate'; the commands are inspect, demo, merge"),
         (['merge', str(tmp_path / 'nope.yml'), str(tmp_path / 'o')], 2, f"model-ops: error: {tmp_path / 'nope.yml'}: no such file"),
-        (['merge', str(multi), str(tmp_path / 'o')], 2, f"model-ops: error: {multi} holds 2 YAML documents (a mergekit-multi recipe, stages separated by '---'): multi-document recipes are not supported yet"),
+        (['merge', str(multi), str(tmp_path / 'o')], 2, f"model-ops: error: {multi}, stage two: exactly one of 'models', 'slices' or 'modules' must be given, got none"),
         (['merge', str(typo), str(tmp_path / 'o')], 2, f"model-ops: error: {typo}, line 6: unknown parameter 'wieght' in models[0].parameters (model {P['a']}); did you mean 'weight'? method 'linear' takes weight, normalize"),
         (['merge', str(zero), str(tmp_path / 'o')], 2, f"model-ops: error: {zero}: tensor "),
         (['merge', str(recipe), str(tmp_path / 'o'), '--device', 'cuda:99'], 2, "model-ops: error: device 'cuda:99' asked for, but"),
