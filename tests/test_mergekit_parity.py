@@ -5,7 +5,14 @@ mergekit's order (`--random-seed N` there, `torch.manual_seed(N)` here). `precis
 (float32 math, lowest-index ties), checked here to differ where they should.
 
 mergekit runs once, as `mergekit-multi` over one multi-document file holding every recipe (one import of mergekit
-instead of one per recipe); each document goes through `run_merge`, which seeds the global generator first."""
+instead of one per recipe); each document goes through `run_merge`, which seeds the global generator first.
+
+The rest of a recipe, each key through both tools on float32 and bfloat16 models: `modules:` and keys mergekit ignores
+(with the weights recipes above), `chat_template` (every built-in name, `auto`, a literal template: tensors and the
+tokenizer files, `chat_template.jinja` included, byte for byte), multi-stage recipes (against `mergekit-multi`'s final
+model, a DARE stage reseeded as it reseeds), and the model card (against mergekit's `generate_card` for the same text).
+Hub ids are tested in tests/test_merge.py: mergekit 0.1.5 lists a repo's files on the Hub before it reads its cache, so
+it cannot merge from ids offline."""
 import pytest, torch
 from mergekit_runs import load as _load, tiny_models, mergekit_multi
 from model_ops.merge.api import merge_config
