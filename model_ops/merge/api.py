@@ -314,7 +314,7 @@ def cli_merge(config:str, # mergekit YAML file
               out_dir:str, # output folder (created atomically)
               device:str="cpu", # where the math runs, e.g. cuda
               seed:int=None, # per-tensor seeds for DARE/DELLA (default: torch's global generator, drawn as mergekit draws)
-              random_seed:int=None, # seed torch's global generator first, as mergekit-yaml's --random-seed
+              random_seed:int=None, # seed torch's global generator first (before each stage), as mergekit's --random-seed
               precise:bool=False, # float32 math and lowest-index ties (our own; default: mergekit's dtype and tie order)
               workers:int=2, # tensors merged at once
               max_shard_size:str="2GB", # largest output shard
