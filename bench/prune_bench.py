@@ -4,6 +4,12 @@
     python bench/prune_bench.py --device cuda --nsamples 128 --seqlen 512
     python bench/prune_bench.py --dtype bfloat16                     # SmolLM2's stored dtype (AMX matmuls on recent Xeons)
     python bench/prune_bench.py --calib-dtypes model,float16 --device cuda   # calibrate in float16, like the reference code
+    python bench/prune_bench.py --reference --calib-dtypes model --settings 0.5   # against the reference code's algorithm
+
+`--reference` also prunes with `tests/prune_reference.py` (the reference code's order of operations, one sequence per
+forward) on the same calibration ids and prints our perplexity over the reference's (Wanda: the weights are compared
+bit for bit when `--batch-size 1`). Perplexity is measured on held-out paragraphs of the calibration corpus and on
+unseen English (`--unseen`, default the GPL-3 text Debian ships: 4,096 tokens in 512-token windows).
 
 Wanda and SparseGPT run once per calibration dtype of `--calib-dtypes` ('model': the model's dtype, the default of
 `calib_dtype`; 'bfloat16' / 'float16': the calibration forwards in a half-precision copy of each block, statistics in float32,
@@ -14,13 +20,16 @@ the definition the Wanda paper uses for its timing table). Peak memory is the pe
 `torch.cuda.max_memory_allocated` above the starting allocation on CUDA. Targets from issue 6: Wanda within 2x of
 magnitude's time, SparseGPT within 10x of Wanda's.
 """
-import argparse, json, threading, time
+import argparse, json, os, sys, threading, time
 
 import torch
 
 from model_ops.eval import default_texts, perplexity
 from model_ops.nn import load_model
-from model_ops.prune import PRUNERS, calib_ids, calibrated_prune, sparsity_report
+from model_ops.prune import PRUNERS, calib_ids, calib_texts, calibrated_prune, sparsity_report
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from prune_reference import reference_prune     # the reference code's algorithm (a test oracle)
 
 
 def _rss():
@@ -66,6 +75,11 @@ def main():
                     help="wall: elapsed time; thread: CPU time of the calling thread (with --threads 1 on CPU, a measure of the "
                          "work done that a shared, loaded machine disturbs much less than wall time)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward (default: the pruners')")
+    ap.add_argument("--calib-text", default="pool", choices=["pool", "head"],
+                    help="pool: the offline default calibration text (calib_texts); head: the first 400 corpus paragraphs")
+    ap.add_argument("--unseen", default="/usr/share/common-licenses/GPL-3", help="text file for the unseen-English perplexity ('' to skip)")
+    ap.add_argument("--reference", action="store_true", help="also run the reference code's algorithm (tests/prune_reference.py)")
     a = ap.parse_args()
     if a.clock == "thread":
         if a.threads != 1 or a.device != "cpu": ap.error("--clock thread needs --threads 1 --device cpu")
@@ -73,8 +87,15 @@ def main():
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model, dtype=getattr(torch, a.dtype), device=a.device)
     texts = default_texts(None)
-    calib = calib_ids(tok, texts[:400], a.nsamples, a.seqlen)            # the same calibration ids for every method
-    held = texts[-a.eval:] if a.eval else None                             # disjoint from the calibration paragraphs
+    held = texts[-a.eval:] if a.eval else None
+    pool = [t for t in calib_texts() if t not in set(held or [])] if a.calib_text == "pool" else texts[:400]
+    calib = calib_ids(tok, pool, a.nsamples, a.seqlen)                     # the same calibration ids for every method
+    unseen = None
+    if a.unseen and os.path.exists(a.unseen):
+        ids = tok(open(a.unseen).read())["input_ids"][:4096]
+        unseen = [tok.decode(ids)]
+    ppl_unseen = lambda: perplexity(model, tok, unseen, max_length=512) if unseen else None
+    bkw = {} if a.batch_size is None else dict(batch_size=a.batch_size)
     dense_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cdts = []
     for c in a.calib_dtypes.split(","):
@@ -83,7 +104,8 @@ def main():
     cd_arg = lambda c: None if c == a.dtype else getattr(torch, c)
     rows = []
     if held:
-        rows.append(dict(method="dense", setting="-", calib="-", seconds=0.0, peak_mb=0.0, sparsity=0.0, ppl=perplexity(model, tok, held)))
+        rows.append(dict(method="dense", setting="-", calib="-", seconds=0.0, peak_mb=0.0, sparsity=0.0, ppl=perplexity(model, tok, held),
+                         ppl_unseen=ppl_unseen()))
         print(f"dense ppl {rows[-1]['ppl']:.2f}", flush=True)
     for c in cdts:
         for gram in (False, True):    # the calibration passes alone (no-op pruning): the floor for any calibrated method
@@ -103,23 +125,39 @@ def main():
             tm, ckw = {}, ({} if c == "-" else dict(calib_dtype=cd_arg(c)))
             with PeakMemory(a.device) as pm:
                 t0 = time.perf_counter()
-                PRUNERS[method](model, tok, calib=calib, progress=False, timings=tm, **ckw, **kw)
+                PRUNERS[method](model, tok, calib=calib, progress=False, timings=tm, **ckw, **kw, **({} if method == "magnitude" else bkw))
                 if a.device.startswith("cuda"): torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
             rep = sparsity_report(model)
             row = dict(method=method, setting=setting, calib=c, seconds=dt, metric_s=tm["metric_s"], calib_s=tm["calib_s"],
                        peak_mb=pm.extra / 2**20, sparsity=rep["overall"],
-                       ppl=perplexity(model, tok, held) if held else None)
+                       ppl=perplexity(model, tok, held) if held else None, ppl_unseen=ppl_unseen())
+            if a.reference and method != "magnitude" and c == a.dtype:
+                ours = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                model.load_state_dict(dense_sd)
+                t0 = time.perf_counter()
+                reference_prune(model, calib.to(a.device), method, sparsity=kw.get("sparsity", 0.5),
+                                nm=tuple(map(int, setting.split(":"))) if ":" in setting else None)
+                row.update(ref_seconds=time.perf_counter() - t0, ref_ppl=perplexity(model, tok, held) if held else None,
+                           ref_ppl_unseen=ppl_unseen(),
+                           same_weights=all(torch.equal(v, ours[k]) for k, v in model.state_dict().items()))
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{a.model} {a.dtype} on {a.device} ({a.threads} threads, {a.clock} clock); calibration {tuple(calib.shape)} tokens; held-out {len(held or [])} paragraphs")
     print("time s: the whole call; metric s: scores, masks and weight updates only, without the calibration forward passes;")
     print("calib: dtype of the calibration forwards (statistics always float32; weights stay in the model's dtype)")
-    print(f"{'method':10s} {'setting':8s} {'calib':8s} {'time s':>8s} {'metric s':>8s} {'peak MB':>8s} {'sparsity':>8s} {'ppl':>9s}")
+    f9 = lambda v: f"{v:9.2f}" if v is not None else "        -"
+    print(f"{'method':10s} {'setting':8s} {'calib':8s} {'time s':>8s} {'metric s':>8s} {'peak MB':>8s} {'sparsity':>8s} {'ppl':>9s} {'unseen':>9s}")
     for r in rows:
-        ppl = f"{r['ppl']:9.2f}" if r["ppl"] is not None else "        -"
         met = f"{r['metric_s']:8.2f}" if "metric_s" in r else "       -"
-        print(f"{r['method']:10s} {r['setting']:8s} {r['calib']:8s} {r['seconds']:8.2f} {met} {r['peak_mb']:8.1f} {r['sparsity']:8.3f} {ppl}")
+        print(f"{r['method']:10s} {r['setting']:8s} {r['calib']:8s} {r['seconds']:8.2f} {met} {r['peak_mb']:8.1f} {r['sparsity']:8.3f} "
+              f"{f9(r['ppl'])} {f9(r.get('ppl_unseen'))}")
+    for r in rows:
+        if "ref_seconds" in r:
+            ratio = lambda x, y: f"{x / y:.4f}" if x is not None and y else "-"
+            print(f"reference code, {r['method']} {r['setting']}: {r['ref_seconds']:.1f} s (ours {r['seconds']:.1f} s); perplexity ours/reference "
+                  f"held-out {ratio(r['ppl'], r['ref_ppl'])}, unseen {ratio(r.get('ppl_unseen'), r['ref_ppl_unseen'])}; "
+                  f"weights identical: {r['same_weights']}")
     for s in a.settings.split(","):
         t = {(r["method"], r["calib"]): r["seconds"] for r in rows if r["setting"] == s}
         mt = {(r["method"], r["calib"]): r["metric_s"] for r in rows if r["setting"] == s}

@@ -4,14 +4,14 @@
 
 # %% ../nbs/40_prune.ipynb #75efb5d5
 from __future__ import annotations
-import copy, re, time
+import copy, math, random, re, time, warnings
 import torch
 from torch import nn
 
 # %% auto #0
 __all__ = ['PRUNERS', 'check_sparsity', 'parse_pattern', 'resolve_sparsity', 'unstructured_mask', 'nm_mask', 'magnitude_mask',
-           'wanda_mask', 'sparsegpt_prune', 'calib_ids', 'prunable', 'calibrated_prune', 'magnitude', 'wanda',
-           'sparsegpt', 'prune', 'count_params', 'sparsity_report', 'plot_sparsity', 'save_pruned', 'is_nm',
+           'wanda_mask', 'sparsegpt_prune', 'calib_texts', 'calib_ids', 'prunable', 'calibrated_prune', 'magnitude',
+           'wanda', 'sparsegpt', 'prune', 'count_params', 'sparsity_report', 'plot_sparsity', 'save_pruned', 'is_nm',
            'to_semi_structured', 'importance', 'skip_blocks', 'depth_importance', 'plot_layer_importance',
            'prune_width', 'prune_depth', 'share_blocks', 'prune_widget', 'demo_step', 'cli_prune']
 
@@ -145,6 +145,13 @@ def sparsegpt_prune(W:torch.Tensor, # (out, in) weight
     return W.to(W0.dtype), keep
 
 # %% ../nbs/40_prune.ipynb #6441ccdd
+def calib_texts() -> list:
+    "The offline default calibration text: every prose paragraph of `model_ops.eval`'s corpus (about 42k SmolLM2 tokens), in a fixed shuffled order."
+    from model_ops.eval import stdlib_paragraphs
+    pool = list(stdlib_paragraphs())
+    random.Random(0).shuffle(pool)
+    return pool
+
 def calib_ids(tok=None, # tokenizer, needed unless `calib` is already token ids
               calib=None, # None (offline default text), texts, a text file path, or token ids (tensor / list of lists)
               nsamples:int=32, # number of windows
@@ -159,7 +166,7 @@ def calib_ids(tok=None, # tokenizer, needed unless `calib` is already token ids
         return torch.tensor(calib, dtype=torch.long)
     if tok is None: raise ValueError("calibration from text needs a tokenizer: pass tok=, or give calib= as token ids")
     from model_ops.eval import load_texts
-    texts = list(load_texts(calib))
+    texts = calib_texts() if calib is None else list(load_texts(calib))
     if not texts: raise ValueError("no calibration text")
     sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
     stream = []
@@ -168,6 +175,9 @@ def calib_ids(tok=None, # tokenizer, needed unless `calib` is already token ids
         if len(stream) >= nsamples * seqlen: break
     n = min(nsamples, max(1, len(stream) // seqlen))
     L = min(seqlen, len(stream))
+    if n * L < nsamples * seqlen:
+        warnings.warn(f"the calibration text gives {n} window(s) of {L} tokens, fewer than the {nsamples} x {seqlen} asked for; "
+                      f"Wanda and SparseGPT calibrated on few tokens generalise worse (pass more text as calib=, or lower nsamples/seqlen)")
     return torch.tensor(stream[:n * L], dtype=torch.long).reshape(n, L)
 
 # %% ../nbs/40_prune.ipynb #dea76ed1
@@ -232,59 +242,51 @@ def _run_block(layer, hidden, args, kwargs):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 class _InputStats:
-    "Per-feature sum of squares (Wanda) and optionally the Gram matrix X^T X (SparseGPT) of one linear's inputs."
+    """What one linear's inputs give, as running means over the calibration sequences, in float32: the squared L2 norm of
+    each input feature (Wanda's `scaler_row`) or `H = 2 X Xᵀ` (SparseGPT). Each sequence is folded in on its own, in the
+    reference code's order of operations, so the same token ids give the reference's statistics bit for bit (with one
+    sequence per forward, as the reference runs them)."""
     def __init__(self, mod, gram):
         cols, dev = weight_2d(mod).shape[1], mod.weight.device
+        self.n = 0                                   # sequences seen
         self.sq = None if gram else torch.zeros(cols, device=dev, dtype=torch.float32)   # SparseGPT reads only H
         self.H = torch.zeros(cols, cols, device=dev, dtype=torch.float32) if gram else None
+    def add(self, x:torch.Tensor):
+        "Fold in the inputs `x` (tokens, features) of one calibration sequence."
+        old, self.n = self.n, self.n + 1
+        xt = x.T.float()                             # (features, tokens), as the reference holds it
+        if self.H is not None:
+            self.H *= old / self.n
+            xt = math.sqrt(2 / self.n) * xt
+            self.H += xt @ xt.T
+        else:
+            self.sq *= old / self.n
+            self.sq += torch.norm(xt, p=2, dim=1) ** 2 / self.n
     @property
     def xnorm(self): return self.sq.sqrt()
 
-def _sumsq_chunked(x:torch.Tensor) -> torch.Tensor:
-    "Float32 column sums of squares of `x` (tokens, features), converted and squared in pieces that stay in the CPU's L2 cache."
-    sq = torch.zeros(x.shape[1], device=x.device, dtype=torch.float32)
-    for c in x.split(max(8, 2**16 // x.shape[1])):    # 256 KB of float32 per piece
-        cf = c.float()
-        sq += (cf * cf).sum(0)
-    return sq
-
 class _BlockStats:
-    """Input statistics of the linears `mods` of one block, from forward pre-hooks. Linears fed the same tensor (q/k/v,
-    gate/up) share one computation, and once every linear has seen its input the block forward is cut short (`_Stop`):
-    the rest of it (e.g. the down projection) cannot change the statistics. `chunked`: sums of squares by
-    `_sumsq_chunked` on CPU (2-3x less time than whole-tensor passes, but not bit for bit the same sums)."""
-    def __init__(self, mods:dict, gram:bool, chunked:bool=False):
+    """Input statistics of the linears `mods` of one block, from forward pre-hooks. Once every linear has seen its input
+    the block forward is cut short (`_Stop`): the rest of it (e.g. the down projection) cannot change the statistics."""
+    def __init__(self, mods:dict, gram:bool):
         self.stats = {n: _InputStats(m, gram) for n, m in mods.items()}
-        self.chunked = chunked
-        self.left, self.last = set(), (None, None, None)
+        self.left = set()
         self.hooks = [m.register_forward_pre_hook(self._hook(n), with_kwargs=True) for n, m in mods.items()]
-    def _sums(self, x, gram):
-        "X^T X (gram) or the column sums of squares of `x` (tokens, features), in float32."
-        if gram: xf = x.float(); return None, xf.T @ xf
-        if self.chunked and x.device.type == "cpu": return _sumsq_chunked(x), None
-        xf = x.float(); return (xf * xf).sum(0), None
     def _hook(self, name):
         def pre(mod, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            if self.last[0] is not x or self.last[1] != x._version:   # a new tensor (or one changed in place)
-                x2 = x.detach().reshape(-1, x.shape[-1])
-                sq, H = self._sums(x2, self.stats[name].H is not None)
-                self.last = (x, x._version, (sq, H))
-            sq, H = self.last[2]
-            st = self.stats[name]
-            if st.H is not None: st.H += H
-            else: st.sq += sq
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()
+            for seq in x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else [x]:   # one sequence at a time
+                self.stats[name].add(seq)
             self.left.discard(name)
             if not self.left: raise _Stop
         return pre
     def run(self, layer, hidden, cache):
         try:
             for hd, (a, k) in zip(hidden, cache):
-                self.left, self.last = set(self.stats), (None, None, None)
+                self.left = set(self.stats)
                 try: _run_block(layer, hd, a, k)
                 except _Stop: pass
         finally:
-            self.last = (None, None, None)
             for h in self.hooks: h.remove()
         return self.stats
 
@@ -322,7 +324,7 @@ def calibrated_prune(model:nn.Module, # transformers model, pruned in place
                      prune_fn, # `prune_fn(name, module, stats)` changes the module's weight
                      gram:bool=False, # collect X^T X (SparseGPT) besides the per-feature norms
                      targets=None, # regex restricting the pruned linears
-                     batch_size:int=None, # calibration sequences per forward (None: about 4096 tokens per forward)
+                     batch_size:int=None, # calibration sequences per forward (None: 1 on CPU, as the reference code; ~4096 tokens on a GPU)
                      progress:bool=True,
                      timings:dict=None, # if given, gets 'calib_s' (forward passes) and 'metric_s' (`prune_fn`) seconds
                      calib_dtype=None, # dtype of the calibration forwards (None: the model's); statistics stay float32
@@ -333,7 +335,7 @@ def calibrated_prune(model:nn.Module, # transformers model, pruned in place
     dev = _device(model)
     cd = _check_calib_dtype(calib_dtype)
     if cd == next(model.parameters()).dtype: cd = None
-    if batch_size is None: batch_size = max(1, 4096 // ids.shape[-1])
+    if batch_size is None: batch_size = 1 if dev.type == "cpu" else max(1, 4096 // ids.shape[-1])
     was_training = model.training
     model.eval()
     t_metric, t0 = 0.0, time.perf_counter()
@@ -348,7 +350,7 @@ def calibrated_prune(model:nn.Module, # transformers model, pruned in place
         mine = {n: m for n, m in mods.items() if n.startswith(pre)}
         if mine:
             runs = {n: block.get_submodule(n[len(pre):]) for n in mine}
-            stats = _BlockStats(runs, gram, chunked=cd is not None).run(block, hidden, cache)
+            stats = _BlockStats(runs, gram).run(block, hidden, cache)
             _sync(dev); t1 = time.perf_counter()
             for n, m in mine.items(): prune_fn(n, m, stats[n])
             _sync(dev); t_metric += time.perf_counter() - t1
@@ -371,8 +373,8 @@ def _set_weight(m, W):
 
 @torch.no_grad()
 def _apply_mask(m, keep):
-    "Zero the weights of `m` where `keep` is False, in place (an in-place multiply: cheaper than `masked_fill_` on CPU)."
-    weight_2d(m).mul_(keep.to(m.weight.device))
+    "Zero the weights of `m` where `keep` is False, in place (+0.0, as `W[mask] = 0` writes; a multiply would leave -0.0 bits)."
+    weight_2d(m).masked_fill_(~keep.to(m.weight.device), 0)
 
 def _prepare(model, sparsity, pattern, targets, include_embeddings, include_head):
     s, nm = resolve_sparsity(sparsity, pattern)
@@ -416,7 +418,7 @@ def wanda(model:nn.Module, # transformers model, pruned in place
           pattern=None, # N:M pattern such as '2:4' instead of `sparsity`
           calib=None, # calibration: None (offline default text), texts, a file, or token ids
           nsamples:int=32, seqlen:int=128, # calibration windows
-          batch_size:int=None, # calibration sequences per forward (None: about 4096 tokens)
+          batch_size:int=None, # calibration sequences per forward (None: 1 on CPU, bit for bit the reference code's forwards; ~4096 tokens on a GPU)
           targets:str=None, # regex restricting the pruned linears
           include_embeddings:bool=False, include_head:bool=False, # also prune these (by magnitude)
           progress:bool=True,
@@ -439,7 +441,7 @@ def sparsegpt(model:nn.Module, # transformers model, pruned in place
               pattern=None, # N:M pattern such as '2:4' instead of `sparsity`
               calib=None, # calibration: None (offline default text), texts, a file, or token ids
               nsamples:int=32, seqlen:int=128, # calibration windows
-              batch_size:int=None, # calibration sequences per forward (None: about 4096 tokens)
+              batch_size:int=None, # calibration sequences per forward (None: 1 on CPU, bit for bit the reference code's forwards; ~4096 tokens on a GPU)
               blocksize:int=128, # lazy-update block width
               percdamp:float=0.01, # Hessian dampening (fraction of its mean diagonal)
               targets:str=None, # regex restricting the pruned linears
