@@ -8,7 +8,7 @@ __all__ = []
 # %% ../../nbs/00_io.ipynb #851c9796
 from .format import ModelIOError, parse_header, header_problems, read_header, parse_size, shard_names
 from .format import plan_shards, header_bytes, tensor_bytes, Flusher, write_safetensors, write_bytes, write_files, read_small
-from .store import WeightStore, fingerprint, verify_store, summary, format_summary, member_path
+from .store import WeightStore, fingerprint, verify_store, summary, format_summary, member_path, hub_id, resolve_model
 from .write import clean_tmp, restore_aside, set_aside, remove_dir, atomic_dir, PlannedWriter, ShardWriter, finalize_parts
 from .write import save_model, save_pretrained_atomic, check_output
 # Private helpers imported from `model_ops.io` elsewhere (not in `__all__`): merge.executor uses _crc; checkpoint.core
@@ -17,7 +17,7 @@ from .write import save_model, save_pretrained_atomic, check_output
 from .format import _crc, _meta_crc, _ST_DTYPES, _pool, _NCPU, _PIECE, _write_all, _done
 from .write import _fsync_dir, _parts_dir
 
-__all__ = ['ModelIOError', 'parse_header', 'header_problems', 'read_header', 'WeightStore', 'fingerprint',
+__all__ = ['ModelIOError', 'parse_header', 'header_problems', 'read_header', 'WeightStore', 'fingerprint', 'hub_id', 'resolve_model',
            'clean_tmp', 'restore_aside', 'set_aside', 'read_small', 'member_path', 'remove_dir', 'atomic_dir', 'parse_size', 'shard_names', 'plan_shards',
            'header_bytes', 'tensor_bytes', 'Flusher', 'write_safetensors', 'write_bytes', 'write_files',
            'PlannedWriter', 'ShardWriter', 'finalize_parts', 'save_model', 'save_pretrained_atomic', 'verify_store',
