@@ -676,7 +676,7 @@ def _check_count(what, new, old, multiple=1):
 
 # %% ../nbs/40_prune.ipynb #77fb236e
 @torch.no_grad()
-def prune_width(model:nn.Module, # Llama-family causal LM (left unchanged)
+def prune_width(model:nn.Module, # decoder-only causal LM (left unchanged); parts located by `model_ops.nn.arch_spec`
                 tok=None, # tokenizer for text calibration
                 *, hidden:int=None, # new hidden size (embedding channels)
                 intermediate:int=None, # new MLP width
@@ -744,7 +744,7 @@ def prune_width(model:nn.Module, # Llama-family causal LM (left unchanged)
 
 # %% ../nbs/40_prune.ipynb #dba4dba9
 @torch.no_grad()
-def prune_depth(model:nn.Module, # Llama-family causal LM (left unchanged)
+def prune_depth(model:nn.Module, # decoder-only causal LM (left unchanged); parts located by `model_ops.nn.arch_spec`
                 tok=None, # tokenizer for text calibration
                 *, n:int=None, # number of blocks to drop (the least important by `metric`)
                 drop:list=None, # or: the block indices to drop
