@@ -275,17 +275,17 @@ _SPECS = weakref.WeakKeyDictionary()
 
 def _signature(model, prefix):
     b0 = _get(model, prefix)[0]
-    return (prefix, len(_get(model, prefix)), tuple((n, type(m).__name__, tuple(getattr(m, "weight", torch.empty(0)).shape))
-                                                   for n, m in b0.named_modules()))
+    shape = lambda m: tuple(m.weight.shape) if isinstance(getattr(m, "weight", None), torch.Tensor) else None
+    return (prefix, len(_get(model, prefix)), tuple((n, type(m).__name__, shape(m)) for n, m in b0.named_modules()))
 
 def arch_spec(model:nn.Module)->ArchSpec:
     "Locate the blocks, attention and MLP projections, norms, embeddings and head of `model` by module structure."
-    prefix = layers_prefix(model)
-    sig = _signature(model, prefix)
-    hit = _SPECS.get(model)
-    if hit is None or hit[0] != sig:
-        hit = (sig, _locate(model)); _SPECS[model] = hit
-    return copy.deepcopy(hit[1])
+    hit = _SPECS.get(model)                # cached: valid while the block list and block 0's modules are unchanged
+    if hit is not None and isinstance(_get(model, hit[1].layers), nn.ModuleList) and _signature(model, hit[1].layers) == hit[0]:
+        return copy.deepcopy(hit[1])
+    spec = _locate(model)
+    _SPECS[model] = (_signature(model, spec.layers), spec)
+    return copy.deepcopy(spec)
 
 # %% ../nbs/01_nn.ipynb #32ebaeb2
 def weight_2d(module:nn.Module)->torch.Tensor:
@@ -312,7 +312,7 @@ def block_proj(model:nn.Module, i:int, # block index (negative counts from the e
     if not -n <= i < n: raise IndexError(f"layer {i} out of range: {type(model).__name__} has {n} blocks")
     name = spec.attn.get(role) or spec.mlp.get(role)
     if name is None: raise KeyError(f"{type(model).__name__} has no {role!r} projection; it has {list(spec.attn)+list(spec.mlp)}")
-    return _get(decoder_layers(model)[i], name)
+    return _get(_get(model, spec.layers)[i], name)
 
 def mlp_down(model:nn.Module, i:int)->nn.Module:
     "The MLP down (output) projection of block `i`: `mlp.down_proj`, `mlp.c_proj`, `output.dense`, ..."
