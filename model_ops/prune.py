@@ -713,6 +713,7 @@ def prune_width(model:nn.Module, # decoder-only causal LM (left unchanged); part
     prefix = layers_prefix(model)
     sd = {}
     def sl(t, dim, idx): return t if idx is None else t.index_select(dim, idx.to(t.device))
+    pos_emb = {f"{n}.weight" for n, e in model.named_modules() if isinstance(e, nn.Embedding) and e.embedding_dim == c.hidden_size}
     o_, i_ = (1, 0) if spec.conv1d else (0, 1)          # (out, in) dims of a stored weight: Conv1D keeps (in, out)
     def lin(t, kind, out, inp): return sl(sl(t, o_, out), i_, inp) if kind == "weight" else sl(t, 0, out)
     for name, t in model.state_dict().items():
@@ -730,7 +731,7 @@ def prune_width(model:nn.Module, # decoder-only causal LM (left unchanged); part
             elif mod == spec.mlp["down"]: t = lin(t, kind, hk, fk[i])
             elif mod in spec.norms.values(): t = sl(t, 0, hk)
             else: raise ValueError(f"prune_width does not know how to slice {name}")
-        elif name in (f"{spec.embed}.weight", f"{spec.lm_head}.weight"): t = sl(t, 1, hk)
+        elif name in (f"{spec.embed}.weight", f"{spec.lm_head}.weight") or name in pos_emb: t = sl(t, 1, hk)
         elif spec.final_norm and name.startswith(spec.final_norm + "."): t = sl(t, 0, hk)
         elif t.dim() > 0 and hk is not None and c.hidden_size in t.shape and not name.endswith("inv_freq"):
             raise ValueError(f"prune_width does not know how to slice {name} {tuple(t.shape)}")

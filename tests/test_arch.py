@@ -244,7 +244,7 @@ def test_prune_width_reloads(arch):
     diff, r = reload_logits(small)
     assert diff < 1e-5 and sum(p.numel() for p in r.parameters()) < sum(p.numel() for p in m.parameters())
     if not full:
-        with pytest.raises(ValueError, match=f"{type(m).__name__} cannot take these sizes|does not know how to slice"):
+        with pytest.raises(ValueError, match=f"{type(m).__name__} cannot take these sizes"):
             prune_width(m, calib=IDS, hidden=48)
 
 
