@@ -5,7 +5,7 @@
 # %% ../nbs/01_nn.ipynb #406cf285
 from __future__ import annotations
 import contextlib, copy, json, os, shutil, tempfile, importlib.util, weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -121,14 +121,25 @@ def _get(root:nn.Module, path:str):
         m = getattr(m, p)
     return m
 
+def _has_linear(m): return any(is_linear(x) for x in m.modules())
+
+def _main_type(blocks):
+    "The most common type among the entries of a block list that hold linear layers, and how many there are."
+    n = Counter(type(c) for c in blocks if _has_linear(c))
+    return n.most_common(1)[0] if n else (None, 0)
+
 def _block_lists(model):
-    "`(name, list)` of every `nn.ModuleList` of two or more same-type blocks that hold linear layers, outermost first."
+    "`(name, list)` of every `nn.ModuleList` holding blocks with linear layers (not nested in another one), outermost first."
     out = []
     for name, m in model.named_modules():
-        if (isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1
-                and any(is_linear(x) for x in m[0].modules())
-                and not any(name.startswith(o + ".") for o, _ in out)): out.append((name, m))
+        if isinstance(m, nn.ModuleList) and _main_type(m)[1] and not any(name.startswith(o + ".") for o, _ in out):
+            out.append((name, m))
     return out
+
+def _ref_block(blocks)->int:
+    "Index of the first block of the list's main type (block 0, unless a caller swapped it for a stand-in)."
+    t = _main_type(blocks)[0]
+    return next(i for i, c in enumerate(blocks) if type(c) is t)
 
 def layers_prefix(model:nn.Module # a Hugging Face transformer (or any module holding a list of blocks)
                  )->str:
@@ -136,10 +147,10 @@ def layers_prefix(model:nn.Module # a Hugging Face transformer (or any module ho
     cands = _block_lists(model)
     if not cands:
         raise ValueError(f"could not locate the transformer blocks of {type(model).__name__}: it holds no nn.ModuleList "
-                         "of identical blocks containing linear layers")
+                         "of blocks containing linear layers")
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     exact = [c for c in cands if len(c[1]) == n]
-    return (exact or sorted(cands, key=lambda c: -len(c[1])))[0][0]
+    return (exact or sorted(cands, key=lambda c: -_main_type(c[1])[1]))[0][0]
 
 def decoder_layers(model:nn.Module)->nn.ModuleList:
     "The `nn.ModuleList` of transformer blocks of `model`."
@@ -226,17 +237,18 @@ def _locate(model):
     cls = type(model).__name__
     prefix = layers_prefix(model)
     blocks = _get(model, prefix)
-    calls = _trace(model, blocks[0])
+    r = _ref_block(blocks)
+    calls = _trace(model, blocks[r])
     g = _groups(calls)
     names = [[n for n, _ in x] for x in g]
     if len(g) != 4:
-        raise ValueError(f"could not locate attention and MLP in {prefix}.0 of {cls}: expected 4 groups of linear layers "
+        raise ValueError(f"could not locate attention and MLP in {prefix}.{r} of {cls}: expected 4 groups of linear layers "
                          f"(q/k/v, attention output, MLP input, MLP output) in call order, found {len(g)}: {names}")
     (A, B, C, Dn) = g
     D = _out_in(B[0][1])[0]
     down_in = _out_in(Dn[0][1])[1]
     if len(B) != 1 or len(Dn) != 1 or _out_in(Dn[0][1])[0] != D or any(_out_in(m)[1] != D for _, m in A + C):
-        raise ValueError(f"could not locate attention and MLP in {prefix}.0 of {cls}: the linear groups {names} do not "
+        raise ValueError(f"could not locate attention and MLP in {prefix}.{r} of {cls}: the linear groups {names} do not "
                          f"read and write one hidden width")
     if len(A) == 3: attn = dict(q=A[0][0], k=A[1][0], v=A[2][0])
     elif len(A) == 1: attn = dict(qkv=A[0][0])
@@ -274,7 +286,7 @@ def _locate(model):
 _SPECS = weakref.WeakKeyDictionary()
 
 def _signature(model, prefix):
-    b0 = _get(model, prefix)[0]
+    b0 = _get(model, prefix)[_ref_block(_get(model, prefix))]
     shape = lambda m: tuple(m.weight.shape) if isinstance(getattr(m, "weight", None), torch.Tensor) else None
     return (prefix, len(_get(model, prefix)), tuple((n, type(m).__name__, shape(m)) for n, m in b0.named_modules()))
 

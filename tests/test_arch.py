@@ -127,6 +127,8 @@ def test_spec_is_cached_and_retraced_when_the_block_changes():
     assert arch_spec(m) == a
     for l in m.model.layers: l.mlp.extra = nn.Linear(64, 64)       # a new module in the block: traced again, unchanged roles
     assert arch_spec(m).mlp == a.mlp
+    m.model.layers[0] = nn.Identity()                              # a stand-in for block 0 (as CachedPrefix does): still found
+    assert decoder_layers(m) is m.model.layers and arch_spec(m).mlp == a.mlp
 
 
 # ---- editors ----
