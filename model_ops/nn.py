@@ -172,7 +172,7 @@ class ArchSpec:
     tied: bool = False           # output projection shares the input embedding's weight
     hidden: int = 0              # width of the residual stream
     intermediate: int = 0        # MLP width (input of the down projection)
-    heads: tuple = (0, 0, 0)     # (query heads, key/value heads, head dim); zeros when the config does not say
+    heads: tuple = (0, 0, 0)     # (query heads, key/value heads, head dim); zeros when the config does not say (or disagrees)
     qkv_layout: str|None = None  # fused qkv rows: 'stacked' [q | k | v] or 'per_head' [q_h k_h v_h]..., None when separate
     def __getitem__(self, k): return getattr(self, k)
     def block(self, i:int, role:str)->str:
@@ -222,16 +222,13 @@ def _out_in(m): return tuple(weight_2d(m).shape)
 _PER_HEAD_QKV = ("gpt_neox", "bloom", "persimmon")   # fused qkv stored head by head: the one fact not visible in the modules
 
 def _head_counts(model, qkv_rows, o_in):
-    "(query heads, key/value heads, head dim) from the config, checked against the projections' shapes."
+    "(query heads, key/value heads, head dim) from the config, checked against the projections' shapes; zeros if they disagree."
     c = getattr(model, "config", None)
     H = getattr(c, "num_attention_heads", None)
     if not H: return (0, 0, 0)
     KV = getattr(c, "num_key_value_heads", None) or H
     d = getattr(c, "head_dim", None) or o_in // H
-    if H * d != o_in or (H + 2 * KV) * d != qkv_rows:
-        raise ValueError(f"{type(model).__name__}: config heads ({H} query, {KV} key/value, dim {d}) do not match the "
-                         f"attention shapes (q+k+v rows {qkv_rows}, output input {o_in})")
-    return (H, KV, d)
+    return (H, KV, d) if H * d == o_in and (H + 2 * KV) * d == qkv_rows else (0, 0, 0)
 
 def _locate(model):
     cls = type(model).__name__
@@ -345,6 +342,7 @@ def fused_rows(spec:ArchSpec, # from `arch_spec`
     if part not in ("q", "k", "v"): raise KeyError(f"part must be q, k, v, gate or up, got {part!r}")
     if spec.qkv_layout is None: raise KeyError(f"no fused qkv projection: attention has {list(spec.attn)}")
     H, KV, d = spec.heads
+    if not H: raise ValueError("the model's config gives no head counts that match its attention shapes")
     if spec.qkv_layout == "per_head":                # [q_0 k_0 v_0 q_1 k_1 v_1 ...], d rows each (KV == H)
         return (torch.arange(H)[:, None] * 3 * d + "qkv".index(part) * d + torch.arange(d)).flatten()
     start, n = {"q": (0, H * d), "k": (H * d, KV * d), "v": ((H + KV) * d, KV * d)}[part]
