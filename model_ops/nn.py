@@ -4,17 +4,18 @@
 
 # %% ../nbs/01_nn.ipynb #406cf285
 from __future__ import annotations
-import contextlib, json, os, shutil, tempfile, importlib.util
+import contextlib, copy, json, os, shutil, tempfile, importlib.util, weakref
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['SPECIAL_TOKENS', 'TINY_ARCHS', 'LAYER_PATHS', 'SMOLLM2_GGUF', 'tiny_tokenizer', 'tiny_config', 'tiny_model',
-           'layers_prefix', 'decoder_layers', 'ArchSpec', 'arch_spec', 'is_conv1d', 'weight_2d', 'block_proj',
-           'mlp_down', 'mlp_up', 'Capture', 'capture', 'cache_dir', 'smollm2_gguf', 'minilm_dir', 'smollm2_available',
-           'atomic_dir', 'load_model']
+__all__ = ['SPECIAL_TOKENS', 'TINY_ARCHS', 'SMOLLM2_GGUF', 'tiny_tokenizer', 'tiny_config', 'tiny_model', 'is_conv1d',
+           'is_linear', 'is_norm', 'layers_prefix', 'decoder_layers', 'ArchSpec', 'arch_spec', 'weight_2d',
+           'set_weight_2d', 'block_proj', 'mlp_down', 'mlp_up', 'fused_rows', 'Capture', 'capture', 'cache_dir',
+           'smollm2_gguf', 'minilm_dir', 'smollm2_available', 'atomic_dir', 'load_model']
 
 # %% ../nbs/01_nn.ipynb #8b966db2
 SPECIAL_TOKENS = dict(pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>", unk_token="<|unk|>", mask_token="<|mask|>")
@@ -57,7 +58,16 @@ _TINY = {
                 tie_word_embeddings=False)),
     "qwen2":   ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)),
+    "phi3":    ("Phi3Config", "Phi3ForCausalLM", dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)),
+    "gemma":   ("GemmaConfig", "GemmaForCausalLM", dict(hidden_size=64, intermediate_size=144, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)),
+    "gemma2":  ("Gemma2Config", "Gemma2ForCausalLM", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=32,
+                max_position_embeddings=512)),
     "gpt2":    ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_inner=None)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=512, tie_word_embeddings=False)),
     "bert":    ("BertConfig", "BertForMaskedLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=512, type_vocab_size=2)),
 }
@@ -76,7 +86,7 @@ def tiny_config(arch:str="llama", # one of `TINY_ARCHS`
     cfg._attn_implementation = overrides.get("attn_implementation", "eager")
     return cfg
 
-def tiny_model(arch:str="llama", # one of `TINY_ARCHS`: llama, mistral, qwen2, gpt2, bert
+def tiny_model(arch:str="llama", # one of `TINY_ARCHS`: llama, mistral, qwen2, phi3, gemma, gemma2, gpt2, gpt_neox, bert
                seed:int=0,       # seed for the weight initialisation (the global RNG is left untouched)
                **config_overrides): # any config field, e.g. `num_hidden_layers=4`
     "A deterministic tiny Hugging Face model in eval mode, float32, on CPU."
@@ -89,9 +99,19 @@ def tiny_model(arch:str="llama", # one of `TINY_ARCHS`: llama, mistral, qwen2, g
     return model.float().eval()
 
 # %% ../nbs/01_nn.ipynb #c5695ee0
-LAYER_PATHS = ("model.layers", "model.model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
-               "model.decoder.layers", "transformer.blocks", "transformer.layers", "bert.encoder.layer",
-               "roberta.encoder.layer", "encoder.layer", "layers", "h")
+def is_conv1d(module:nn.Module)->bool:
+    "True for GPT-2 style `Conv1D` layers, whose weight is stored as (in, out)."
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+def is_linear(module:nn.Module)->bool:
+    "A linear layer: `nn.Linear` or GPT-2's `Conv1D`."
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+def is_norm(module:nn.Module)->bool:
+    "A normalisation layer: `LayerNorm`/`RMSNorm`, or any leaf module whose only parameters are 1-D (a per-channel scale/shift)."
+    if isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))): return True
+    ps = list(module.parameters(recurse=False))
+    return not list(module.children()) and bool(ps) and all(p.dim() == 1 for p in ps)
 
 def _get(root:nn.Module, path:str):
     "The submodule at dotted `path`, or None."
@@ -101,57 +121,59 @@ def _get(root:nn.Module, path:str):
         m = getattr(m, p)
     return m
 
+def _has_linear(m): return any(is_linear(x) for x in m.modules())
+
+def _main_type(blocks):
+    "The most common type among the entries of a block list that hold linear layers, and how many there are."
+    n = Counter(type(c) for c in blocks if _has_linear(c))
+    return n.most_common(1)[0] if n else (None, 0)
+
+def _block_lists(model):
+    "`(name, list)` of every `nn.ModuleList` holding blocks with linear layers (not nested in another one), outermost first."
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and _main_type(m)[1] and not any(name.startswith(o + ".") for o, _ in out):
+            out.append((name, m))
+    return out
+
+def _ref_block(blocks)->int:
+    "Index of the first block of the list's main type (block 0, unless a caller swapped it for a stand-in)."
+    t = _main_type(blocks)[0]
+    return next(i for i, c in enumerate(blocks) if type(c) is t)
+
 def layers_prefix(model:nn.Module # a Hugging Face transformer (or any module holding a list of blocks)
                  )->str:
     "Dotted path of the list of transformer blocks, as in parameter names: 'model.layers', 'transformer.h', ..."
-    for p in LAYER_PATHS:
-        m = _get(model, p)
-        if isinstance(m, nn.ModuleList) and len(m) > 0: return p
-    best, n = None, 0
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > n and len({type(c) for c in m}) == 1: best, n = name, len(m)
-    if best is None:
-        raise ValueError(f"could not locate the transformer blocks of {type(model).__name__}: looked for "
-                         f"{', '.join(LAYER_PATHS)} and for any nn.ModuleList of identical blocks")
-    return best
+    cands = _block_lists(model)
+    if not cands:
+        raise ValueError(f"could not locate the transformer blocks of {type(model).__name__}: it holds no nn.ModuleList "
+                         "of blocks containing linear layers")
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    exact = [c for c in cands if len(c[1]) == n]
+    return (exact or sorted(cands, key=lambda c: -_main_type(c[1])[1]))[0][0]
 
 def decoder_layers(model:nn.Module)->nn.ModuleList:
     "The `nn.ModuleList` of transformer blocks of `model`."
     return _get(model, layers_prefix(model))
 
 # %% ../nbs/01_nn.ipynb #f578dffd
-_ATTN = {"q": ("self_attn.q_proj", "attn.q_proj", "attention.self.query", "self_attention.q_proj", "attn.attention.q_proj"),
-         "k": ("self_attn.k_proj", "attn.k_proj", "attention.self.key", "self_attention.k_proj", "attn.attention.k_proj"),
-         "v": ("self_attn.v_proj", "attn.v_proj", "attention.self.value", "self_attention.v_proj", "attn.attention.v_proj"),
-         "qkv": ("attn.c_attn", "self_attn.qkv_proj", "attention.query_key_value", "self_attention.query_key_value",
-                 "attn.Wqkv"),
-         "o": ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", "attention.dense", "self_attention.dense",
-               "attn.out_proj", "attn.attention.out_proj", "self_attn.out_proj")}
-_MLP = {"gate": ("mlp.gate_proj", "mlp.w1", "feed_forward.w1"),
-        "up": ("mlp.up_proj", "mlp.c_fc", "intermediate.dense", "mlp.dense_h_to_4h", "mlp.fc_in", "mlp.fc1",
-               "mlp.gate_up_proj", "fc1", "feed_forward.w3", "mlp.w3"),
-        "down": ("mlp.down_proj", "mlp.c_proj", "output.dense", "mlp.dense_4h_to_h", "mlp.fc_out", "mlp.fc2", "fc2",
-                 "feed_forward.w2", "mlp.w2")}
-_NORM = {"attn": ("input_layernorm", "ln_1", "attention.output.LayerNorm", "self_attn_layer_norm"),
-         "mlp": ("post_attention_layernorm", "ln_2", "output.LayerNorm", "final_layer_norm")}
-_EMBED = ("model.embed_tokens", "transformer.wte", "bert.embeddings.word_embeddings", "embeddings.word_embeddings",
-          "gpt_neox.embed_in", "model.decoder.embed_tokens", "embed_tokens")
-_HEAD = ("lm_head", "embed_out", "cls.predictions.decoder")
-_FINAL_NORM = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
-
 @dataclass
 class ArchSpec:
     "Where things are in a model: block list prefix, and attention/MLP/norm module names relative to one block."
     layers: str          # prefix of the block list, e.g. 'model.layers'
     n_layers: int        # number of blocks
     attn: dict           # role ('q','k','v','o' or 'qkv','o') -> name relative to a block
-    mlp: dict            # role ('up','gate','down') -> name relative to a block
-    norms: dict = field(default_factory=dict) # 'attn'/'mlp' -> norm before that sub-layer (after it for BERT)
+    mlp: dict            # role ('gate','up','down' or 'gate_up','down') -> name relative to a block
+    norms: dict = field(default_factory=dict) # 'attn' (before attention), 'attn_post', 'mlp' (before the MLP), 'mlp_post'
     embed: str|None = None       # input embedding module
     lm_head: str|None = None     # output projection (None when absent)
     final_norm: str|None = None  # norm before the head
     conv1d: bool = False         # linear layers are GPT-2 `Conv1D` (weight stored as (in, out))
     tied: bool = False           # output projection shares the input embedding's weight
+    hidden: int = 0              # width of the residual stream
+    intermediate: int = 0        # MLP width (input of the down projection)
+    heads: tuple = (0, 0, 0)     # (query heads, key/value heads, head dim); zeros when the config does not say (or disagrees)
+    qkv_layout: str|None = None  # fused qkv rows: 'stacked' [q | k | v] or 'per_head' [q_h k_h v_h]..., None when separate
     def __getitem__(self, k): return getattr(self, k)
     def block(self, i:int, role:str)->str:
         "Full module name of `role` ('q', 'down', ...) in block `i`, e.g. 'model.layers.3.mlp.down_proj'."
@@ -159,33 +181,122 @@ class ArchSpec:
         if name is None: raise KeyError(f"no {role!r} module in this architecture; it has {list(self.attn)+list(self.mlp)}")
         return f"{self.layers}.{i}.{name}"
 
-def _find(root, names): return next((n for n in names if isinstance(_get(root, n), nn.Module)), None)
+class _Stop(Exception): pass
 
-def arch_spec(model:nn.Module)->ArchSpec:
-    "Locate the blocks, attention and MLP projections and norms of `model` by name."
+def _trace(model, block):
+    "Call order of the linear and norm modules of `block` in one 3-token forward pass: `[(name, module, input tensor)]`."
+    calls = []
+    def pre(name):
+        def hook(mod, args, kwargs):
+            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            if all(n != name for n, _, _ in calls): calls.append((name, mod, x))
+        return hook
+    def stop(mod, args, kwargs, out): raise _Stop
+    p = next(model.parameters())
+    saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in model.modules()]   # the caller's own hooks stay quiet
+    for m, _, _ in saved: m._forward_hooks, m._forward_pre_hooks = OrderedDict(), OrderedDict()
+    for n, m in block.named_modules():
+        if n and (is_linear(m) or is_norm(m)): m.register_forward_pre_hook(pre(n), with_kwargs=True)
+    block.register_forward_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad(): model(input_ids=torch.tensor([[1, 2, 3]], device=p.device))
+    except _Stop: pass
+    except Exception as e:
+        raise ValueError(f"could not trace {type(model).__name__} to locate its layers: a 3-token forward pass failed "
+                         f"({type(e).__name__}: {e})") from e
+    finally:
+        for m, f, fp in saved: m._forward_hooks, m._forward_pre_hooks = f, fp
+    return calls
+
+def _groups(calls):
+    "Consecutive linear calls that read the very same input tensor form one group (q, k, v read one; gate and up another)."
+    out = []
+    for n, m, x in calls:
+        if not is_linear(m): continue
+        if out and out[-1][0][2] is x: out[-1].append((n, m, x))
+        else: out.append([(n, m, x)])
+    return [[(n, m) for n, m, _ in g] for g in out]
+
+def _out_in(m): return tuple(weight_2d(m).shape)
+
+_PER_HEAD_QKV = ("gpt_neox", "bloom", "persimmon")   # fused qkv stored head by head: the one fact not visible in the modules
+
+def _head_counts(model, qkv_rows, o_in):
+    "(query heads, key/value heads, head dim) from the config, checked against the projections' shapes; zeros if they disagree."
+    c = getattr(model, "config", None)
+    H = getattr(c, "num_attention_heads", None)
+    if not H: return (0, 0, 0)
+    KV = getattr(c, "num_key_value_heads", None) or H
+    d = getattr(c, "head_dim", None) or o_in // H
+    return (H, KV, d) if H * d == o_in and (H + 2 * KV) * d == qkv_rows else (0, 0, 0)
+
+def _locate(model):
+    cls = type(model).__name__
     prefix = layers_prefix(model)
     blocks = _get(model, prefix)
-    b0 = blocks[0]
-    attn = {r: n for r, ns in _ATTN.items() if (n := _find(b0, ns))}
-    if "qkv" in attn and "q" in attn: del attn["qkv"]
-    mlp = {r: n for r, ns in _MLP.items() if (n := _find(b0, ns))}
-    if "down" not in mlp:
-        raise ValueError(f"could not locate the MLP down projection in {prefix}.0 of {type(model).__name__}: looked for "
-                         f"{', '.join(_MLP['down'])}")
-    if "up" not in mlp:
-        raise ValueError(f"could not locate the MLP up projection in {prefix}.0 of {type(model).__name__}: looked for "
-                         f"{', '.join(_MLP['up'])}")
-    norms = {r: n for r, ns in _NORM.items() if (n := _find(b0, ns))}
-    embed, head = _find(model, _EMBED), _find(model, _HEAD)
-    tied = bool(embed and head and _get(model, embed).weight is _get(model, head).weight)
-    return ArchSpec(prefix, len(blocks), attn, mlp, norms, embed, head, _find(model, _FINAL_NORM),
-                    conv1d=is_conv1d(_get(b0, mlp["down"])), tied=tied)
+    r = _ref_block(blocks)
+    calls = _trace(model, blocks[r])
+    g = _groups(calls)
+    names = [[n for n, _ in x] for x in g]
+    if len(g) != 4:
+        raise ValueError(f"could not locate attention and MLP in {prefix}.{r} of {cls}: expected 4 groups of linear layers "
+                         f"(q/k/v, attention output, MLP input, MLP output) in call order, found {len(g)}: {names}")
+    (A, B, C, Dn) = g
+    D = _out_in(B[0][1])[0]
+    down_in = _out_in(Dn[0][1])[1]
+    if len(B) != 1 or len(Dn) != 1 or _out_in(Dn[0][1])[0] != D or any(_out_in(m)[1] != D for _, m in A + C):
+        raise ValueError(f"could not locate attention and MLP in {prefix}.{r} of {cls}: the linear groups {names} do not "
+                         f"read and write one hidden width")
+    if len(A) == 3: attn = dict(q=A[0][0], k=A[1][0], v=A[2][0])
+    elif len(A) == 1: attn = dict(qkv=A[0][0])
+    else: raise ValueError(f"{cls}: attention inputs {names[0]} are neither q, k, v nor one fused qkv")
+    attn["o"] = B[0][0]
+    if len(C) == 2: mlp = dict(gate=C[0][0], up=C[1][0])               # called in this order: act(gate(x)) * up(x)
+    elif _out_in(C[0][1])[0] == 2 * down_in: mlp = dict(gate_up=C[0][0])  # fused [gate | up]
+    elif _out_in(C[0][1])[0] == down_in: mlp = dict(up=C[0][0])
+    else: raise ValueError(f"{cls}: MLP input {names[2]} does not feed the down projection {names[3]} (width {down_in})")
+    mlp["down"] = Dn[0][0]
+    order = [n for n, _, _ in calls]
+    pos = {n: i for i, n in enumerate(order)}
+    a0, b0, c0, d0 = (pos[x[0][0]] for x in g)
+    hid = [n for n, m, _ in calls if is_norm(m) and all(p.shape[0] == D for p in m.parameters())]
+    norms = {"attn": n for n in hid if pos[n] < a0}                          # pre-norm (absent in post-norm BERT)
+    between = [n for n in hid if b0 < pos[n] < c0]                           # Gemma-2: post-attention, then pre-MLP
+    if between: norms["mlp"] = between[-1]
+    if len(between) > 1: norms["attn_post"] = between[0]
+    norms.update({"mlp_post": n for n in hid if pos[n] > d0})
+    mods = {id(m): n for n, m in model.named_modules()}
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    pp = prefix.rpartition(".")[0]                                            # the final norm is a sibling of the blocks
+    fnorm = next((f"{pp}.{n}" if pp else n for n, m in (_get(model, pp) if pp else model).named_children()
+                  if is_norm(m) and all(p.shape[0] == D for p in m.parameters())), None)
+    qkv_rows = sum(_out_in(m)[0] for _, m in A)
+    heads = _head_counts(model, qkv_rows, _out_in(B[0][1])[1])
+    layout = None if "q" in attn else ("per_head" if getattr(getattr(model, "config", None), "model_type", None) in _PER_HEAD_QKV
+                                      else "stacked")
+    return ArchSpec(prefix, len(blocks), attn, mlp, norms, mods.get(id(emb)) if emb is not None else None,
+                    mods.get(id(head)) if head is not None else None, fnorm, conv1d=is_conv1d(Dn[0][1]),
+                    tied=emb is not None and head is not None and head.weight is emb.weight,
+                    hidden=D, intermediate=down_in, heads=heads, qkv_layout=layout)
+
+_SPECS = weakref.WeakKeyDictionary()
+
+def _signature(model, prefix):
+    b0 = _get(model, prefix)[_ref_block(_get(model, prefix))]
+    shape = lambda m: tuple(m.weight.shape) if isinstance(getattr(m, "weight", None), torch.Tensor) else None
+    return (prefix, len(_get(model, prefix)), tuple((n, type(m).__name__, shape(m)) for n, m in b0.named_modules()))
+
+def arch_spec(model:nn.Module)->ArchSpec:
+    "Locate the blocks, attention and MLP projections, norms, embeddings and head of `model` by module structure."
+    hit = _SPECS.get(model)                # cached: valid while the block list and block 0's modules are unchanged
+    if hit is not None and isinstance(_get(model, hit[1].layers), nn.ModuleList) and _signature(model, hit[1].layers) == hit[0]:
+        return copy.deepcopy(hit[1])
+    spec = _locate(model)
+    _SPECS[model] = (_signature(model, spec.layers), spec)
+    return copy.deepcopy(spec)
 
 # %% ../nbs/01_nn.ipynb #32ebaeb2
-def is_conv1d(module:nn.Module)->bool:
-    "True for GPT-2 style `Conv1D` layers, whose weight is stored as (in, out)."
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
 def weight_2d(module:nn.Module)->torch.Tensor:
     "The weight of a linear-like `module` as (out_features, in_features); a view, writes go to the module."
     w = getattr(module, "weight", None)
@@ -193,8 +304,16 @@ def weight_2d(module:nn.Module)->torch.Tensor:
         raise ValueError(f"weight_2d needs a module with a 2-D weight, got {type(module).__name__}")
     return w.T if is_conv1d(module) else w
 
+@torch.no_grad()
+def set_weight_2d(module:nn.Module, W:torch.Tensor):
+    "Write `W`, given as (out, in), into `module`'s weight in place (transposed for `Conv1D`, cast to the weight's dtype)."
+    w = weight_2d(module)
+    if tuple(W.shape) != tuple(w.shape):
+        raise ValueError(f"set_weight_2d: {type(module).__name__} has a ({w.shape[0]}, {w.shape[1]}) weight, got {tuple(W.shape)}")
+    w.copy_(W.to(device=w.device, dtype=w.dtype))
+
 def block_proj(model:nn.Module, i:int, # block index (negative counts from the end)
-               role:str, # 'q', 'k', 'v', 'qkv', 'o' (attention) or 'up', 'gate', 'down' (MLP)
+               role:str, # 'q', 'k', 'v', 'qkv', 'o' (attention) or 'up', 'gate', 'gate_up', 'down' (MLP)
               )->nn.Module:
     "The projection playing `role` in block `i` of `model`."
     spec = arch_spec(model)
@@ -202,15 +321,32 @@ def block_proj(model:nn.Module, i:int, # block index (negative counts from the e
     if not -n <= i < n: raise IndexError(f"layer {i} out of range: {type(model).__name__} has {n} blocks")
     name = spec.attn.get(role) or spec.mlp.get(role)
     if name is None: raise KeyError(f"{type(model).__name__} has no {role!r} projection; it has {list(spec.attn)+list(spec.mlp)}")
-    return _get(decoder_layers(model)[i], name)
+    return _get(_get(model, spec.layers)[i], name)
 
 def mlp_down(model:nn.Module, i:int)->nn.Module:
     "The MLP down (output) projection of block `i`: `mlp.down_proj`, `mlp.c_proj`, `output.dense`, ..."
     return block_proj(model, i, "down")
 
 def mlp_up(model:nn.Module, i:int)->nn.Module:
-    "The MLP up (input) projection of block `i`: `mlp.up_proj`, `mlp.c_fc`, `intermediate.dense`, ..."
-    return block_proj(model, i, "up")
+    "The MLP input projection of block `i` (the fused `gate_up_proj` where there is one): `mlp.up_proj`, `mlp.c_fc`, ..."
+    spec = arch_spec(model)
+    return block_proj(model, i, "gate_up" if "gate_up" in spec.mlp else "up")
+
+def fused_rows(spec:ArchSpec, # from `arch_spec`
+               part:str, # 'q', 'k', 'v' (rows of a fused qkv) or 'gate', 'up' (rows of a fused gate_up)
+              )->torch.Tensor:
+    "Row indices (in the (out, in) view) of `part` inside a fused projection, from the head counts."
+    if part in ("gate", "up"):
+        if "gate_up" not in spec.mlp: raise KeyError(f"no fused gate_up projection: the MLP has {list(spec.mlp)}")
+        return torch.arange(spec.intermediate) + (spec.intermediate if part == "up" else 0)
+    if part not in ("q", "k", "v"): raise KeyError(f"part must be q, k, v, gate or up, got {part!r}")
+    if spec.qkv_layout is None: raise KeyError(f"no fused qkv projection: attention has {list(spec.attn)}")
+    H, KV, d = spec.heads
+    if not H: raise ValueError("the model's config gives no head counts that match its attention shapes")
+    if spec.qkv_layout == "per_head":                # [q_0 k_0 v_0 q_1 k_1 v_1 ...], d rows each (KV == H)
+        return (torch.arange(H)[:, None] * 3 * d + "qkv".index(part) * d + torch.arange(d)).flatten()
+    start, n = {"q": (0, H * d), "k": (H * d, KV * d), "v": ((H + KV) * d, KV * d)}[part]
+    return torch.arange(start, start + n)
 
 # %% ../nbs/01_nn.ipynb #8ded9e3d
 def _first(x):

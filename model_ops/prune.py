@@ -181,7 +181,7 @@ def calib_ids(tok=None, # tokenizer, needed unless `calib` is already token ids
     return torch.tensor(stream[:n * L], dtype=torch.long).reshape(n, L)
 
 # %% ../nbs/40_prune.ipynb #dea76ed1
-from .nn import decoder_layers, layers_prefix, weight_2d, is_conv1d, arch_spec
+from .nn import decoder_layers, layers_prefix, weight_2d, is_conv1d, arch_spec, fused_rows
 
 def _is_linear(m): return isinstance(m, nn.Linear) or is_conv1d(m)
 
@@ -546,21 +546,15 @@ def to_semi_structured(model:nn.Module, targets=None) -> dict:
 
 # %% ../nbs/40_prune.ipynb #aac028c1
 def _llama_spec(model):
-    prefix, layers = _layers(model)
+    "The parts structured pruning needs, located by `model_ops.nn.arch_spec` (separate or fused q/k/v and gate/up, Conv1D)."
+    _layers(model)
     spec = arch_spec(model)
-    need = {"q", "k", "v", "o"} <= set(spec.attn) and {"up", "down"} <= set(spec.mlp) and not spec.conv1d
-    cfg = getattr(model, "config", None)
-    if not need or cfg is None or not hasattr(cfg, "num_attention_heads") or not spec.embed or not spec.norms:
-        raise ValueError(f"structured pruning supports Llama-family models (separate q/k/v/o and gate/up/down projections); "
-                         f"{type(model).__name__} has attention {sorted(spec.attn)} and MLP {sorted(spec.mlp)}")
+    if not spec.heads[0] or not spec.embed or not spec.norms:
+        raise ValueError(f"structured pruning needs head counts in the config, an input embedding and norms; "
+                         f"{type(model).__name__} has heads {spec.heads}, embedding {spec.embed}, norms {spec.norms}")
     return spec
 
-def _heads(model):
-    c = model.config
-    H = c.num_attention_heads
-    KV = getattr(c, "num_key_value_heads", None) or H
-    d = getattr(c, "head_dim", None) or c.hidden_size // H
-    return H, KV, d
+def _heads(model): return arch_spec(model).heads
 
 class _BatchL2:
     "Aggregate (batch=L2, seq=mean) of |activations|: per sequence the mean over tokens, then the L2 norm over sequences."
@@ -659,18 +653,14 @@ def plot_layer_importance(scores:dict, # name -> (L,) tensor of block importance
     return fig
 
 # %% ../nbs/40_prune.ipynb #3453b89b
-def _fix_meta_buffers(model, new):
-    "Copy non-persistent buffers (e.g. rotary `inv_freq`) that a meta-device build left empty."
-    old = dict(model.named_buffers())
-    for n, b in list(new.named_buffers(remove_duplicate=False)):
-        if b.is_meta:
-            mod, _, leaf = n.rpartition(".")
-            new.get_submodule(mod)._buffers[leaf] = old[n].clone() if n in old else torch.empty(b.shape, dtype=b.dtype)
-
 def _new_model(model, cfg, sd):
+    from transformers.initialization import no_init_weights
     p = next(model.parameters())
-    with torch.device("meta"): new = type(model)(cfg)
-    _fix_meta_buffers(model, new)
+    with no_init_weights(): new = type(model)(cfg)   # buffers follow the new config (Gemma's embedding scale √hidden); weights come from sd
+    want = new.state_dict()
+    bad = [f"{k} {tuple(v.shape)} (the new config makes {tuple(want[k].shape)})" for k, v in sd.items()
+           if k in want and want[k].shape != v.shape]
+    if bad: raise ValueError(f"{type(model).__name__} cannot take these sizes: its config derives other shapes, e.g. {bad[0]}")
     missing, unexpected = new.load_state_dict(sd, strict=False, assign=True)
     tied = getattr(cfg, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
@@ -688,7 +678,7 @@ def _check_count(what, new, old, multiple=1):
 
 # %% ../nbs/40_prune.ipynb #77fb236e
 @torch.no_grad()
-def prune_width(model:nn.Module, # Llama-family causal LM (left unchanged)
+def prune_width(model:nn.Module, # decoder-only causal LM (left unchanged); parts located by `model_ops.nn.arch_spec`
                 tok=None, # tokenizer for text calibration
                 *, hidden:int=None, # new hidden size (embedding channels)
                 intermediate:int=None, # new MLP width
@@ -701,7 +691,7 @@ def prune_width(model:nn.Module, # Llama-family causal LM (left unchanged)
     c = model.config
     H, KV, d = _heads(model)
     _check_count("hidden", hidden, c.hidden_size)
-    _check_count("intermediate", intermediate, c.intermediate_size)
+    _check_count("intermediate", intermediate, spec.intermediate)
     if heads is not None and (not isinstance(heads, int) or heads % KV or not 0 < heads <= H):
         raise ValueError(f"heads must be a multiple of the {KV} key/value heads in {KV}..{H} (grouped-query attention keeps "
                          f"the same number of query heads in every group), got {heads!r}")
@@ -717,23 +707,33 @@ def prune_width(model:nn.Module, # Llama-family causal LM (left unchanged)
         g = sc["heads"][i].reshape(KV, H // KV)
         qk.append(torch.cat([j * (H // KV) + keep(g[j], heads // KV) for j in range(KV)]))
     rows = lambda hs: (hs[:, None] * d + torch.arange(d)).flatten()
+    def qkv_rows(q):   # rows kept in a fused qkv: the kept query rows, every key/value row
+        if q is None: return None
+        if spec.qkv_layout == "per_head": raise ValueError(f"heads= needs grouped key/value heads; {type(model).__name__} stores q, k, v head by head")
+        return torch.cat([fused_rows(spec, "q")[q], fused_rows(spec, "k"), fused_rows(spec, "v")])
+    gu = lambda f: None if f is None else torch.cat([fused_rows(spec, "gate")[f], fused_rows(spec, "up")[f]])
     prefix = layers_prefix(model)
     sd = {}
     def sl(t, dim, idx): return t if idx is None else t.index_select(dim, idx.to(t.device))
+    pos_emb = {f"{n}.weight" for n, e in model.named_modules() if isinstance(e, nn.Embedding) and e.embedding_dim == c.hidden_size}
+    o_, i_ = (1, 0) if spec.conv1d else (0, 1)          # (out, in) dims of a stored weight: Conv1D keeps (in, out)
+    def lin(t, kind, out, inp): return sl(sl(t, o_, out), i_, inp) if kind == "weight" else sl(t, 0, out)
     for name, t in model.state_dict().items():
         t = t.detach()
         mt = re.match(re.escape(prefix) + r"\.(\d+)\.(.+)\.(weight|bias)$", name)
         if mt:
             i, mod, kind = int(mt.group(1)), mt.group(2), mt.group(3)
             q = rows(qk[i]) if qk[i] is not None else None
-            if mod == spec.attn["q"]: t = sl(sl(t, 1, hk), 0, q) if kind == "weight" else sl(t, 0, q)
-            elif mod in (spec.attn["k"], spec.attn["v"]): t = sl(t, 1, hk) if kind == "weight" else t
-            elif mod == spec.attn["o"]: t = sl(sl(t, 0, hk), 1, q) if kind == "weight" else sl(t, 0, hk)
-            elif mod in (spec.mlp.get("up"), spec.mlp.get("gate")): t = sl(sl(t, 1, hk), 0, fk[i]) if kind == "weight" else sl(t, 0, fk[i])
-            elif mod == spec.mlp["down"]: t = sl(sl(t, 0, hk), 1, fk[i]) if kind == "weight" else sl(t, 0, hk)
+            if mod == spec.attn.get("q"): t = lin(t, kind, q, hk)
+            elif mod in (spec.attn.get("k"), spec.attn.get("v")): t = lin(t, kind, None, hk)
+            elif mod == spec.attn.get("qkv"): t = lin(t, kind, qkv_rows(q), hk)
+            elif mod == spec.attn["o"]: t = lin(t, kind, hk, q)
+            elif mod in (spec.mlp.get("up"), spec.mlp.get("gate")): t = lin(t, kind, fk[i], hk)
+            elif mod == spec.mlp.get("gate_up"): t = lin(t, kind, gu(fk[i]), hk)
+            elif mod == spec.mlp["down"]: t = lin(t, kind, hk, fk[i])
             elif mod in spec.norms.values(): t = sl(t, 0, hk)
             else: raise ValueError(f"prune_width does not know how to slice {name}")
-        elif name in (f"{spec.embed}.weight", f"{spec.lm_head}.weight"): t = sl(t, 1, hk)
+        elif name in (f"{spec.embed}.weight", f"{spec.lm_head}.weight") or name in pos_emb: t = sl(t, 1, hk)
         elif spec.final_norm and name.startswith(spec.final_norm + "."): t = sl(t, 0, hk)
         elif t.dim() > 0 and hk is not None and c.hidden_size in t.shape and not name.endswith("inv_freq"):
             raise ValueError(f"prune_width does not know how to slice {name} {tuple(t.shape)}")
@@ -741,13 +741,13 @@ def prune_width(model:nn.Module, # Llama-family causal LM (left unchanged)
     cfg = copy.deepcopy(c)
     cfg.head_dim = d
     if hidden: cfg.hidden_size = hidden
-    if intermediate: cfg.intermediate_size = intermediate
+    if intermediate: setattr(cfg, "intermediate_size" if hasattr(cfg, "intermediate_size") else "n_inner", intermediate)
     if heads: cfg.num_attention_heads = heads
     return _new_model(model, cfg, sd)
 
 # %% ../nbs/40_prune.ipynb #dba4dba9
 @torch.no_grad()
-def prune_depth(model:nn.Module, # Llama-family causal LM (left unchanged)
+def prune_depth(model:nn.Module, # decoder-only causal LM (left unchanged); parts located by `model_ops.nn.arch_spec`
                 tok=None, # tokenizer for text calibration
                 *, n:int=None, # number of blocks to drop (the least important by `metric`)
                 drop:list=None, # or: the block indices to drop
@@ -757,7 +757,7 @@ def prune_depth(model:nn.Module, # Llama-family causal LM (left unchanged)
                 share:int=None, # then also share weights within groups of this many adjacent blocks (`share_blocks`)
                ) -> nn.Module:
     "A new model without the least important blocks (or the blocks in `drop`), optionally with block sharing."
-    _llama_spec(model)
+    arch_spec(model)
     prefix, layers = _layers(model)
     L = len(layers)
     if (n is None) == (drop is None): raise ValueError("give exactly one of n= (how many blocks to drop) or drop= (which ones)")

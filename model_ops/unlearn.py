@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from .delta import snapshot
-from .nn import decoder_layers, layers_prefix
+from .nn import decoder_layers, layers_prefix, arch_spec
 
 # %% auto #0
 __all__ = ['METHODS', 'DEMO_FORGET', 'DEMO_RETAIN', 'encode_examples', 'collate', 'Batches', 'make_batches', 'check_tokenizer',
@@ -455,18 +455,10 @@ def _layer_output(model, layer, batch):
     finally: h.remove()
     return cache[0]
 
-_DOWN = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h", "mlp.fc_out", "output.dense", "mlp.w2",
-         "feed_forward.w2")
-
 def rmu_params(model, layer:int)->list:
     "Names of the MLP down-projection weights of layers `layer-2 .. layer` (the tensors RMU trains by default)."
-    pre, blocks, out = layers_prefix(model), decoder_layers(model), []
-    for i in range(max(0, layer - 2), layer + 1):
-        sub = dict(blocks[i].named_modules())
-        c = next((c for c in _DOWN if c in sub), None)
-        if c is None: raise ValueError(f"no MLP down-projection found in {pre}.{i} (looked for {', '.join(_DOWN)})")
-        out.append(f"{pre}.{i}.{c}.weight")
-    return out
+    spec = arch_spec(model)          # located by module structure; a clear error when the MLP cannot be found
+    return [f"{spec.block(i, 'down')}.weight" for i in range(max(0, layer - 2), layer + 1)]
 
 def rmu(model, tok=None, *, forget, retain=None,
         layer:int|None=None,        # decoder layer whose output is steered (default 7, or the last one if fewer)

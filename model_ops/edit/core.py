@@ -8,7 +8,7 @@ import hashlib, os, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
-from ..nn import decoder_layers, mlp_down, weight_2d, is_conv1d
+from ..nn import decoder_layers, mlp_down, weight_2d, set_weight_2d
 from ..eval import default_texts
 
 # %% auto #0
@@ -81,7 +81,7 @@ def edit_module(model, layer: int):
     if not -n <= layer < n: raise ValueError(f"edit layer {layer} out of range: the model has {n} decoder layers")
     try: m = mlp_down(model, layer % n)
     except Exception as e:
-        raise ValueError(f"cannot locate the MLP output projection of layer {layer} (looked for mlp.down_proj / mlp.c_proj / mlp.fc_out / mlp.fc2): {e}") from e
+        raise ValueError(f"cannot locate the MLP output projection of layer {layer}: {e}") from e
     if not hasattr(m, "weight") or m.weight.dim() != 2: raise ValueError(f"layer {layer}'s MLP output module {type(m).__name__} has no 2-D weight; cannot edit it")
     return m
 
@@ -96,9 +96,8 @@ def param_name(model, module) -> str:
 @torch.no_grad()
 def add_to_weight(module, dW: torch.Tensor):
     "Add `dW` given as (out, in) to a Linear or Conv1D weight, accumulating in float32."
-    W = module.weight
-    d = dW.T if is_conv1d(module) else dW
-    W.copy_((W.float() + d.to(W.device, torch.float32)).to(W.dtype))
+    W = weight_2d(module)                                   # (out, in) for Linear and Conv1D alike
+    set_weight_2d(module, W.float() + dW.to(W.device, torch.float32))
 
 # %% ../../nbs/21_edit_core.ipynb #b79b56a1
 def _w2d(module) -> torch.Tensor: return weight_2d(module).detach().float()
