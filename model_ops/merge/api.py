@@ -47,9 +47,11 @@ def _write_extras(plan, write_json, copy_file, copy_tokenizer, meta):
             c.pop("torch_dtype", None)
         write_json("config.json", c)
     src = plan.models[plan.tokenizer_from].store.path if plan.tokenizer_from is not None else None
+    vocab = getattr(plan, "vocab", None)     # a vocabulary the recipe built (tokenizer:) is written, not copied
     if copy_tokenizer and src is not None:
-        for f in TOKENIZER_FILES + ("generation_config.json",):
+        for f in (() if vocab else TOKENIZER_FILES) + ("generation_config.json",):
             if (src / f).is_file(): copy_file(src / f, f)
+    if vocab is not None: vocab.write_tokenizer(copy_file)
     with tempfile.TemporaryDirectory() as td:
         p = Path(td) / "mergekit_config.yml"
         p.write_text(plan.config_text if plan.config_text else yaml.safe_dump(_config_used(plan), sort_keys=False))

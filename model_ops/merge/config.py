@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from ..io import WeightStore, ModelIOError, check_output
 from .methods import MergeMethod, METHODS, REQUIRED, get_method
+from .vocab import align_vocab, lora_store, tokenizer_settings
 
 log = logging.getLogger("model_ops.merge")
 
@@ -79,8 +80,8 @@ class _Model:
         self.ref = ref
         if isinstance(ref, (str, os.PathLike)):
             s = str(ref)
-            if "+" in s and not Path(s).exists():
-                raise ValueError(f"model {s!r}: LoRA references (model+lora) are not supported; merge the adapter first")
+            if "+" in s and not Path(s).exists():     # mergekit's model+lora_path: the adapter merged in as each tensor is read
+                self.key, self.store = s, lora_store(s); self.layout = layout(self.store); return
             if "@" in s and not Path(s).exists(): s = s.split("@")[0]
             self.key = s
             try: self.store = WeightStore.open(s)
@@ -180,6 +181,7 @@ class MergePlan:
     config: dict
     config_text: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    vocab: object = None      # a `VocabAlignment` (merge.vocab) when the recipe builds the output vocabulary
     def __repr__(self):
         return (f"MergePlan({self.method.name}, {len(self.models)} models, {len(self.jobs)} tensors, "
                 f"{self.num_layers} layers, base={self.models[self.base] if self.base is not None else None})")
@@ -331,10 +333,7 @@ def _plan_merge(cfg, text, src)->MergePlan:
     if "merge_method" not in cfg: raise ValueError("config has no 'merge_method'")
     method = get_method(cfg["merge_method"])
     _check_parameters(cfg, method, text, src)
-    tk = cfg.get("tokenizer")
-    if tk is not None and (not isinstance(tk, dict) or set(tk) - {"source"}):
-        raise ValueError("only 'tokenizer: {source: ...}' is supported; per-token embedding sources and pad_to_multiple_of "
-                         "(mergekit's vocabulary surgery) are not")
+    tokenizer_settings(cfg)          # the tokenizer keys checked before any model is opened
     if cfg.get("chat_template") is not None: log.warning("chat_template is ignored; the tokenizer files are copied as they are")
     if cfg.get("modules"): raise ValueError("'modules' configs (multi-module models) are not supported yet; use 'models' or 'slices'")
     if bool(cfg.get("models")) == bool(cfg.get("slices")): raise ValueError("exactly one of 'models' or 'slices' must be given")
@@ -386,6 +385,7 @@ def _plan_merge(cfg, text, src)->MergePlan:
             want = (f"exactly {method.min_models}" if method.min_models == method.max_models else
                     f"at least {method.min_models}" if method.max_models is None else f"{method.min_models} to {method.max_models}")
             raise ValueError(f"method {method.name!r} needs {want} model(s) besides the base; slices[{j}] has {nb}")
+    vocab = align_vocab(cfg, models, slices, gbase, _dtype(cfg.get("dtype"), "dtype"))   # tokenizer: inputs on one vocabulary
     # reference models for the non-block tensors and the output config
     ref = slices[0]["base"] if slices[0]["base"] is not None else slices[0]["sources"][0]["model"]
     jobs, out_layer = [], 0
@@ -449,5 +449,5 @@ def _plan_merge(cfg, text, src)->MergePlan:
         tok = gbase
     elif ts == "union": tok = gbase if gbase is not None else ref
     else: tok = mid(ts)
-    if ts is not None: _check_same_tokenizers([models[i] for i in sorted({s["model"] for sl in slices for s in sl["sources"]})])
-    return MergePlan(method, models, jobs, gbase, outcfg, total_layers, dtype, out_dtype, tok, cfg, text, ts)
+    if ts is not None and vocab is None: _check_same_tokenizers([models[i] for i in sorted({s["model"] for sl in slices for s in sl["sources"]})])
+    return MergePlan(method, models, jobs, gbase, outcfg, total_layers, dtype, out_dtype, tok, cfg, text, ts, vocab)
