@@ -80,6 +80,7 @@ COMMANDS = {
     'inspect': 'model_ops.cli:cli_inspect',
     'demo': 'model_ops.cli:cli_demo',
     'merge': 'model_ops.merge:cli_merge',
+    'extract-lora': 'model_ops.merge.toolbox:cli_extract_lora',
     'transfer': 'model_ops.transfer:cli_transfer',
     'diff': 'model_ops.transfer:cli_diff',
     'prune': 'model_ops.prune:cli_prune',

@@ -13,112 +13,8 @@ from ..io import WeightStore, ModelIOError, read_small
 _log = logging.getLogger("model_ops.merge")
 
 # %% auto #0
-__all__ = ['split_lora_ref', 'LoraAdapter', 'lora_store', 'tokenizer_settings', 'union_tokenizer', 'VocabAlignment', 'align_rows',
-           'align_vocab']
-
-# %% ../../nbs/17a_merge_vocab.ipynb #33899357
-def split_lora_ref(ref:str)->tuple:
-    "mergekit's `model+adapter` reference as `(model, adapter)`; `adapter` is None without a '+'."
-    parts = str(ref).split("+")
-    if len(parts) > 2: raise ValueError(f"model {ref!r}: a reference holds at most one '+' (model+lora_path)")
-    return (parts[0], parts[1] if len(parts) == 2 else None)
-
-# %% ../../nbs/17a_merge_vocab.ipynb #c40a7f41
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
-
-def _pattern_value(patterns:dict, module:str, default):
-    "PEFT's `rank_pattern` / `alpha_pattern` lookup: the first key that matches the end of the module's name."
-    for k, v in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({k})$", module): return v
-    return default
-
-class LoraAdapter:
-    "A PEFT LoRA adapter folder, read lazily: for each weight it changes, the factors A, B and the scale alpha/r."
-    def __init__(self, path):
-        self.path = p = Path(path).expanduser()
-        if not (p / "adapter_config.json").is_file():
-            raise ValueError(f"LoRA adapter {str(path)!r}: no adapter_config.json there; give a PEFT adapter folder (model+adapter_folder)")
-        cfg = self.config = json.loads(read_small(p / "adapter_config.json"))
-        if cfg.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"LoRA adapter {str(path)!r} is a {cfg.get('peft_type')} adapter; only LoRA adapters can be applied")
-        for k in ("use_dora", "lora_bias"):
-            if cfg.get(k): raise ValueError(f"LoRA adapter {str(path)!r} sets {k}; only plain LoRA (no DoRA, no LoRA bias) is supported")
-        fn = next((p / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (p / f).is_file()), None)
-        if fn is None: raise ValueError(f"LoRA adapter {str(path)!r}: no adapter_model.safetensors (or .bin) there")
-        self.store = WeightStore.open(fn)
-        self.factors, self.replaced = {}, {}     # weight name -> {A, B, embedding}; weight name -> adapter key
-        for k in self.store.keys():
-            m = _LORA_KEY.match(k)
-            if m is None:
-                # a full copy: a module saved whole (modules_to_save), or a resized embedding PEFT saves beside its LoRA
-                self.replaced[k.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = k
-                continue
-            mod, part = m.groups()
-            f = self.factors.setdefault(mod + ".weight", dict(module=mod, embedding=part.startswith("lora_embedding")))
-            f[part[-1]] = k
-        self.fingerprint = self.store.fingerprint
-        bad = [w for w, f in self.factors.items() if "A" not in f or "B" not in f]
-        if bad: raise ValueError(f"LoRA adapter {str(path)!r}: {bad[0]!r} has only one of its two factors")
-
-    def scaling(self, name:str)->float:
-        "PEFT's scale for weight `name`: lora_alpha / r (rsLoRA: / sqrt(r)), per-module patterns first."
-        f = self.factors[name]
-        r = _pattern_value(self.config.get("rank_pattern"), f["module"], self.config.get("r", 8))
-        a = _pattern_value(self.config.get("alpha_pattern"), f["module"], self.config.get("lora_alpha", 8))
-        return a / math.sqrt(r) if self.config.get("use_rslora") else a / r
-
-    def delta(self, name:str)->torch.Tensor:
-        "scale · B A (transposed for embeddings and `fan_in_fan_out` layers) in float32, as PEFT computes it."
-        f = self.factors[name]
-        A, B = self.store[f["A"]].float(), self.store[f["B"]].float()
-        d = B @ A
-        if f["embedding"] or self.config.get("fan_in_fan_out"): d = d.T
-        return d * self.scaling(name)
-
-    def apply(self, name:str, w:torch.Tensor)->torch.Tensor:
-        "Weight `name` of the base with the adapter merged in, in the base's dtype, as PEFT's `merge_and_unload` leaves it."
-        if name in self.replaced: w = self.store[self.replaced[name]].to(w.dtype)
-        if name not in self.factors: return w
-        d = self.delta(name)
-        if tuple(d.shape) != tuple(w.shape):
-            raise ValueError(f"LoRA adapter {str(self.path)!r}: its update of {name!r} has shape {tuple(d.shape)}, the base's weight "
-                             f"{tuple(w.shape)}; the adapter was trained on another model")
-        # PEFT keeps the factors in float32 beside a half-precision base. A linear layer adds ΔW in float32 and rounds
-        # once; an embedding rounds ΔW to the base's dtype first, then adds
-        if self.factors[name]["embedding"]: d = d.to(w.dtype)
-        return (w.to(torch.promote_types(w.dtype, d.dtype)) + d).to(w.dtype)
-
-# %% ../../nbs/17a_merge_vocab.ipynb #9f314eb7
-class _ViewStore(WeightStore):
-    "A `WeightStore` over a computed view of another store (its `fingerprint` may be set to name the input as on disk)."
-class _LoraSource:
-    "The tensors of `base` with `adapter` merged in, one at a time when asked (an untouched tensor is the base's own)."
-    def __init__(self, base:WeightStore, adapter:LoraAdapter): self.base, self.adapter = base, adapter
-    def _changed(self, k): return k in self.adapter.factors or k in self.adapter.replaced
-    def keys(self): return self.base.keys()
-    def shape(self, k): return self.base.shape(k)
-    def dtype(self, k): return self.base.dtype(k)
-    def get(self, k): return self.adapter.apply(k, self.base[k]) if self._changed(k) else self.base[k]
-    def rows(self, k, a, b): return self.get(k)[a:b] if self._changed(k) else self.base.rows(k, a, b)
-    def file_of(self, k): return None if self._changed(k) else self.base.file_of(k)
-    @property
-    def shards(self): return self.base.shards
-    @property
-    def meta(self): return {}
-    def close(self): self.base.close(); self.adapter.store.close()
-
-def lora_store(ref:str)->WeightStore:
-    "`model+adapter` (mergekit's reference) as a lazy store: each weight the adapter changes is merged when read."
-    model, adapter = split_lora_ref(ref)
-    if adapter is None: return WeightStore.open(model)
-    base = WeightStore.open(model.split("@")[0] if not Path(model).exists() else model)
-    ad = LoraAdapter(adapter.split("@")[0] if not Path(adapter).exists() else adapter)
-    missing = [w for w in list(ad.factors) + list(ad.replaced) if w not in base]
-    if missing: raise ValueError(f"LoRA adapter {adapter!r} changes {missing[0]!r}, which model {model!r} does not have; "
-                                 "the adapter was trained on another model")
-    st = _ViewStore(_LoraSource(base, ad), base.config, base.path, dict(base.tied), f"{base.desc}+{adapter}")
-    st.fingerprint = lambda: f"{base.fingerprint()}+{ad.fingerprint()}"   # provenance: the base and the adapter, each as on disk
-    return st
+__all__ = ['tokenizer_settings', 'union_tokenizer', 'VocabAlignment', 'align_rows', 'align_vocab', 'split_lora_ref',
+           'LoraAdapter', 'lora_store']
 
 # %% ../../nbs/17a_merge_vocab.ipynb #70ad1aba
 def _token_source(tok, spec, where):
@@ -158,7 +54,7 @@ def tokenizer_settings(cfg:dict)->dict|None:
     return dict(source=str(src), pad_to_multiple_of=pad,
                 tokens={str(t): _token_source(t, s, f"tokenizer.tokens[{t!r}]") for t, s in toks.items()})
 
-# %% ../../nbs/17a_merge_vocab.ipynb #0783976a
+# %% ../../nbs/17a_merge_vocab.ipynb #5551960d
 def _vocab_size(store)->int|None:
     c = store.config or {}
     v = c.get("vocab_size", (c.get("text_config") or {}).get("vocab_size"))
@@ -206,7 +102,7 @@ def union_tokenizer(base_tok, toks:list, sizes:list):
     for a in added.values(): out.add_tokens(a)
     return out
 
-# %% ../../nbs/17a_merge_vocab.ipynb #cd4ccf4a
+# %% ../../nbs/17a_merge_vocab.ipynb #7ea75eb5
 _VOCAB_NAME = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|embed_in|embed_out|word_embeddings|shared|output|decoder)\.weight$")
 
 class VocabAlignment:
@@ -278,7 +174,7 @@ class VocabAlignment:
             raise ValueError(f"tokenizer.tokens[{tok!r}]: token {s['token']!r} is not in the vocabulary of model {ref!r}")
         return i
 
-# %% ../../nbs/17a_merge_vocab.ipynb #1af7b008
+# %% ../../nbs/17a_merge_vocab.ipynb #9f0ab6da
 def _fill_row(al, tok, tid, group, views, dtype):
     """The row of output token `tok` for the models that lack it (or all, when forced): the `tokens:` entry's source;
     else the one model that has it, the base when it has it, the mean over the models that have it, or zeros."""
@@ -332,7 +228,7 @@ def align_rows(al:VocabAlignment, group:list, tensors:dict)->dict:
         out[i] = y
     return out
 
-# %% ../../nbs/17a_merge_vocab.ipynb #710a223e
+# %% ../../nbs/17a_merge_vocab.ipynb #5910f402
 def _is_vocab_tensor(store, name:str)->bool:
     n = _vocab_size(store)
     return bool(_VOCAB_NAME.search(name)) and n is not None and len(store.shape(name)) >= 1 and store.shape(name)[0] == n
@@ -416,3 +312,107 @@ def write_tokenizer(self:VocabAlignment, copy_file):
     with tempfile.TemporaryDirectory() as d:
         self.tokenizer.save_pretrained(d)
         for f in sorted(os.listdir(d)): copy_file(Path(d) / f, f)
+
+# %% ../../nbs/17a_merge_vocab.ipynb #45902826
+def split_lora_ref(ref:str)->tuple:
+    "mergekit's `model+adapter` reference as `(model, adapter)`; `adapter` is None without a '+'."
+    parts = str(ref).split("+")
+    if len(parts) > 2: raise ValueError(f"model {ref!r}: a reference holds at most one '+' (model+lora_path)")
+    return (parts[0], parts[1] if len(parts) == 2 else None)
+
+# %% ../../nbs/17a_merge_vocab.ipynb #62fd4949
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
+
+def _pattern_value(patterns:dict, module:str, default):
+    "PEFT's `rank_pattern` / `alpha_pattern` lookup: the first key that matches the end of the module's name."
+    for k, v in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({k})$", module): return v
+    return default
+
+class LoraAdapter:
+    "A PEFT LoRA adapter folder, read lazily: for each weight it changes, the factors A, B and the scale alpha/r."
+    def __init__(self, path):
+        self.path = p = Path(path).expanduser()
+        if not (p / "adapter_config.json").is_file():
+            raise ValueError(f"LoRA adapter {str(path)!r}: no adapter_config.json there; give a PEFT adapter folder (model+adapter_folder)")
+        cfg = self.config = json.loads(read_small(p / "adapter_config.json"))
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"LoRA adapter {str(path)!r} is a {cfg.get('peft_type')} adapter; only LoRA adapters can be applied")
+        for k in ("use_dora", "lora_bias"):
+            if cfg.get(k): raise ValueError(f"LoRA adapter {str(path)!r} sets {k}; only plain LoRA (no DoRA, no LoRA bias) is supported")
+        fn = next((p / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (p / f).is_file()), None)
+        if fn is None: raise ValueError(f"LoRA adapter {str(path)!r}: no adapter_model.safetensors (or .bin) there")
+        self.store = WeightStore.open(fn)
+        self.factors, self.replaced = {}, {}     # weight name -> {A, B, embedding}; weight name -> adapter key
+        for k in self.store.keys():
+            m = _LORA_KEY.match(k)
+            if m is None:
+                # a full copy: a module saved whole (modules_to_save), or a resized embedding PEFT saves beside its LoRA
+                self.replaced[k.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = k
+                continue
+            mod, part = m.groups()
+            f = self.factors.setdefault(mod + ".weight", dict(module=mod, embedding=part.startswith("lora_embedding")))
+            f[part[-1]] = k
+        self.fingerprint = self.store.fingerprint
+        bad = [w for w, f in self.factors.items() if "A" not in f or "B" not in f]
+        if bad: raise ValueError(f"LoRA adapter {str(path)!r}: {bad[0]!r} has only one of its two factors")
+
+    def scaling(self, name:str)->float:
+        "PEFT's scale for weight `name`: lora_alpha / r (rsLoRA: / sqrt(r)), per-module patterns first."
+        f = self.factors[name]
+        r = _pattern_value(self.config.get("rank_pattern"), f["module"], self.config.get("r", 8))
+        a = _pattern_value(self.config.get("alpha_pattern"), f["module"], self.config.get("lora_alpha", 8))
+        return a / math.sqrt(r) if self.config.get("use_rslora") else a / r
+
+    def delta(self, name:str)->torch.Tensor:
+        "scale · B A (transposed for embeddings and `fan_in_fan_out` layers) in float32, as PEFT computes it."
+        f = self.factors[name]
+        A, B = self.store[f["A"]].float(), self.store[f["B"]].float()
+        d = B @ A
+        if f["embedding"] or self.config.get("fan_in_fan_out"): d = d.T
+        return d * self.scaling(name)
+
+    def apply(self, name:str, w:torch.Tensor)->torch.Tensor:
+        "Weight `name` of the base with the adapter merged in, in the base's dtype, as PEFT's `merge_and_unload` leaves it."
+        if name in self.replaced: w = self.store[self.replaced[name]].to(w.dtype)
+        if name not in self.factors: return w
+        d = self.delta(name)
+        if tuple(d.shape) != tuple(w.shape):
+            raise ValueError(f"LoRA adapter {str(self.path)!r}: its update of {name!r} has shape {tuple(d.shape)}, the base's weight "
+                             f"{tuple(w.shape)}; the adapter was trained on another model")
+        # PEFT keeps the factors in float32 beside a half-precision base. A linear layer adds ΔW in float32 and rounds
+        # once; an embedding rounds ΔW to the base's dtype first, then adds
+        if self.factors[name]["embedding"]: d = d.to(w.dtype)
+        return (w.to(torch.promote_types(w.dtype, d.dtype)) + d).to(w.dtype)
+
+# %% ../../nbs/17a_merge_vocab.ipynb #4d9e4785
+class _ViewStore(WeightStore):
+    "A `WeightStore` over a computed view of another store (its `fingerprint` may be set to name the input as on disk)."
+class _LoraSource:
+    "The tensors of `base` with `adapter` merged in, one at a time when asked (an untouched tensor is the base's own)."
+    def __init__(self, base:WeightStore, adapter:LoraAdapter): self.base, self.adapter = base, adapter
+    def _changed(self, k): return k in self.adapter.factors or k in self.adapter.replaced
+    def keys(self): return self.base.keys()
+    def shape(self, k): return self.base.shape(k)
+    def dtype(self, k): return self.base.dtype(k)
+    def get(self, k): return self.adapter.apply(k, self.base[k]) if self._changed(k) else self.base[k]
+    def rows(self, k, a, b): return self.get(k)[a:b] if self._changed(k) else self.base.rows(k, a, b)
+    def file_of(self, k): return None if self._changed(k) else self.base.file_of(k)
+    @property
+    def shards(self): return self.base.shards
+    @property
+    def meta(self): return {}
+    def close(self): self.base.close(); self.adapter.store.close()
+
+def lora_store(ref:str)->WeightStore:
+    "`model+adapter` (mergekit's reference) as a lazy store: each weight the adapter changes is merged when read."
+    model, adapter = split_lora_ref(ref)
+    if adapter is None: return WeightStore.open(model)
+    base = WeightStore.open(model.split("@")[0] if not Path(model).exists() else model)
+    ad = LoraAdapter(adapter.split("@")[0] if not Path(adapter).exists() else adapter)
+    missing = [w for w in list(ad.factors) + list(ad.replaced) if w not in base]
+    if missing: raise ValueError(f"LoRA adapter {adapter!r} changes {missing[0]!r}, which model {model!r} does not have; "
+                                 "the adapter was trained on another model")
+    st = _ViewStore(_LoraSource(base, ad), base.config, base.path, dict(base.tied), f"{base.desc}+{adapter}")
+    st.fingerprint = lambda: f"{base.fingerprint()}+{ad.fingerprint()}"   # provenance: the base and the adapter, each as on disk
+    return st

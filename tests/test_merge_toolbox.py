@@ -1,0 +1,122 @@
+"""mergekit's toolbox in model_ops: `extract_lora` against `mergekit-extract-lora` (bit for bit, float32 and bfloat16), the
+adapter loaded by PEFT reproducing the fine-tune (to float rounding at full rank, to the truncated SVD below it), the rank
+rules, the CLI, and a round trip through a `base+adapter` recipe."""
+import json, subprocess
+import pytest, torch
+from mergekit_runs import mergekit_cmd
+from model_ops.io import WeightStore, save_model
+from model_ops.nn import tiny_model
+from model_ops.merge.toolbox import extract_lora, lora_rank, lora_factors
+from model_ops.merge.api import merge_config
+
+HIDDEN = 64
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    "A tiny Llama base and a dense fine-tune of it (every weight moved), in float32 and bfloat16: {(tag, 'base'|'ft'): folder}."
+    root = tmp_path_factory.mktemp("toolbox")
+    m = tiny_model("llama", num_hidden_layers=2)
+    cfg = m.config.to_dict() | {"architectures": ["LlamaForCausalLM"]}
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    ft = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    P = {}
+    for tag, dt in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        P[tag, "base"] = save_model(sd, root / f"base_{tag}", config=cfg, dtype=dt)
+        P[tag, "ft"] = save_model(ft, root / f"ft_{tag}", config=cfg, dtype=dt)
+    P["root"] = root
+    return P
+
+def _adapter_tensors(d):
+    s = WeightStore.open(d / "adapter_model.safetensors")
+    return {k: s[k] for k in s.keys()}
+
+@pytest.mark.parametrize("tag,args,kw", [
+    ("f32", ["--max-rank", "8"], dict(max_rank=8)),
+    ("bf16", ["--max-rank", "16", "--embed-lora", "--sv-epsilon", "0.2"], dict(max_rank=16, embed_lora=True, sv_epsilon=0.2)),
+])
+def test_extract_lora_same_as_mergekit(pair, tag, args, kw):
+    root = pair["root"]
+    mk, ours = root / f"mk_{tag}", root / f"ours_{tag}"
+    r = subprocess.run([mergekit_cmd("mergekit-extract-lora"), "--model", str(pair[tag, "ft"]), "--base-model", str(pair[tag, "base"]),
+                        "--out-path", str(mk), *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    extract_lora(pair[tag, "base"], pair[tag, "ft"], ours, **kw)
+    a, b = _adapter_tensors(mk), _adapter_tensors(ours)
+    assert sorted(a) == sorted(b)
+    for k in a: assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ca, cb = (json.loads((d / "adapter_config.json").read_text()) for d in (mk, ours))
+    for k in ca:     # target_modules: mergekit lists a set (its order changes from run to run)
+        assert (sorted(ca[k]) == sorted(cb[k])) if k == "target_modules" else ca[k] == cb[k], k
+    if kw.get("sv_epsilon"): assert ca["rank_pattern"], "the epsilon should cut some modules below the largest rank"
+
+def _logits(model, ids): 
+    with torch.no_grad(): return model(ids).logits
+
+def test_full_rank_adapter_reproduces_the_finetune(pair, tmp_path):
+    "At full rank (64 = the hidden size), PEFT's base + adapter gives the fine-tune's logits to float rounding; at rank 4 it does not."
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    ids = torch.randint(0, 261, (2, 12), generator=torch.Generator().manual_seed(1))
+    tuned = _logits(AutoModelForCausalLM.from_pretrained(pair["f32", "ft"]), ids)
+    base = _logits(AutoModelForCausalLM.from_pretrained(pair["f32", "base"]), ids)
+    errs = {}
+    for r in (4, HIDDEN * 2):
+        extract_lora(pair["f32", "base"], pair["f32", "ft"], tmp_path / f"r{r}", max_rank=r)
+        m = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pair["f32", "base"]), str(tmp_path / f"r{r}"))
+        errs[r] = (_logits(m, ids) - tuned).abs().max().item()
+    assert errs[HIDDEN * 2] < 1e-4, errs
+    assert 1e-3 < errs[4] < (base - tuned).abs().max().item(), errs
+
+def test_factors_are_the_truncated_svd():
+    "B A is the best rank-r approximation: the error's squared norm is the sum of the squared singular values left out."
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(48, 32, generator=g, dtype=torch.float64).float()
+    s = torch.linalg.svdvals(d.double())
+    for r in (1, 5, 32):
+        A, B = lora_factors(d, max_rank=r)
+        assert A.shape == (r, 32) and B.shape == (48, r)
+        err = ((d.double() - (B @ A).double()) ** 2).sum()
+        assert torch.isclose(err, (s[r:] ** 2).sum(), rtol=1e-4, atol=1e-6), (r, err)
+    A, B = lora_factors(d, max_rank=8, distribute_scale=False)
+    A2, B2 = lora_factors(d, max_rank=8)
+    assert torch.allclose(B @ A, B2 @ A2, atol=1e-5) and not torch.allclose(A, A2)
+
+def test_rank_rules():
+    s = torch.tensor([4.0, 2.0, 1.0, 0.5])          # squared: 16, 4, 1, 0.25 (sum 21.25)
+    assert lora_rank(s, max_rank=128) == 4 and lora_rank(s, max_rank=2) == 2
+    assert lora_rank(s, sv_epsilon=1.0) == 2            # strictly above the epsilon, as mergekit
+    assert lora_rank(s, energy=16 / 21.25) == 1 and lora_rank(s, energy=0.76) == 2 and lora_rank(s, energy=1.0) == 4
+    assert lora_rank(s, energy=0.99, max_rank=2) == 2
+    assert lora_rank(torch.zeros(3), energy=0.9) == 1
+
+def test_energy_threshold_picks_ranks_per_module(pair, tmp_path):
+    extract_lora(pair["f32", "base"], pair["f32", "ft"], tmp_path / "e", energy=0.5)
+    cfg = json.loads((tmp_path / "e" / "adapter_config.json").read_text())
+    t = _adapter_tensors(tmp_path / "e")
+    ranks = {k: v.shape[0] for k, v in t.items() if k.endswith("lora_A.weight")}
+    assert cfg["r"] == max(ranks.values()) and cfg["lora_alpha"] == cfg["r"]
+    for k, r in ranks.items():   # each module: the smallest rank holding half of its delta's squared norm
+        name = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+        d = WeightStore.open(pair["f32", "ft"])[name] - WeightStore.open(pair["f32", "base"])[name]
+        e = torch.cumsum(torch.linalg.svdvals(d) ** 2, 0)
+        assert e[r - 1] >= 0.5 * e[-1] and (r == 1 or e[r - 2] < 0.5 * e[-1]), (k, r)
+        if r != cfg["r"]: assert cfg["rank_pattern"][name.removesuffix(".weight")] == r
+
+def test_adapter_round_trip_through_a_recipe(pair, tmp_path):
+    "extract_lora then `base+adapter` in a recipe: at full rank the merged model is the fine-tune (to float rounding)."
+    extract_lora(pair["f32", "base"], pair["f32", "ft"], tmp_path / "ad", max_rank=HIDDEN * 2)
+    out = merge_config(f"merge_method: passthrough\nmodels:\n  - model: {pair['f32', 'base']}+{tmp_path / 'ad'}\n", tmp_path / "m")
+    got, want = WeightStore.open(out), WeightStore.open(pair["f32", "ft"])
+    assert sorted(got.keys()) == sorted(want.keys())
+    for k in want.keys(): assert torch.allclose(got[k], want[k], atol=1e-5), k
+
+def test_cli_and_errors(pair, tmp_path):
+    from model_ops.cli import run_cli
+    p = run_cli(["extract-lora", str(pair["f32", "base"]), str(pair["f32", "ft"]), str(tmp_path / "c"), "--rank", "3"])
+    assert json.loads((p / "adapter_config.json").read_text())["r"] == 3
+    with pytest.raises(ValueError, match="energy must be in"): extract_lora(pair["f32", "base"], pair["f32", "ft"], tmp_path / "x", energy=1.5)
+    with pytest.raises(ValueError, match="is the input"): extract_lora(pair["f32", "base"], pair["f32", "ft"], pair["f32", "ft"], overwrite=True)
+    with pytest.raises(ValueError, match="no module was factored"):
+        extract_lora(pair["f32", "base"], pair["f32", "ft"], tmp_path / "y", include=["nothing_matches"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
