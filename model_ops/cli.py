@@ -81,6 +81,7 @@ COMMANDS = {
     'demo': 'model_ops.cli:cli_demo',
     'merge': 'model_ops.merge:cli_merge',
     'extract-lora': 'model_ops.merge.toolbox:cli_extract_lora',
+    'moe': 'model_ops.merge.toolbox:cli_moe',
     'transfer': 'model_ops.transfer:cli_transfer',
     'diff': 'model_ops.transfer:cli_diff',
     'prune': 'model_ops.prune:cli_prune',

@@ -120,3 +120,95 @@ def test_cli_and_errors(pair, tmp_path):
     with pytest.raises(ValueError, match="no module was factored"):
         extract_lora(pair["f32", "base"], pair["f32", "ft"], tmp_path / "y", include=["nothing_matches"])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+# ---- moe ----
+from model_ops.nn import tiny_tokenizer
+from model_ops.merge.toolbox import moe
+
+def _experts(root, n_layers):
+    "A tiny Llama base (with a tokenizer) and two experts that differ from it only in their MLPs."
+    m = tiny_model("llama", num_hidden_layers=n_layers)
+    cfg = m.config.to_dict() | {"architectures": ["LlamaForCausalLM"]}
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    P = {"base": save_model(sd, root / "base", config=cfg)}
+    for i, n in enumerate("ab"):
+        g = torch.Generator().manual_seed(10 + i)
+        P[n] = save_model({k: v + (0.1 * torch.randn(v.shape, generator=g) if ".mlp." in k else 0) for k, v in sd.items()},
+                          root / n, config=cfg)
+    for p in P.values(): tiny_tokenizer().save_pretrained(p)
+    P["root"] = root
+    return P
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory): return _experts(tmp_path_factory.mktemp("moe"), 2)
+
+def _moe_recipe(P, mode, k=1, extra_a="", extra_b=""):
+    return (f"base_model: {P['base']}\ngate_mode: {mode}\nexperts_per_token: {k}\nexperts:\n"
+            f"  - source_model: {P['a']}\n    positive_prompts: ['aaaaaaaa']\n{extra_a}"
+            f"  - source_model: {P['b']}\n    positive_prompts: ['bbbbbbbb']\n{extra_b}")
+
+@pytest.mark.parametrize("mode", ["hidden", "random"])
+def test_moe_same_as_mergekit(experts, mode):
+    root = experts["root"]
+    y = root / f"{mode}.yml"
+    y.write_text(_moe_recipe(experts, mode, 2, "    noise_scale: 0.01\n", "    residual_scale: 0.5\n"))
+    r = subprocess.run([mergekit_cmd("mergekit-moe"), str(y), str(root / f"mk_{mode}"), "--random-seed", "5", "--device", "cpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.manual_seed(5)
+    moe(y, root / f"ours_{mode}")
+    a, b = WeightStore.open(root / f"mk_{mode}"), WeightStore.open(root / f"ours_{mode}")
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys(): assert torch.equal(a[k], b[k]), k
+    ca, cb = (json.loads((root / f"{w}_{mode}" / "config.json").read_text()) for w in ("mk", "ours"))
+    for k in ("architectures", "num_local_experts", "num_experts_per_tok", "hidden_size", "num_hidden_layers", "vocab_size"): assert ca[k] == cb[k], k
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_moe_reproduces_the_experts_it_routes_to(experts, tmp_path, n_layers):
+    """One expert per token, gates from the prompts' hidden states. A prompt of one repeated token has the same hidden state
+    at every position, so all its tokens take one expert per layer. The mixture's logits then equal those of the dense model
+    with that expert's MLP in each layer, and equal an expert's own logits where every layer picks that expert. The
+    first layer's router sends each prompt to its own expert (the gate is that prompt's embedding direction): a one-layer
+    mixture reproduces each expert on its own prompt. (In the second layer of this random model, the router's input, after
+    attention and the norm, no longer points the way of the layer's input, from which the gate was made.)"""
+    from transformers import AutoModelForCausalLM
+    if n_layers != 2: experts = _experts(tmp_path, n_layers)
+    out = moe(_moe_recipe(experts, "hidden"), tmp_path / "m")
+    mm = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(mm).__name__ == "MixtralForCausalLM"
+    tok, dense = tiny_tokenizer(), {n: WeightStore.open(experts[n]) for n in "ab"}
+    whole = 0
+    for e, text in enumerate(("aaaaaaaa", "bbbbbbbb")):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad(): o = mm(ids, output_router_logits=True)
+        picks = []
+        for layer, rl in enumerate(o.router_logits):        # (tokens, experts) per layer
+            k = rl.argmax(-1)
+            assert (k == k[0]).all(), (text, layer)
+            picks.append(int(k[0]))
+        assert picks[0] == e, picks
+        ref = AutoModelForCausalLM.from_pretrained(experts["base"]).eval()
+        sd = ref.state_dict()
+        for layer, k in enumerate(picks):
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                sd[f"model.layers.{layer}.mlp.{n}.weight"] = dense["ab"[k]][f"model.layers.{layer}.mlp.{n}.weight"]
+        ref.load_state_dict(sd)
+        assert torch.allclose(o.logits, _logits(ref, ids), atol=1e-5)
+        if set(picks) == {e}:
+            whole += 1
+            assert torch.allclose(o.logits, _logits(AutoModelForCausalLM.from_pretrained(experts["ab"[e]]).eval(), ids), atol=1e-5)
+        assert not torch.allclose(o.logits, _logits(AutoModelForCausalLM.from_pretrained(experts["ab"[1 - e]]).eval(), ids), atol=1e-3)
+    if n_layers == 1: assert whole == 2      # each prompt went to its own expert, whose logits the mixture gives
+
+def test_moe_errors(experts, tmp_path):
+    P = experts
+    with pytest.raises(ValueError, match="shared_experts"):
+        moe({"base_model": P["base"], "experts": [{"source_model": P["a"]}], "shared_experts": [{"source_model": P["b"]}]}, tmp_path / "x")
+    with pytest.raises(ValueError, match="no positive_prompts"):
+        moe({"base_model": P["base"], "experts": [{"source_model": P["a"]}, {"source_model": P["b"]}]}, tmp_path / "x")
+    with pytest.raises(ValueError, match="same prompts"):
+        moe({"base_model": P["base"], "experts": [{"source_model": P[n], "positive_prompts": ["x"]} for n in "ab"]}, tmp_path / "x")
+    with pytest.raises(ValueError, match="experts_per_token"):
+        moe({"base_model": P["base"], "gate_mode": "random", "experts_per_token": 3,
+             "experts": [{"source_model": P[n]} for n in "ab"]}, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

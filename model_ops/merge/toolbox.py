@@ -13,7 +13,7 @@ from ..io import WeightStore, atomic_dir, check_output, write_safetensors
 _log = logging.getLogger("model_ops.merge")
 
 # %% auto #0
-__all__ = ['lora_rank', 'lora_factors', 'extract_lora', 'cli_extract_lora']
+__all__ = ['lora_rank', 'lora_factors', 'extract_lora', 'cli_extract_lora', 'moe_gates', 'moe', 'cli_moe']
 
 # %% ../../nbs/17b_merge_toolbox.ipynb #328274a6
 def _meta_model(store:WeightStore):
@@ -151,4 +151,144 @@ def cli_extract_lora(base:str, # base model folder
     p = extract_lora(base, tuned, out, max_rank=rank, energy=energy, sv_epsilon=sv_epsilon, embed_lora=embed_lora,
                      device=device, overwrite=overwrite)
     print(f"LoRA adapter written to {p}")
+    return p
+
+# %% ../../nbs/17b_merge_toolbox.ipynb #eaa4911c
+def _moe_config(config)->dict:
+    "A mergekit-moe recipe (dict, YAML text or path) checked: base_model, experts, gate_mode, dtype, experts_per_token."
+    import yaml
+    if not isinstance(config, dict):
+        p = Path(str(config)).expanduser()
+        text = p.read_text() if "\n" not in str(config) and p.is_file() else str(config)
+        config = yaml.safe_load(text)
+    if not isinstance(config, dict): raise ValueError("a moe recipe is a mapping with base_model and experts")
+    unknown = set(config) - {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture"}
+    if unknown: raise ValueError(f"moe recipe: unknown key(s) {sorted(unknown)}")
+    if config.get("shared_experts"): raise ValueError("moe recipe: shared_experts (Qwen2-MoE output) are not supported; build a Mixtral-style model without them")
+    if str(config.get("architecture") or "mixtral").lower() != "mixtral": raise ValueError("moe recipe: only architecture: mixtral is supported")
+    if "base_model" not in config or not config.get("experts"): raise ValueError("moe recipe: give base_model and at least one expert")
+    c = dict(gate_mode="hidden", experts_per_token=2, dtype=None) | config
+    if c["gate_mode"] not in ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random"):
+        raise ValueError(f"moe recipe: gate_mode {c['gate_mode']!r} is not one of hidden, hidden_avg, hidden_last, cheap_embed, random, uniform_random")
+    k = c["experts_per_token"]
+    if not isinstance(k, int) or k < 1 or k > len(c["experts"]):
+        raise ValueError(f"moe recipe: experts_per_token must be between 1 and the number of experts ({len(c['experts'])}), got {k!r}")
+    for i, e in enumerate(c["experts"]):
+        if not isinstance(e, dict) or "source_model" not in e: raise ValueError(f"moe recipe: experts[{i}] needs a source_model")
+        if c["gate_mode"] not in ("random", "uniform_random") and not e.get("positive_prompts"):
+            raise ValueError(f"moe recipe: experts[{i}] has no positive_prompts (gate_mode {c['gate_mode']} routes by them)")
+    if c["gate_mode"] not in ("random", "uniform_random") and len(c["experts"]) > 1:
+        key = lambda e: (tuple(e.get("positive_prompts") or []), tuple(e.get("negative_prompts") or []))
+        if all(key(e) == key(c["experts"][0]) for e in c["experts"][1:]):
+            raise ValueError("moe recipe: every expert has the same prompts; give each expert prompts of its own")
+    return c
+
+def _prompt_tokens(tok, prompts):
+    return tok([(tok.bos_token or "") + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+
+def moe_gates(base, # the base model's folder
+              tok, # its tokenizer (left padding, as `moe` sets it)
+              experts:list, # the recipe's experts
+              mode:str="hidden", # see above
+              device="cpu")->torch.Tensor:
+    "The router rows, (layers, experts, hidden): unit vectors from each expert's prompts, or random ones."
+    import transformers
+    cfg = transformers.AutoConfig.from_pretrained(str(base))
+    L, E, H = cfg.num_hidden_layers, len(experts), cfg.hidden_size
+    if mode == "random": return torch.randn((L, E, H))
+    if mode == "uniform_random": return torch.rand((L, E, H)) * 2 * math.sqrt(1.0 / H) - math.sqrt(1.0 / H)
+    if mode == "cheap_embed":
+        emb = WeightStore.open(base)["model.embed_tokens.weight"]
+        def vec(t):
+            h = torch.nn.functional.one_hot(t["input_ids"], num_classes=cfg.vocab_size).float() @ emb.float()
+            s = (h * t["attention_mask"].unsqueeze(-1)).sum(dim=1).sum(dim=0, keepdim=True)
+            return (s / s.norm(dim=-1, keepdim=True).clamp(min=1e-8)).repeat(L, 1)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16).to(device).eval()
+        def vec(t):
+            with torch.no_grad(): hs = torch.stack(model(**t.to(device), output_hidden_states=True).hidden_states[:-1])
+            hs = hs.sum(dim=2) / hs.shape[2] if mode == "hidden_avg" else hs[:, :, -1, :]
+            return (hs.sum(dim=1) / hs.shape[1]).cpu()
+    rows = []
+    for e in experts:
+        v = vec(_prompt_tokens(tok, e["positive_prompts"]))
+        if e.get("negative_prompts"): v -= vec(_prompt_tokens(tok, e["negative_prompts"]))
+        v /= v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
+        rows.append(v)
+    return torch.stack(rows).permute(1, 0, 2)
+
+# %% ../../nbs/17b_merge_toolbox.ipynb #1fa9c052
+def _noise_and_scale(t, e, residual):
+    if e.get("noise_scale") is not None: t = t + torch.randn_like(t) * e["noise_scale"]
+    if residual and e.get("residual_scale") is not None: t = t * e["residual_scale"]
+    return t
+
+def moe(config, # mergekit-moe recipe: dict, YAML text or path
+        out, # the folder to create (atomically)
+        device="cpu", # where the base model runs for hidden-state gates
+        max_shard_size="2GB", # largest output shard
+        overwrite:bool=False, # replace an existing `out`
+       )->Path:
+    "A Mixtral-style mixture of experts from dense fine-tunes of one Llama/Mistral base, as `mergekit-moe` builds it."
+    import tempfile, transformers, yaml
+    from model_ops.io import ShardWriter
+    c = _moe_config(config)
+    base, experts = str(c["base_model"]), c["experts"]
+    check_output(out, [base] + [str(e["source_model"]) for e in experts])
+    bs = WeightStore.open(base)
+    srcs = [WeightStore.open(str(e["source_model"])) for e in experts]
+    bcfg = transformers.AutoConfig.from_pretrained(base)
+    types = {bcfg.model_type} | {transformers.AutoConfig.from_pretrained(str(e["source_model"])).model_type for e in experts}
+    if types - {"llama", "mistral"} or len(types) > 1:
+        raise ValueError(f"moe: the base and every expert must be Llama or Mistral models of one type, got {sorted(types)}")
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    tok.padding_side = "left"
+    tok.pad_token_id = tok.bos_token_id
+    if tok.pad_token_id is None: tok.pad_token = tok.eos_token
+    gates = moe_gates(base, tok, experts, c["gate_mode"], device)
+    if c["dtype"] is not None: dt = getattr(torch, str(c["dtype"]).replace("torch.", ""))
+    else:
+        dt = getattr(bcfg, "dtype", None) or getattr(bcfg, "torch_dtype", None)
+        dt = getattr(torch, dt.replace("torch.", "")) if isinstance(dt, str) else dt
+    cast = (lambda t: t.to(dt)) if dt is not None else (lambda t: t)
+    mcfg = transformers.MistralConfig(**bcfg.to_dict()) if not isinstance(bcfg, transformers.MistralConfig) else bcfg
+    mcfg.sliding_window, mcfg.max_position_embeddings = None, bcfg.max_position_embeddings
+    ocfg = transformers.MixtralConfig(**mcfg.to_dict())
+    ocfg.architectures, ocfg.num_local_experts = ["MixtralForCausalLM"], len(experts)
+    ocfg.num_experts_per_tok, ocfg.sliding_window = c["experts_per_token"], None
+    if dt is not None: ocfg.dtype = dt
+    L = bcfg.num_hidden_layers
+    with ShardWriter(out, max_shard_size=max_shard_size, overwrite=overwrite, metadata={"operation": "moe"}) as w:
+        for k in bs.keys():                                 # everything but the MLPs: the base's
+            if ".mlp." not in k: w.add(k, cast(bs[k]))
+        for i in range(L):
+            p = f"model.layers.{i}.mlp"
+            gu, dn = [], []
+            for e, s in zip(experts, srcs):                 # (the noise is drawn in mergekit's order: gate, down, up)
+                g = _noise_and_scale(s[f"{p}.gate_proj.weight"], e, False)
+                d = _noise_and_scale(s[f"{p}.down_proj.weight"], e, True)
+                u = _noise_and_scale(s[f"{p}.up_proj.weight"], e, False)
+                gu.append(torch.cat([g, u])); dn.append(d)
+            w.add(f"{p}.experts.gate_up_proj", cast(torch.stack(gu)).contiguous())
+            w.add(f"{p}.experts.down_proj", cast(torch.stack(dn)).contiguous())
+            w.add(f"{p}.gate.weight", cast(gates[i]).contiguous())
+        w.write_json("config.json", ocfg.to_diff_dict())
+        with tempfile.TemporaryDirectory() as d:
+            tok.save_pretrained(d)
+            (Path(d) / "mergekit_moe_config.yml").write_text(yaml.safe_dump(json.loads(json.dumps(c, default=str)), sort_keys=False))
+            for f in sorted(Path(d).iterdir()): w.copy_file(f)
+    return Path(out)
+
+# %% ../../nbs/17b_merge_toolbox.ipynb #214e4fd7
+@call_parse
+def cli_moe(config:str, # mergekit-moe YAML recipe
+            out:str, # output folder (created atomically)
+            device:str="cpu", # where the base model runs for hidden-state gates
+            random_seed:int=None, # seed torch's global generator first (random gates, noise)
+            overwrite:bool=False, # replace an existing OUT
+           ):
+    "A Mixtral-style mixture of experts from dense models: `model-ops moe RECIPE.yml OUT`."
+    if random_seed is not None: torch.manual_seed(random_seed)
+    p = moe(config, out, device=device, overwrite=overwrite)
+    print(f"mixture of experts written to {p}")
     return p
