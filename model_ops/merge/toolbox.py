@@ -135,7 +135,7 @@ def extract_lora(base, # the base model (folder, or anything `WeightStore.open` 
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return Path(out)
 
-# %% ../../nbs/17b_merge_toolbox.ipynb #f657a0a5
+# %% ../../nbs/17b_merge_toolbox.ipynb #0bdfca59
 @call_parse
 def cli_extract_lora(base:str, # base model folder
                      tuned:str, # fine-tuned model folder
@@ -153,7 +153,7 @@ def cli_extract_lora(base:str, # base model folder
     print(f"LoRA adapter written to {p}")
     return p
 
-# %% ../../nbs/17b_merge_toolbox.ipynb #eaa4911c
+# %% ../../nbs/17b_merge_toolbox.ipynb #e0ca2854
 def _moe_config(config)->dict:
     "A mergekit-moe recipe (dict, YAML text or path) checked: base_model, experts, gate_mode, dtype, experts_per_token."
     import yaml
@@ -217,7 +217,7 @@ def moe_gates(base, # the base model's folder
         rows.append(v)
     return torch.stack(rows).permute(1, 0, 2)
 
-# %% ../../nbs/17b_merge_toolbox.ipynb #1fa9c052
+# %% ../../nbs/17b_merge_toolbox.ipynb #db6a89b9
 def _noise_and_scale(t, e, residual):
     if e.get("noise_scale") is not None: t = t + torch.randn_like(t) * e["noise_scale"]
     if residual and e.get("residual_scale") is not None: t = t * e["residual_scale"]
@@ -279,7 +279,7 @@ def moe(config, # mergekit-moe recipe: dict, YAML text or path
             for f in sorted(Path(d).iterdir()): w.copy_file(f)
     return Path(out)
 
-# %% ../../nbs/17b_merge_toolbox.ipynb #214e4fd7
+# %% ../../nbs/17b_merge_toolbox.ipynb #9af6e1e0
 @call_parse
 def cli_moe(config:str, # mergekit-moe YAML recipe
             out:str, # output folder (created atomically)
