@@ -82,6 +82,7 @@ COMMANDS = {
     'merge': 'model_ops.merge:cli_merge',
     'extract-lora': 'model_ops.merge.toolbox:cli_extract_lora',
     'moe': 'model_ops.merge.toolbox:cli_moe',
+    'tokensurgeon': 'model_ops.merge.toolbox:cli_tokensurgeon',
     'transfer': 'model_ops.transfer:cli_transfer',
     'diff': 'model_ops.transfer:cli_diff',
     'prune': 'model_ops.prune:cli_prune',

@@ -212,3 +212,41 @@ def test_moe_errors(experts, tmp_path):
         moe({"base_model": P["base"], "gate_mode": "random", "experts_per_token": 3,
              "experts": [{"source_model": P[n]} for n in "ab"]}, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+# ---- tokensurgeon ----
+from model_ops.nn import tiny_tokenizer
+from model_ops.merge.toolbox import tokensurgeon, omp
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_tokensurgeon_same_as_mergekit(tmp_path, dt):
+    """A tiny Llama (tiny tokenizer) moved to a donor's tokenizer (three plain tokens and a ChatML token more; an untied head),
+    by mergekit-tokensurgeon with its defaults and by `tokensurgeon`: the same tensors, config and tokenizer."""
+    m = tiny_model("llama")
+    cfg = m.config.to_dict() | {"architectures": ["LlamaForCausalLM"]}
+    save_model(m.state_dict(), tmp_path / "model", config=cfg, dtype=dt); tiny_tokenizer().save_pretrained(tmp_path / "model")
+    dtok = tiny_tokenizer(); dtok.add_tokens(["the", "ing", "Ġand"]); dtok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    d = tiny_model("llama", seed=1, vocab_size=len(dtok))
+    save_model(d.state_dict(), tmp_path / "donor", config=cfg | {"vocab_size": len(dtok)}, dtype=dt); dtok.save_pretrained(tmp_path / "donor")
+    r = subprocess.run([mergekit_cmd("mergekit-tokensurgeon"), str(tmp_path / "model"), str(tmp_path / "donor"), str(tmp_path / "mk"), "-k", "16"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tokensurgeon(tmp_path / "model", tmp_path / "donor", tmp_path / "ours", k=16)
+    a, b = WeightStore.open(tmp_path / "mk"), WeightStore.open(tmp_path / "ours")
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys(): assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert a["lm_head.weight"].shape == (265, 64)
+    assert json.loads((tmp_path / "mk" / "config.json").read_text()) == json.loads((tmp_path / "ours" / "config.json").read_text())
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(tmp_path / "mk").get_vocab() == AutoTokenizer.from_pretrained(tmp_path / "ours").get_vocab()
+
+def test_omp_recovers_a_sparse_combination():
+    "A target that is a combination of 3 candidates: OMP picks them (first) and their coefficients."
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(200, 64, generator=g)
+    y = torch.stack([0.7 * P[3] - 1.2 * P[50] + 0.4 * P[199], P[7]])
+    idx, coef = omp(y, P, k=3)
+    assert sorted(idx[0].tolist()) == [3, 50, 199]
+    got = dict(zip(idx[0].tolist(), coef[0].tolist()))
+    assert abs(got[3] - 0.7) < 1e-4 and abs(got[50] + 1.2) < 1e-4 and abs(got[199] - 0.4) < 1e-4
+    assert idx[1, 0] == 7 and abs(coef[1, 0] - 1) < 1e-4
+    assert torch.allclose(torch.bmm(coef.unsqueeze(1), P[idx]).squeeze(1), y, atol=1e-4)
