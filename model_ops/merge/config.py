@@ -303,8 +303,8 @@ def _check_same_tokenizers(ms):
         return f.read_bytes() if f is not None and f.is_file() else None
     vs = {m.key: vocab(m) for m in ms}
     if len({v for v in vs.values() if v is not None}) > 1:
-        raise ValueError("the input models have different tokenizers; vocabulary alignment (mergekit's union/base "
-                         "embedding permutation) is not supported: align the vocabularies first")
+        raise ValueError("the input models have different tokenizers, and the base has no tokenizer files to align the "
+                         "vocabularies from (17a_merge_vocab); put the base's tokenizer beside its weights")
 
 def _recipe_inputs(cfg:dict)->list:
     "The model references a recipe names (models, slice sources, base models, tokenizer source), as written."
