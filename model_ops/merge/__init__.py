@@ -25,7 +25,10 @@ from ..io import PlannedWriter
 from .api import provenance, merge_config, merge, split_jobs, cli_merge, sign_conflicts, per_layer
 from .api import plot_sign_conflicts, demo_step, merge_widget
 
-__all__ = ['REQUIRED', 'MergeMethod', 'METHODS', 'register', 'get_method', 'tensor_seed', 'tensor_generator',
+from .vocab import align_vocab, lora_store, tokenizer_settings
+from .toolbox import extract_lora, moe, tokensurgeon
+
+__all__ = ['align_vocab', 'lora_store', 'tokenizer_settings', 'extract_lora', 'moe', 'tokensurgeon', 'REQUIRED', 'MergeMethod', 'METHODS', 'register', 'get_method', 'tensor_seed', 'tensor_generator',
            'tensor_bits', 'keep_mask', 'rescale_l1', 'kth_largest', 'topk_mask', 'sparsify_magnitude',
            'sparsify_outliers', 'sparsify_random', 'sparsify_della', 'CHUNK', 'CUDA_CHUNK', 'linear',
            'slerp_tensors', 'slerp', 'nuslerp_tensors', 'nuslerp', 'model_stock', 'passthrough', 'pcb_scores', 'pcb',

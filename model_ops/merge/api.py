@@ -59,13 +59,19 @@ def _write_extras(plan, write_json, copy_file, copy_tokenizer, meta, name=None, 
             c.pop("torch_dtype", None)
         write_json("config.json", c)
     src = plan.models[plan.tokenizer_from].store.path if plan.tokenizer_from is not None else None
-    if copy_tokenizer and src is not None and chat[0] and (src / "tokenizer_config.json").is_file():
+    vocab = getattr(plan, "vocab", None)     # a vocabulary the recipe built (tokenizer:) is written, not copied
+    if vocab is not None:
+        if chat[0] and chat[1] is not None: vocab.tokenizer.chat_template = chat[1]
+        vocab.write_tokenizer(copy_file)
+        if copy_tokenizer and src is not None and (src / "generation_config.json").is_file():
+            copy_file(src / "generation_config.json", "generation_config.json")
+    elif copy_tokenizer and src is not None and chat[0] and (src / "tokenizer_config.json").is_file():
         write_tokenizer(src, chat[1], copy_file)      # mergekit: the tokenizer saved again with the template set
         if (src / "generation_config.json").is_file(): copy_file(src / "generation_config.json", "generation_config.json")
     elif copy_tokenizer and src is not None:
         for f in TOKENIZER_FILES + ("generation_config.json",):
             if (src / f).is_file(): copy_file(src / f, f)
-    if chat[0] and not (copy_tokenizer and src is not None and (src / "tokenizer_config.json").is_file()):
+    if chat[0] and vocab is None and not (copy_tokenizer and src is not None and (src / "tokenizer_config.json").is_file()):
         logging.getLogger("model_ops.merge").warning("chat_template: no tokenizer is written (copy_tokenizer=False, or the "
                                                      "donor has no tokenizer_config.json), so the template is not saved")
     text = plan.config_text if plan.config_text else yaml.safe_dump(_config_used(plan), sort_keys=False)

@@ -12,6 +12,7 @@ import torch
 from ..io import WeightStore, ModelIOError, check_output
 from ..io.store import hub_id
 from .methods import MergeMethod, METHODS, REQUIRED, get_method
+from .vocab import align_vocab, lora_store, tokenizer_settings
 
 log = logging.getLogger("model_ops.merge")
 
@@ -80,8 +81,8 @@ class _Model:
         self.ref = ref
         if isinstance(ref, (str, os.PathLike)):
             s = str(ref)
-            if "+" in s and not Path(s).exists():
-                raise ValueError(f"model {s!r}: LoRA references (model+lora) are not supported; merge the adapter first")
+            if "+" in s and not Path(s).exists():     # mergekit's model+lora_path: the adapter merged in as each tensor is read
+                self.key, self.store = s, lora_store(s); self.layout = layout(self.store); return
             if "@" in s and not Path(s).exists() and hub_id(s) is None: s = s.split("@")[0]   # a local path's revision: ignored
             self.key = s
             try: self.store = WeightStore.open(s)      # a Hub id `org/name[@revision]`: from the Hugging Face cache
@@ -195,6 +196,7 @@ class MergePlan:
     config_text: Optional[str] = None
     tokenizer_source: Optional[str] = None
     stages: tuple = ()    # a stage of a multi-stage recipe: the names of the other stages (they are no Hub ids)
+    vocab: object = None      # a `VocabAlignment` (merge.vocab) when the recipe builds the output vocabulary
     def __repr__(self):
         return (f"MergePlan({self.method.name}, {len(self.models)} models, {len(self.jobs)} tensors, "
                 f"{self.num_layers} layers, base={self.models[self.base] if self.base is not None else None})")
@@ -351,8 +353,8 @@ def _check_same_tokenizers(ms):
         return f.read_bytes() if f is not None and f.is_file() else None
     vs = {m.key: vocab(m) for m in ms}
     if len({v for v in vs.values() if v is not None}) > 1:
-        raise ValueError("the input models have different tokenizers; vocabulary alignment (mergekit's union/base "
-                         "embedding permutation) is not supported: align the vocabularies first")
+        raise ValueError("the input models have different tokenizers, and the base has no tokenizer files to align the "
+                         "vocabularies from (17a_merge_vocab); put the base's tokenizer beside its weights")
 
 def _recipe_inputs(cfg:dict)->list:
     "The model references a recipe names (models, slice sources, base models, tokenizer source), as written."
@@ -400,10 +402,7 @@ def _plan_merge(cfg, text, src, strict=False)->MergePlan:
     method = get_method(cfg["merge_method"])
     _check_parameters(cfg, method, text, src)
     body, mparams = _module_body(cfg)
-    tk = cfg.get("tokenizer")
-    if tk is not None and (not isinstance(tk, dict) or set(tk) - {"source"}):
-        raise ValueError("only 'tokenizer: {source: ...}' is supported; per-token embedding sources and pad_to_multiple_of "
-                         "(mergekit's vocabulary surgery) are not")
+    tokenizer_settings(cfg)          # the tokenizer keys checked before any model is opened
     if cfg.get("tokenizer") is not None and cfg.get("tokenizer_source") is not None:
         raise ValueError("give either 'tokenizer' or 'tokenizer_source', not both")
     models, index = [], {}
@@ -453,6 +452,7 @@ def _plan_merge(cfg, text, src, strict=False)->MergePlan:
             want = (f"exactly {method.min_models}" if method.min_models == method.max_models else
                     f"at least {method.min_models}" if method.max_models is None else f"{method.min_models} to {method.max_models}")
             raise ValueError(f"method {method.name!r} needs {want} model(s) besides the base; slices[{j}] has {nb}")
+    vocab = align_vocab(cfg, models, slices, gbase, _dtype(cfg.get("dtype"), "dtype"))   # tokenizer: inputs on one vocabulary
     # reference models for the non-block tensors and the output config
     ref = slices[0]["base"] if slices[0]["base"] is not None else slices[0]["sources"][0]["model"]
     jobs, out_layer = [], 0
@@ -516,5 +516,5 @@ def _plan_merge(cfg, text, src, strict=False)->MergePlan:
         tok = gbase
     elif ts == "union": tok = gbase if gbase is not None else ref
     else: tok = mid(ts)
-    if ts is not None: _check_same_tokenizers([models[i] for i in sorted({s["model"] for sl in slices for s in sl["sources"]})])
-    return MergePlan(method, models, jobs, gbase, outcfg, total_layers, dtype, out_dtype, tok, cfg, text, ts)
+    if ts is not None and vocab is None: _check_same_tokenizers([models[i] for i in sorted({s["model"] for sl in slices for s in sl["sources"]})])
+    return MergePlan(method, models, jobs, gbase, outcfg, total_layers, dtype, out_dtype, tok, cfg, text, ts, vocab)
