@@ -39,14 +39,14 @@ def op_edit(params:dict, parents:dict, out):
     p = dict(params); method = p.pop('method', 'rome'); reqs = p.pop('requests')
     m, tok = _load(_first(parents))
     rec = EDITORS[method](m, tok, reqs, progress=False, **p)
-    save_pretrained(m, out, tok, op='edit', params=params, parents=parents)
+    save_pretrained(m, out, op='edit', params=params, parents=parents)
 
 def op_unlearn(params:dict, parents:dict, out):
     import model_ops.unlearn as U
     p = dict(params); method = p.pop('method', 'gradient_ascent')
     m, tok = _load(_first(parents))
     getattr(U, method)(m, tok, **p)
-    save_pretrained(m, out, tok, op='unlearn', params=params, parents=parents)
+    save_pretrained(m, out, op='unlearn', params=params, parents=parents)
 
 _PRUNE_KEYS = ('sparsity', 'pattern', 'calib', 'nsamples', 'seqlen', 'targets', 'calib_dtype')
 def op_prune(params:dict, parents:dict, out):
@@ -54,7 +54,7 @@ def op_prune(params:dict, parents:dict, out):
     m, tok = _load(_first(parents))
     prune(m, tok, method=params.get('method', 'magnitude'), progress=False,
           **{k: v for k, v in params.items() if k in _PRUNE_KEYS and v is not None})
-    save_pretrained(m, out, tok, op='prune', params=params, parents=parents,
+    save_pretrained(m, out, op='prune', params=params, parents=parents,
                     reports={'sparsity': round(sparsity_report(m)['overall'], 4)})
 
 def op_distill(params:dict, parents:dict, out):
@@ -63,7 +63,7 @@ def op_distill(params:dict, parents:dict, out):
     p = {k: v for k, v in params.items() if k != 'teacher'}
     r = distill(m, t, p.pop('texts', None), tok, progress=False, **p)
     losses = getattr(r, 'losses', None) or []
-    save_pretrained(m, out, tok, op='distill', params=params, parents=parents,
+    save_pretrained(m, out, op='distill', params=params, parents=parents,
                     reports={'final_loss': round(float(losses[-1]), 4)} if losses else None)
 
 OPS = dict(merge=op_merge, transfer=op_transfer, edit=op_edit, unlearn=op_unlearn, prune=op_prune, distill=op_distill)
