@@ -199,7 +199,8 @@ class Step:
                 if (Path(self.copy_from)/f).is_file() and not (tmp/f).exists(): shutil.copy2(Path(self.copy_from)/f, tmp/f)
         ud = tmp/UNDO_DIR
         first = self.parent_dirs[0] if self.parent_dirs and self.record['parents'][0]['source'].get('path') else None
-        if first is not None and (first/UNDO_DIR).is_dir():      # carried forward, so any later output can go back several steps
+        if self.undo is not None and first is not None and (first/UNDO_DIR).is_dir():   # carried forward with this step's, so an
+                                                                                      # output can go back several revertible steps
             ud.mkdir(exist_ok=True)
             for f in (first/UNDO_DIR).glob('undo-*.safetensors'): shutil.copy2(f, ud/f.name)
         if self.undo is not None:
@@ -391,7 +392,8 @@ def revert_plan(src, to)->list:
         r = steps[i - 1]
         p0 = (r.get('parents') or [{}])[0]
         if r.get('undo') and (d/UNDO_DIR/f"undo-{r['fingerprint']}.safetensors").is_file(): plan.append((i, 'undo'))
-        elif 'path' in p0.get('source', {}) and Path(p0['source']['path']).exists(): plan.append((i, 'parent'))
+        elif 'path' in p0.get('source', {}) and Path(p0['source']['path']).exists():
+            plan.append((i, 'parent')); d = Path(p0['source']['path'])      # earlier undo data is in that folder
         else: plan.append((i, f"step {i} ({r['op']}) is not revertible: {r.get('not_revertible') or 'its undo data is missing'}, and its parent {_label(p0)} is not on disk"))
     return plan
 
@@ -409,19 +411,19 @@ def revert(src, # a model folder with a lineage record
     if (have := weights_hash(src)) != steps[-1].get('fingerprint'):
         raise LineageError(f"{src}: its weights changed since they were written (fingerprint {have}, recorded {steps[-1].get('fingerprint')}); revert needs the recorded model")
     check_output(out, [src])
-    cur, over, cfg_from = WeightStore.open(src), {}, src
+    cur, over, folder = WeightStore.open(src), {}, src
     for i, how in plan:
         r = steps[i - 1]
         if how == 'parent':     # a stored parent: start again from it (its fingerprint must match the record)
-            p0 = r['parents'][0]; cur, over, cfg_from = WeightStore.open(p0['source']['path']), {}, Path(p0['source']['path'])
+            p0 = r['parents'][0]; folder = Path(p0['source']['path']); cur, over = WeightStore.open(folder), {}
             if weights_hash(cur) != p0['fingerprint']: raise LineageError(f"step {i}: parent {_label(p0)} changed since (fingerprint {weights_hash(cur)} != recorded {p0['fingerprint']})")
             continue
-        u = WeightStore.open(src/UNDO_DIR/f"undo-{r['fingerprint']}.safetensors")
+        u = WeightStore.open(folder/UNDO_DIR/f"undo-{r['fingerprint']}.safetensors")
         enc = json.loads(next(iter(u.metadata.values()))['encodings'])
         for n, e in enc.items(): over[n] = apply_undo(over[n] if n in over else cur[n], e, u[n], u[n + '::index'] if e == 'sparse' else None)
     pairs = ((n, over[n] if n in over else cur[n]) for n in cur.keys())
     with step('revert', {'to': k, 'fingerprint': want}, [src], out=out, why='a revert; revert its source instead') as st:
-        save_model(pairs, out, copy_from=cfg_from if cfg_from.is_dir() else None, overwrite=overwrite)
+        save_model(pairs, out, copy_from=folder if folder.is_dir() else None, overwrite=overwrite)
     if st.result['fingerprint'] != want:
         raise LineageError(f"{out}: the rebuilt weights have fingerprint {st.result['fingerprint']}, not step {k}'s {want}; the undo data does not match")
     return st.result

@@ -327,7 +327,8 @@ class DiffReport:
                     dtype_changed=self.dtype_changed, changed=len(self.changed), unchanged=self.unchanged,
                     config_changes={k: list(v) for k, v in self.config_changes.items()},
                     tokenizer_changes=self.tokenizer_changes, other_file_changes=self.other_changes,
-                    bump=self.bump, reason=self.reason, rule=self.rule)
+                    bump=self.bump, reason=self.reason, rule=self.rule,
+                    min_cosine=min(self.cosine.values(), default=None), max_zeros_change=max(self.zeros_change.values(), default=None, key=abs))
     def __str__(self):
         L = [f"diff {self.a_name} -> {self.b_name}",
              f"tensors: {self.n_a} -> {self.n_b}; added {len(self.added)}, removed {len(self.removed)}, reshaped "
@@ -339,8 +340,8 @@ class DiffReport:
         L.append("tokenizer files: " + (', '.join(self.tokenizer_changes) or 'unchanged'))
         if self.other_changes: L.append("other files: " + ', '.join(self.other_changes))
         if self.rel_change:
-            L.append("largest relative changes ||b-a||/||a||:")
-            for n, r in self.table(5): L.append(f"  {r:10.4g}  {n}")
+            L.append("largest relative changes ||b-a||/||a||  (cosine(a, b), change in the fraction of zeros):")
+            for n, r in self.table(5): L.append(f"  {r:10.4g}  ({self.cosine.get(n, float('nan')):.4f}, {self.zeros_change.get(n, 0):+.3f})  {n}")
             pl = self.per_layer(); layers = sorted({k[0] for k in pl if k[0] is not None})
             if layers:
                 L.append("per layer (max over module types): " + ', '.join(
@@ -375,7 +376,7 @@ def diff(a, # the old model (anything `WeightStore.open` reads)
     cfg = _cfg_changes(A.config, B.config)
     tokc = _files_changed(A.path, B.path, TOKENIZER_FILES)
     other = _files_changed(A.path, B.path, OTHER_FILES)
-    rel, sq, changed = {}, {}, []
+    rel, sq, changed, cos, dzero = {}, {}, [], {}, {}
     if values:
         for n in common:
             if n in rs: continue
@@ -383,8 +384,11 @@ def diff(a, # the old model (anything `WeightStore.open` reads)
             if x.dtype == y.dtype and torch.equal(x, y): continue
             changed.append(n)
             if not x.is_floating_point(): continue
-            d2, a2 = float((y.double() - x.double()).pow(2).sum()), float(x.double().pow(2).sum())
+            xd, yd = x.double().reshape(-1), y.double().reshape(-1)
+            d2, a2, b2 = float((yd - xd).pow(2).sum()), float(xd.pow(2).sum()), float(yd.pow(2).sum())
             sq[n] = (d2, a2); rel[n] = math.sqrt(d2 / a2) if a2 > 0 else float('inf')
+            cos[n] = float(xd @ yd) / math.sqrt(a2 * b2) if a2 > 0 and b2 > 0 else float('nan')   # direction kept?
+            dzero[n] = float((yd == 0).double().mean() - (xd == 0).double().mean())               # sparsity change
     else:   # compare the sampled-row fingerprints only (16 rows per tensor)
         same_shape = [n for n in common if n not in rs]
         fa, fb = tensor_fingerprints(A, same_shape), tensor_fingerprints(B, same_shape)
@@ -404,7 +408,7 @@ def diff(a, # the old model (anything `WeightStore.open` reads)
     return DiffReport(a_name=str(getattr(A, 'path', None) or type(a).__name__), b_name=str(getattr(B, 'path', None) or type(b).__name__),
                       n_a=len(ka), n_b=len(kb), added=added, removed=removed, reshaped=reshaped, dtype_changed=dtype_changed,
                       changed=changed, unchanged=len(common) - len(rs) - len(changed),
-                      config_changes=cfg, tokenizer_changes=tokc, other_changes=other, rel_change=rel, sq=sq,
+                      config_changes=cfg, tokenizer_changes=tokc, other_changes=other, rel_change=rel, sq=sq, cosine=cos, zeros_change=dzero,
                       bump=bump, reason='; '.join(w for w in why if w), rule=BUMP_RULE)
 
 # %% ../nbs/50_transfer.ipynb #533ce98e
