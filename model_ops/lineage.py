@@ -211,7 +211,7 @@ class Step:
             rec['undo'] = name
         else: rec['undo'], rec['not_revertible'] = None, self.why or 'the operation stored no undo data'
         (tmp/'lineage.json').write_text(json.dumps(rec, indent=1))
-        if self.card: write_card(tmp, rec)
+        if self.card: write_card(tmp, rec, self.out.name if self.out is not None else None)
         self.result = rec
 
 @contextlib.contextmanager
@@ -287,7 +287,7 @@ def model_card(rec:dict)->str:
         if s.get('reports'): L += ["", "Measured: " + ', '.join(f"{k} = {v}" for k, v in s['reports'].items())]
     return '\n'.join(L) + '\n'
 
-def write_card(folder, rec:dict):
+def write_card(folder, rec:dict, title:str|None=None):
     "Write `README.md` in `folder` from `rec`; an existing card (e.g. mergekit's) only gets the lineage section appended, once."
     p = Path(folder)/'README.md'
     hubs = sorted({p_['source']['hub'] for p_ in rec.get('parents') or [] if 'hub' in p_.get('source', {})})
@@ -297,7 +297,7 @@ def write_card(folder, rec:dict):
         p.write_text(old.rstrip('\n') + '\n\n' + model_card(rec)); return
     front = ['---', 'library_name: transformers', 'tags:', '- model_ops', f"- {rec['op']}"]
     if hubs: front += ['base_model:'] + [f'- {h}' for h in hubs]
-    p.write_text('\n'.join(front + ['---', '', f"# {Path(folder).name.lstrip('.').split('.tmp')[0]}", '']) + '\n' + model_card(rec))
+    p.write_text('\n'.join(front + ['---', '', f"# {title or Path(folder).name}", '']) + '\n' + model_card(rec))
 
 # %% ../nbs/04_lineage.ipynb #c7504823
 def history(src)->list:
@@ -327,17 +327,19 @@ def log_text(src, # a model folder with a lineage record
     def node(rec, role, pre, last, top=False):
         conn = '' if top else ('└── ' if last else '├── ')
         tag = f"[{role}] " if role else ''
-        if rec.get('lineage') is not None and 'op' not in rec: rec = dict(rec['lineage'], _src=rec)
+        ent = None
+        if rec.get('lineage') is not None and 'op' not in rec: ent, rec = rec, rec['lineage']
         if 'op' in rec:
             n = num.get(rec.get('fingerprint'))
             rv = 'revertible' if rec.get('undo') else 'not revertible'
-            L.append(f"{pre}{conn}{tag}{'step ' + str(n) + ' ' if n else ''}{rec['op']}  {rec.get('fingerprint', '?')}  {rec.get('time', '')}  ({rv})")
+            where = f"  {_label(ent)}" if ent is not None and not n else ''       # a side branch: where that model is
+            L.append(f"{pre}{conn}{tag}{'step ' + str(n) + ' ' if n else ''}{rec['op']}  {rec.get('fingerprint', '?')}  {rec.get('time', '')}  ({rv}){where}")
             kid = pre + ('' if top else ('    ' if last else '│   '))
             if params and rec.get('params'): L.append(f"{kid}│ {_params_line(rec['params'])}")
             ps = rec.get('parents') or []
             for i, p in enumerate(ps): node(p, p.get('role'), kid, i == len(ps) - 1)
         else:
-            n = 'step 0 ' if rec is root(src) or (steps and steps[0]['parents'] and rec is steps[0]['parents'][0]) else ''
+            n = 'step 0 ' if steps[0].get('parents') and rec is steps[0]['parents'][0] else ''
             L.append(f"{pre}{conn}{tag}{n}{_label(rec)}  {rec.get('fingerprint', '?')}  (no lineage)")
     node(steps[-1], None, '', True, top=True)
     return '\n'.join(L)
