@@ -117,7 +117,10 @@ def _version()->str:
 
 def parent_entry(src, role:str|None=None)->dict:
     "One parent of a record: its role, where it came from, its content fingerprint and its own lineage (if it has one)."
-    return {'role': role, 'source': source_of(src), 'fingerprint': weights_hash(src, stored=True), 'lineage': read_lineage(src)}
+    e = {'role': role, 'source': source_of(src), 'fingerprint': weights_hash(src, stored=True), 'lineage': None}
+    try: e['lineage'] = read_lineage(src)
+    except LineageError as err: e['lineage_unreadable'] = str(err)     # a damaged lineage.json does not block the operation
+    return e
 
 def make_record(op:str, # the operation: 'merge', 'edit', 'prune', ...
                 params:dict|None=None, # everything needed to redo it (JSON-safe)
