@@ -328,7 +328,7 @@ class DiffReport:
                     config_changes={k: list(v) for k, v in self.config_changes.items()},
                     tokenizer_changes=self.tokenizer_changes, other_file_changes=self.other_changes,
                     bump=self.bump, reason=self.reason, rule=self.rule,
-                    min_cosine=min(self.cosine.values(), default=None), max_zeros_change=max(self.zeros_change.values(), default=None, key=abs))
+                    flips=getattr(self, 'flips', None), min_cosine=min(self.cosine.values(), default=None), max_zeros_change=max(self.zeros_change.values(), default=None, key=abs))
     def __str__(self):
         L = [f"diff {self.a_name} -> {self.b_name}",
              f"tensors: {self.n_a} -> {self.n_b}; added {len(self.added)}, removed {len(self.removed)}, reshaped "
@@ -346,6 +346,8 @@ class DiffReport:
             if layers:
                 L.append("per layer (max over module types): " + ', '.join(
                     f"{l}: {max(v for k, v in pl.items() if k[0] == l):.3g}" for l in layers))
+        if getattr(self, 'flips', None): L.append("behaviour on {n} probes: accuracy {acc_old:.3f} -> {acc_new:.3f}, negative flips {negative_flips}, "
+                                                  "positive flips {positive_flips} (McNemar p = {mcnemar_p:.3g})".format(**self.flips))
         L.append(f"suggested version bump: {self.bump.upper()} ({self.reason})")
         L.append(f"rule: {self.rule}")
         return '\n'.join(L)
@@ -353,16 +355,29 @@ class DiffReport:
 
 BUMP_RULE = ("MAJOR if tensors were added, removed or reshaped, an architecture config field changed, or tokenizer files "
              "differ; else MINOR if any tensor's values or dtype changed; else PATCH if other config or generation files "
-             "changed; else NONE")
+             "changed; else NONE. Given a tokenizer and probes (multiple-choice items), MAJOR also when more than "
+             "`flip_limit` (5%) of the probes flip from right to wrong (negative flip rate, `flip_metrics`)")
 
 def _cfg_changes(ca, cb):
     ca, cb = dict(ca or {}), dict(cb or {})
     return {k: (ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if k not in _IGNORED_KEYS and ca.get(k) != cb.get(k)}
 
 # %% ../nbs/50_transfer.ipynb #1b354af6
+def _probe_flips(a, b, tok, probes) -> dict:
+    "`flip_metrics` of models `a` -> `b` (folders or modules) on multiple-choice `probes`"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if tok is None: raise ValueError("probes need a tokenizer: pass tok= (a tokenizer or its folder)")
+    if isinstance(tok, (str, Path)): tok = AutoTokenizer.from_pretrained(tok)
+    if isinstance(probes, (str, Path)): probes = json.loads(Path(probes).read_text())
+    load = lambda m: m if isinstance(m, nn.Module) else AutoModelForCausalLM.from_pretrained(m).eval()
+    return flip_metrics(mc_labels(probes), mc_predict(load(a), tok, probes), mc_predict(load(b), tok, probes))
+
 def diff(a, # the old model (anything `WeightStore.open` reads)
          b, # the new model
          values:bool=True, # read tensors to measure the relative change (False: headers, files and a few sampled rows only)
+         tok=None, # tokenizer (or its folder) for `probes`
+         probes=None, # multiple-choice items (`prompt`, `target`, `choices`; a list or a JSON file) to count behaviour flips on
+         flip_limit:float=0.05, # negative flip rate above which the bump is MAJOR
         ) -> DiffReport:
     "Compare two models: structure, config, tokenizer, relative change per tensor/layer, and a version bump"
     A, B = open_weights(a), open_weights(b)
@@ -405,11 +420,14 @@ def diff(a, # the old model (anything `WeightStore.open` reads)
         bump, why = 'patch', [f"config {k} changed" for k in list(cfg)[:3]] + [f"{f} changed" for f in other]
     else: bump, why = 'none', ['identical']
     if not values and bump in ('minor', 'patch', 'none'): why.append('tensor values compared on sampled rows only')
+    flips = _probe_flips(a, b, tok, probes) if probes is not None else None
+    if flips is not None and bump != 'major' and flips['NFR'] > flip_limit:
+        bump = 'major'; why = [f"{flips['negative_flips']} of {flips['n']} probes flipped from right to wrong (rate {flips['NFR']:.1%} > {flip_limit:.0%})"]
     return DiffReport(a_name=str(getattr(A, 'path', None) or type(a).__name__), b_name=str(getattr(B, 'path', None) or type(b).__name__),
                       n_a=len(ka), n_b=len(kb), added=added, removed=removed, reshaped=reshaped, dtype_changed=dtype_changed,
                       changed=changed, unchanged=len(common) - len(rs) - len(changed),
                       config_changes=cfg, tokenizer_changes=tokc, other_changes=other, rel_change=rel, sq=sq, cosine=cos, zeros_change=dzero,
-                      bump=bump, reason='; '.join(w for w in why if w), rule=BUMP_RULE)
+                      bump=bump, reason='; '.join(w for w in why if w), rule=BUMP_RULE, flips=flips)
 
 # %% ../nbs/50_transfer.ipynb #533ce98e
 @call_parse
@@ -438,9 +456,11 @@ def cli_diff(a:str, # old model folder
              header_only:store_true=False, # do not read tensor values
              figure:str=None, # save the per-layer figure to this image file
              as_json:store_true=False, # print JSON instead of text
+             probes:str=None, # JSON file of multiple-choice items (prompt, target, choices): count behaviour flips
+             tokenizer:str=None, # tokenizer folder for --probes (default: B)
             ):
     "Compare two model versions and suggest a version bump"
-    r = diff(a, b, values=not header_only)
+    r = diff(a, b, values=not header_only, probes=probes, tok=(tokenizer or b) if probes else None)
     print(json.dumps(r.to_dict(), indent=1, default=str) if as_json else r)
     if figure and r.rel_change: r.figure().savefig(figure, dpi=120, bbox_inches='tight')
     return r
