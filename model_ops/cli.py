@@ -87,6 +87,10 @@ COMMANDS = {
     'diff': 'model_ops.transfer:cli_diff',
     'prune': 'model_ops.prune:cli_prune',
     'ckpt': 'model_ops.checkpoint:cli_ckpt',
+    'log': 'model_ops.lineage:cli_log',
+    'revert': 'model_ops.lineage:cli_revert',
+    'reproduce': 'model_ops.chain:cli_reproduce',
+    'run': 'model_ops.chain:cli_run',
 }
 
 def _resolve(name):

@@ -512,7 +512,9 @@ def save_pruned(model:nn.Module, out_dir, tok=None, *, metadata:dict=None, overw
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     tied = getattr(model.config, "tie_word_embeddings", False)
     head = arch_spec(model).lm_head if tied else None
-    with ShardWriter(out_dir, max_shard_size=max_shard_size, metadata=meta, overwrite=overwrite) as w:
+    from model_ops.lineage import recorder    # lineage.json with undo data against the source folder, model card (#21)
+    with recorder('prune', metadata, src, out_dir, model, reports={'sparsity': round(rep['overall'], 6)}), \
+         ShardWriter(out_dir, max_shard_size=max_shard_size, metadata=meta, overwrite=overwrite) as w:
         for k, v in model.state_dict().items():   # blocks sharing weights (`share_blocks`) are written as separate copies
             if head and k == f"{head}.weight": continue
             w.add(k, v.detach().contiguous().clone())
@@ -889,7 +891,8 @@ def cli_prune(model:str, # model folder, Hugging Face id, or 'smollm2'
     t0 = time.time()
     prune(m, tk, method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen, calib_dtype=calib_dtype)
     rep = sparsity_report(m)
-    save_pruned(m, out, tk, metadata={"method": method, "source": model, "sparsity": sparsity, "pattern": pattern}, overwrite=overwrite)
+    save_pruned(m, out, tk, metadata={"method": method, "source": model, "sparsity": sparsity, "pattern": pattern, "calib": calib,
+                                      "nsamples": nsamples, "seqlen": seqlen, "calib_dtype": calib_dtype}, overwrite=overwrite)
     print(f"{method}: {rep['overall']:.1%} of the block linears are zero ({rep['params']:.1%} of all parameters), "
           f"{time.time() - t0:.1f} s; saved to {out}")
     return rep

@@ -237,8 +237,12 @@ def transfer(src_base, # the model the fine-tune started from (anything `WeightS
     meta = dict(operation='transfer', alpha=str(alpha), vocab=json.dumps(vocab if not isinstance(vocab, dict) else mapping),
                 src_base=content_fingerprint(B), src_tuned=content_fingerprint(T), tgt_base=content_fingerprint(G),
                 transferred=str(sum(a[0] != 'copy' for a in plan.values())))
-    return save_model(pairs, out, config=cfg, copy_from=copy_from, metadata=meta, max_shard_size=max_shard_size,
-                      overwrite=overwrite, progress=progress)
+    from model_ops.lineage import step as lineage_step    # lineage.json, header record, model card (#21)
+    with lineage_step('transfer', dict(alpha=alpha, vocab=vocab if not isinstance(vocab, dict) else mapping, include=include, exclude=exclude,
+                                       layers=layers, strict=strict), dict(src_base=src_base, src_tuned=src_tuned, tgt_base=tgt_base), out=out,
+                      why='a transfer may change every tensor; revert goes back through its target base folder'):
+        return save_model(pairs, out, config=cfg, copy_from=copy_from, metadata=meta, max_shard_size=max_shard_size,
+                          overwrite=overwrite, progress=progress)
 
 # %% ../nbs/50_transfer.ipynb #5eb78457
 def weight_signature(pre, # the common starting point
@@ -323,7 +327,8 @@ class DiffReport:
                     dtype_changed=self.dtype_changed, changed=len(self.changed), unchanged=self.unchanged,
                     config_changes={k: list(v) for k, v in self.config_changes.items()},
                     tokenizer_changes=self.tokenizer_changes, other_file_changes=self.other_changes,
-                    bump=self.bump, reason=self.reason, rule=self.rule)
+                    bump=self.bump, reason=self.reason, rule=self.rule,
+                    flips=getattr(self, 'flips', None), min_cosine=min(self.cosine.values(), default=None), max_zeros_change=max(self.zeros_change.values(), default=None, key=abs))
     def __str__(self):
         L = [f"diff {self.a_name} -> {self.b_name}",
              f"tensors: {self.n_a} -> {self.n_b}; added {len(self.added)}, removed {len(self.removed)}, reshaped "
@@ -335,12 +340,14 @@ class DiffReport:
         L.append("tokenizer files: " + (', '.join(self.tokenizer_changes) or 'unchanged'))
         if self.other_changes: L.append("other files: " + ', '.join(self.other_changes))
         if self.rel_change:
-            L.append("largest relative changes ||b-a||/||a||:")
-            for n, r in self.table(5): L.append(f"  {r:10.4g}  {n}")
+            L.append("largest relative changes ||b-a||/||a||  (cosine(a, b), change in the fraction of zeros):")
+            for n, r in self.table(5): L.append(f"  {r:10.4g}  ({self.cosine.get(n, float('nan')):.4f}, {self.zeros_change.get(n, 0):+.3f})  {n}")
             pl = self.per_layer(); layers = sorted({k[0] for k in pl if k[0] is not None})
             if layers:
                 L.append("per layer (max over module types): " + ', '.join(
                     f"{l}: {max(v for k, v in pl.items() if k[0] == l):.3g}" for l in layers))
+        if getattr(self, 'flips', None): L.append("behaviour on {n} probes: accuracy {acc_old:.3f} -> {acc_new:.3f}, negative flips {negative_flips}, "
+                                                  "positive flips {positive_flips} (McNemar p = {mcnemar_p:.3g})".format(**self.flips))
         L.append(f"suggested version bump: {self.bump.upper()} ({self.reason})")
         L.append(f"rule: {self.rule}")
         return '\n'.join(L)
@@ -348,16 +355,29 @@ class DiffReport:
 
 BUMP_RULE = ("MAJOR if tensors were added, removed or reshaped, an architecture config field changed, or tokenizer files "
              "differ; else MINOR if any tensor's values or dtype changed; else PATCH if other config or generation files "
-             "changed; else NONE")
+             "changed; else NONE. Given a tokenizer and probes (multiple-choice items), MAJOR also when more than "
+             "`flip_limit` (5%) of the probes flip from right to wrong (negative flip rate, `flip_metrics`)")
 
 def _cfg_changes(ca, cb):
     ca, cb = dict(ca or {}), dict(cb or {})
     return {k: (ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if k not in _IGNORED_KEYS and ca.get(k) != cb.get(k)}
 
 # %% ../nbs/50_transfer.ipynb #1b354af6
+def _probe_flips(a, b, tok, probes) -> dict:
+    "`flip_metrics` of models `a` -> `b` (folders or modules) on multiple-choice `probes`"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if tok is None: raise ValueError("probes need a tokenizer: pass tok= (a tokenizer or its folder)")
+    if isinstance(tok, (str, Path)): tok = AutoTokenizer.from_pretrained(tok)
+    if isinstance(probes, (str, Path)): probes = json.loads(Path(probes).read_text())
+    load = lambda m: m if isinstance(m, nn.Module) else AutoModelForCausalLM.from_pretrained(m).eval()
+    return flip_metrics(mc_labels(probes), mc_predict(load(a), tok, probes), mc_predict(load(b), tok, probes))
+
 def diff(a, # the old model (anything `WeightStore.open` reads)
          b, # the new model
          values:bool=True, # read tensors to measure the relative change (False: headers, files and a few sampled rows only)
+         tok=None, # tokenizer (or its folder) for `probes`
+         probes=None, # multiple-choice items (`prompt`, `target`, `choices`; a list or a JSON file) to count behaviour flips on
+         flip_limit:float=0.05, # negative flip rate above which the bump is MAJOR
         ) -> DiffReport:
     "Compare two models: structure, config, tokenizer, relative change per tensor/layer, and a version bump"
     A, B = open_weights(a), open_weights(b)
@@ -371,7 +391,7 @@ def diff(a, # the old model (anything `WeightStore.open` reads)
     cfg = _cfg_changes(A.config, B.config)
     tokc = _files_changed(A.path, B.path, TOKENIZER_FILES)
     other = _files_changed(A.path, B.path, OTHER_FILES)
-    rel, sq, changed = {}, {}, []
+    rel, sq, changed, cos, dzero = {}, {}, [], {}, {}
     if values:
         for n in common:
             if n in rs: continue
@@ -379,8 +399,11 @@ def diff(a, # the old model (anything `WeightStore.open` reads)
             if x.dtype == y.dtype and torch.equal(x, y): continue
             changed.append(n)
             if not x.is_floating_point(): continue
-            d2, a2 = float((y.double() - x.double()).pow(2).sum()), float(x.double().pow(2).sum())
+            xd, yd = x.double().reshape(-1), y.double().reshape(-1)
+            d2, a2, b2 = float((yd - xd).pow(2).sum()), float(xd.pow(2).sum()), float(yd.pow(2).sum())
             sq[n] = (d2, a2); rel[n] = math.sqrt(d2 / a2) if a2 > 0 else float('inf')
+            cos[n] = float(xd @ yd) / math.sqrt(a2 * b2) if a2 > 0 and b2 > 0 else float('nan')   # direction kept?
+            dzero[n] = float((yd == 0).double().mean() - (xd == 0).double().mean())               # sparsity change
     else:   # compare the sampled-row fingerprints only (16 rows per tensor)
         same_shape = [n for n in common if n not in rs]
         fa, fb = tensor_fingerprints(A, same_shape), tensor_fingerprints(B, same_shape)
@@ -397,11 +420,14 @@ def diff(a, # the old model (anything `WeightStore.open` reads)
         bump, why = 'patch', [f"config {k} changed" for k in list(cfg)[:3]] + [f"{f} changed" for f in other]
     else: bump, why = 'none', ['identical']
     if not values and bump in ('minor', 'patch', 'none'): why.append('tensor values compared on sampled rows only')
+    flips = _probe_flips(a, b, tok, probes) if probes is not None else None
+    if flips is not None and bump != 'major' and flips['NFR'] > flip_limit:
+        bump = 'major'; why = [f"{flips['negative_flips']} of {flips['n']} probes flipped from right to wrong (rate {flips['NFR']:.1%} > {flip_limit:.0%})"]
     return DiffReport(a_name=str(getattr(A, 'path', None) or type(a).__name__), b_name=str(getattr(B, 'path', None) or type(b).__name__),
                       n_a=len(ka), n_b=len(kb), added=added, removed=removed, reshaped=reshaped, dtype_changed=dtype_changed,
                       changed=changed, unchanged=len(common) - len(rs) - len(changed),
-                      config_changes=cfg, tokenizer_changes=tokc, other_changes=other, rel_change=rel, sq=sq,
-                      bump=bump, reason='; '.join(w for w in why if w), rule=BUMP_RULE)
+                      config_changes=cfg, tokenizer_changes=tokc, other_changes=other, rel_change=rel, sq=sq, cosine=cos, zeros_change=dzero,
+                      bump=bump, reason='; '.join(w for w in why if w), rule=BUMP_RULE, flips=flips)
 
 # %% ../nbs/50_transfer.ipynb #533ce98e
 @call_parse
@@ -430,9 +456,11 @@ def cli_diff(a:str, # old model folder
              header_only:store_true=False, # do not read tensor values
              figure:str=None, # save the per-layer figure to this image file
              as_json:store_true=False, # print JSON instead of text
+             probes:str=None, # JSON file of multiple-choice items (prompt, target, choices): count behaviour flips
+             tokenizer:str=None, # tokenizer folder for --probes (default: B)
             ):
     "Compare two model versions and suggest a version bump"
-    r = diff(a, b, values=not header_only)
+    r = diff(a, b, values=not header_only, probes=probes, tok=(tokenizer or b) if probes else None)
     print(json.dumps(r.to_dict(), indent=1, default=str) if as_json else r)
     if figure and r.rel_change: r.figure().savefig(figure, dpi=120, bbox_inches='tight')
     return r

@@ -9,7 +9,7 @@ LIB = Path(__file__).resolve().parent.parent / 'model_ops'
 # DESIGN.md's rows, top to bottom: a module may import its own row's package or a row above it, never one below.
 RANK = {'io': 0, 'nn': 1, 'delta': 2, 'eval': 3, 'lineage': 4,
         'merge': 5, 'edit': 5, 'unlearn': 5, 'prune': 5, 'distill': 5, 'compress': 5, 'transfer': 5, 'checkpoint': 5,
-        'cli': 9}
+        'cli': 9, 'chain': 9}   # chain (the recipe runner) calls the techniques: it sits with the CLI
 ALLOWED = {('prune', 'distill'), ('compress', 'distill'), ('compress', 'prune'), ('merge', 'distill')}   # DESIGN.md's exceptions
 
 def modules() -> dict:

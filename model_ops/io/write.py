@@ -4,7 +4,7 @@
 
 # %% ../../nbs/00c_io_write.ipynb #6e26cb22
 from __future__ import annotations
-import json, os, re, shutil, math, secrets
+import json, os, re, shutil, math, secrets, contextvars, contextlib
 from pathlib import Path
 from collections.abc import Mapping, Iterable
 import torch
@@ -15,8 +15,8 @@ from .format import parse_size, shard_names, plan_shards, header_bytes, write_sa
 from .store import WeightStore
 
 # %% auto #0
-__all__ = ['clean_tmp', 'restore_aside', 'set_aside', 'remove_dir', 'atomic_dir', 'check_output', 'PlannedWriter', 'ShardWriter',
-           'finalize_parts', 'save_model', 'save_pretrained_atomic']
+__all__ = ['clean_tmp', 'restore_aside', 'set_aside', 'remove_dir', 'atomic_dir', 'check_output', 'use_output_hook',
+           'output_hook', 'PlannedWriter', 'ShardWriter', 'finalize_parts', 'save_model', 'save_pretrained_atomic']
 
 # %% ../../nbs/00c_io_write.ipynb #80ff1ea2
 def _fsync_dir(d):
@@ -131,6 +131,21 @@ def check_output(out, # the folder an operation is about to write
         if o in i.parents: raise ModelIOError(f"{out}: the output folder contains the input {src} (replacing it would delete the input); write elsewhere")
         if i.is_dir() and i in o.parents: raise ModelIOError(f"{out}: the output lies inside the input {src}; write to a folder outside it")
 
+# %% ../../nbs/00c_io_write.ipynb #a1b2c3d5
+_OUTPUT_HOOK = contextvars.ContextVar('model_ops_output_hook', default=None)
+
+@contextlib.contextmanager
+def use_output_hook(hook): # an object with `.wants(out)`, `.metadata` (dict) and `.finish(tmp_folder)`
+    "Within the block, writers whose output `hook.wants` add `hook.metadata` to their headers and call `hook.finish` before committing."
+    tok = _OUTPUT_HOOK.set(hook)
+    try: yield hook
+    finally: _OUTPUT_HOOK.reset(tok)
+
+def output_hook(out)->object|None:
+    "The hook registered (by `use_output_hook`) for a write to folder `out`, or None."
+    h = _OUTPUT_HOOK.get()
+    return h if h is not None and h.wants(Path(out).expanduser()) else None
+
 # %% ../../nbs/00c_io_write.ipynb #31694637
 class PlannedWriter:
     "Write a known sequence of (name, shape, dtype) tensors into HF-sharded safetensors as they arrive; atomic; checksummed."
@@ -144,7 +159,8 @@ class PlannedWriter:
         self.out, self.overwrite, self.checksums, self.direct = Path(out_dir).expanduser(), overwrite, checksums, direct
         if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
             raise ModelIOError(f"{self.out}: folder exists and is not empty; pass overwrite=True to replace it")
-        self.meta_json = json.dumps(metadata or {}, default=str)
+        self._hook = output_hook(self.out)   # lineage: extra header metadata and files (see `use_output_hook`)
+        self.meta_json = json.dumps({**(metadata or {}), **(self._hook.metadata if self._hook else {})}, default=str)
         self.entries = {name: (tuple(shape), dt) for name, shape, dt in entries}
         for name, (shape, dt) in self.entries.items():
             if dt not in _ST_CODES: raise ModelIOError(f"tensor {name!r} has dtype {dt}, which safetensors cannot store")
@@ -201,6 +217,7 @@ class PlannedWriter:
                 if len(self.shards) > 1:
                     wm = {n: self.files[i] for i, s in enumerate(self.shards) for n in s}
                     self.write_json('model.safetensors.index.json', {'metadata': {'total_size': self.total}, 'weight_map': wm})
+                if self._hook: self._hook.finish(self.tmp)
                 self._dir.commit()
         except OSError as e: raise _write_error(self.out, e) from e
         finally: self._dir.abort()   # a no-op after the commit
@@ -239,6 +256,8 @@ class ShardWriter:
         self.out, self.max = Path(out_dir).expanduser(), parse_size(max_shard_size)
         if self.max <= 0: raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
         self.metadata, self.overwrite, self.dtype, self.checksums, self.durable = metadata or {}, overwrite, dtype, checksums, durable
+        self._hook = output_hook(self.out)   # lineage: extra header metadata and files (see `use_output_hook`)
+        if self._hook: self.metadata = {**self.metadata, **self._hook.metadata}
         try: self._meta_json = json.dumps(self.metadata, default=str)
         except Exception as e: raise ValueError(f"metadata is not JSON-able: {e}") from None
         if self.out.exists() and not self.out.is_dir(): raise ModelIOError(f"{self.out}: exists and is not a folder")
@@ -307,6 +326,7 @@ class ShardWriter:
             return
         if not self._shards: raise ModelIOError(f"{self.out}: nothing to write (no tensors were added)")
         _name_shards(self.tmp, [(fn, names) for fn, names in self._shards], self.total, self.durable)
+        if self._hook: self._hook.finish(self.tmp)
         self._ad.commit(); self.tmp = None
 
     def __exit__(self, typ, val, tb):
@@ -349,6 +369,7 @@ def finalize_parts(out_dir, # the folder the parts were written for
         for fn, names in shards:
             dst = tmp / fn.name; os.replace(fn, dst); moved.append((dst, names))
         _name_shards(tmp, moved, total, durable)
+        if (h := output_hook(out)) is not None: h.finish(tmp)
     shutil.rmtree(parts, ignore_errors=True)
     return out
 

@@ -160,7 +160,11 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
         else: results = stream_merge(plan, device, seed, workers, check_finite, progress, recycle=True, precise=precise)
         try:
             meta = provenance(plan, seed, device, precise)
-            with PlannedWriter(out, entries, max_shard_size=max_shard_size, overwrite=overwrite,
+            from model_ops.lineage import step as lineage_step    # lineage.json, header record, model card section (#21)
+            with lineage_step("merge", {"config": meta["config"], "seed": seed, "precise": precise}, out=out,
+                              parents=[("base" if i == plan.base else None, m.store.path or m.ref) for i, m in enumerate(plan.models)],
+                              why="a merge changes every tensor; revert goes back through its parent folder"), \
+                 PlannedWriter(out, entries, max_shard_size=max_shard_size, overwrite=overwrite,
                                metadata={k: meta[k] for k in ("operation", "method", "inputs", "seed", "precise")}) as w:
                 for name, t, *digest in results: w.add(name, t, *digest)   # (worker processes also send the checksum)
                 results.close()          # workers gone before the extras are written
