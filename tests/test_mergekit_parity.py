@@ -9,7 +9,8 @@ instead of one per recipe); each document goes through `run_merge`, which seeds 
 
 The rest of a recipe, each key through both tools on float32 and bfloat16 models: `modules:` and keys mergekit ignores
 (with the weights recipes above), `chat_template` (every built-in name, `auto`, a literal template: tensors and the
-tokenizer files, `chat_template.jinja` included, byte for byte), multi-stage recipes (against `mergekit-multi`'s final
+tokenizer files byte for byte; `chat_template.jinja` byte for byte for `auto` and a literal template, and for a built-in
+name, whose template is our own text, the same prompts rendered on a corpus of conversations), multi-stage recipes (against `mergekit-multi`'s final
 model, a DARE stage reseeded as it reseeds), and the model card (against mergekit's `generate_card` for the same text).
 Hub ids are tested in tests/test_merge.py: mergekit 0.1.5 lists a repo's files on the Hub before it reads its cache, so
 it cannot merge from ids offline."""
@@ -485,16 +486,51 @@ def tok_runs(tmp_path_factory):
 
 TOKENIZER_OUT = ("chat_template.jinja", "tokenizer_config.json", "tokenizer.json")
 
+# conversations for comparing what two chat templates render: system + user, user only, several turns, a trailing
+# assistant turn, text with spaces and newlines around it, alpaca's `user_context`, a later system message, and the
+# orders mistral refuses (both templates must raise); each with and without the generation prompt
+_S, _Q, _A, _Q2 = ({"role": "system", "content": "  Answer in one line.\n"}, {"role": "user", "content": "What is 2+2? "},
+                   {"role": "assistant", "content": " 4\n"}, {"role": "user", "content": "And 3+3?"})
+CONVERSATIONS = [[_S, _Q], [_Q], [_Q, _A, _Q2], [_S, _Q, _A], [_S, _Q, _A, _Q2, _A], [_S],
+                 [{"role": "user", "content": "\n\t spaced \n"}, {"role": "assistant", "content": "  \nreply\n\n"}],
+                 [_Q, {"role": "user_context", "content": " 2 and 2 \n"}], [_S, _Q, _A, {"role": "user_context", "content": "x"}],
+                 [_S, _Q, {"role": "system", "content": "Later rule."}, _Q2],
+                 [_Q, _Q2], [_S, _A], [_Q, _A, _S], [_A], [_Q, {"role": "tool", "content": "42"}]]
+
+def _renders(folder) -> list:
+    "What the tokenizer saved in `folder` renders each conversation to (or the type of the error it raises)."
+    import transformers
+    tok, out = transformers.AutoTokenizer.from_pretrained(str(folder)), []
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            try: out.append(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen))
+            except Exception as e: out.append(type(e).__name__)
+    return out
+
+def _same_tokenizer(out, ref, builtin:str|None, tag):
+    """The tokenizer files as mergekit's: `tokenizer_config.json` and `tokenizer.json` byte for byte (neither holds the
+    template's text), `chat_template.jinja` byte for byte unless a built-in name was asked for; then it is our template
+    and renders every conversation of CONVERSATIONS as mergekit's file does."""
+    for f in TOKENIZER_OUT:
+        assert (out / f).is_file() == (ref / f).is_file(), (tag, f)
+        if (ref / f).is_file() and not (builtin and f == "chat_template.jinja"):
+            assert filecmp.cmp(out / f, ref / f, shallow=False), (tag, f)
+    if builtin:
+        assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATES[builtin], tag
+        mine, theirs = _renders(out), _renders(ref)
+        assert mine == theirs, (tag, [(c, m, t) for c, m, t in zip(CONVERSATIONS * 2, mine, theirs) if m != t][:1])
+        if builtin == "mistral": assert "TemplateError" in mine, tag    # the error cases were reached
+
 @pytest.mark.parametrize("name", [f"ct_{n}_{t}" for n in TEMPLATE_RECIPES for t in ("f32", "bf16")])
 def test_chat_template_files_as_mergekit(tok_runs, name):
-    "`chat_template`: mergekit's tensors and its tokenizer files (chat_template.jinja included) byte for byte."
+    """`chat_template`: mergekit's tensors and its tokenizer files byte for byte, the template's file too for `auto` and a
+    literal template; a built-in name's template (our own text) renders mergekit's prompts."""
     root, _, texts, _ = tok_runs
     p = root / f"{name}.yml"; p.write_text(texts[name])
     out, ref = merge_config(str(p), root / "mo" / name, workers=1), root / "mk" / name
     _same(_load(out), _load(ref), name)
-    for f in TOKENIZER_OUT:
-        assert (out / f).is_file() == (ref / f).is_file(), (name, f)
-        if (ref / f).is_file(): assert filecmp.cmp(out / f, ref / f, shallow=False), (name, f)
+    builtin = name.split("_")[1]
+    _same_tokenizer(out, ref, builtin if builtin in CHAT_TEMPLATES else None, name)
     assert (out / "chat_template.jinja").is_file()
     if "auto" in name: assert (out / "chat_template.jinja").read_text() == LITERAL   # the majority, stripped
 
@@ -509,7 +545,8 @@ def test_chat_template_errors(tok_runs, tmp_path):
 def test_pipeline_as_mergekit_multi(tok_runs, tag):
     """A multi-stage recipe: the final stage bit for bit as mergekit-multi's (the unnamed final in float32, a named one
     chosen with `stage=` in bfloat16, through a DARE stage reseeded as mergekit-multi reseeds), its tokenizer files as
-    mergekit's, and no intermediate folder left beside the output."""
+    mergekit's (the float32 one's built-in chatml template by what it renders), and no intermediate folder left beside the
+    output."""
     root, _, _, pipes = tok_runs
     p = root / f"pipeline_{tag}.yml"; p.write_text(pipes[tag])
     outdir = root / f"po_{tag}"; outdir.mkdir()
@@ -517,7 +554,8 @@ def test_pipeline_as_mergekit_multi(tok_runs, tag):
     out = merge_config(str(p), outdir / "final", workers=1, stage=stage, random_seed=SEED)
     ref = root / "mk_final" if tag == "f32" else root / "mk" / f"final_{tag}"
     _same(_load(out), _load(ref), tag)
-    for f in TOKENIZER_OUT: assert filecmp.cmp(out / f, ref / f, shallow=False), (tag, f)
+    for f in TOKENIZER_OUT: assert (ref / f).is_file(), (tag, f)
+    _same_tokenizer(out, ref, "chatml" if tag == "f32" else None, tag)
     assert (out / "chat_template.jinja").read_text() == (CHAT_TEMPLATES["chatml"] if tag == "f32" else LITERAL)
     assert sorted(os.listdir(outdir)) == ["final"]                     # the stages' temporary folder is gone
     assert (out / "mergekit_config.yml").read_text() == pipes[tag]     # the whole recipe, as given

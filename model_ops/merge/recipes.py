@@ -17,95 +17,63 @@ __all__ = ['log', 'CHAT_TEMPLATES', 'METHOD_CARDS', 'chat_template_text', 'write
            'recipe_stages', 'stage_inputs', 'with_stage_folders', 'stage_order']
 
 # %% ../../nbs/16a_merge_recipes.ipynb #e7f62712
-# mergekit 0.1.5's built-in chat templates (mergekit/_data/chat_templates/*.jinja), byte for byte: a recipe naming
-# one must give the very file mergekit writes (a test compares them with mergekit's files when it is installed)
+# Our own Jinja templates for the five prompt formats mergekit 0.1.5 has built in (alpaca, chatml, exaone, llama3,
+# mistral), written here, not copied: each renders every conversation to the same prompt as mergekit's template of that
+# name does under transformers (the cells below and tests/test_mergekit_parity.py compare the rendered strings).
+# `{%- -%}` everywhere, so the layout of the source never reaches the output: every character a conversation renders
+# to is a string literal here or a message's content.
 CHAT_TEMPLATES = {
-    'alpaca': (
-        "{{ (messages|selectattr('role', 'equalto', 'system')|list|last).content|trim if (messages|selectattr('role', 'equalto', 'system')|list) else '' }}\n"
-        '\n'
-        '{% for message in messages %}\n'
-        "{% if message['role'] == 'user' %}\n"
-        '### Instruction:\n'
-        "{{ message['content']|trim -}}\n"
-        '{% if not loop.last %}\n'
-        '\n'
-        '\n'
-        '{% endif %}\n'
-        "{% elif message['role'] == 'assistant' %}\n"
-        '### Response:\n'
-        "{{ message['content']|trim -}}\n"
-        '{% if not loop.last %}\n'
-        '\n'
-        '\n'
-        '{% endif %}\n'
-        "{% elif message['role'] == 'user_context' %}\n"
-        '### Input:\n'
-        "{{ message['content']|trim -}}\n"
-        '{% if not loop.last %}\n'
-        '\n'
-        '\n'
-        '{% endif %}\n'
-        '{% endif %}\n'
-        '{% endfor %}\n'
-        "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}\n"
-        '### Response:\n'
-        '{% endif %}\n'
-    ),
-    'chatml': (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}\n"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}\n"
-    ),
-    'exaone': (
-        '{% for message in messages %}\n'
-        "    {% if loop.first and message['role'] != 'system' %}\n"
-        "        {{ '[|system|][|endofturn|]\\n' }}\n"
-        '    {% endif %}\n'
-        "    {{ '[|' + message['role'] + '|]' + message['content'] }}\n"
-        "    {% if message['role'] == 'user' %}\n"
-        "        {{ '\\n' }}\n"
-        '    {% else %}\n'
-        "        {{ '[|endofturn|]\\n' }}\n"
-        '    {% endif %}\n'
-        '{% endfor %}\n'
-        '{% if add_generation_prompt %}\n'
-        "    {{ '[|assistant|]' }}\n"
-        '{% endif %}\n'
-    ),
-    'llama3': (
-        '{% set loop_messages = messages %}\n'
-        '{% for message in loop_messages %}\n'
-        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}\n"
-        '{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}\n'
-        '{{ content }}\n'
-        '{% endfor %}\n'
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}\n"
-    ),
-    'mistral': (
-        "{%- if messages[0]['role'] == 'system' %}\n"
-        "    {%- set system_message = messages[0]['content'] %}\n"
-        '    {%- set loop_messages = messages[1:] %}\n'
-        '{%- else %}\n'
-        '    {%- set loop_messages = messages %}\n'
-        '{%- endif %}\n'
-        '\n'
-        '{{- bos_token }}\n'
-        '{%- for message in loop_messages %}\n'
-        "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
-        "        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}\n"
-        '    {%- endif %}\n'
-        "    {%- if message['role'] == 'user' %}\n"
-        '        {%- if loop.first and system_message is defined %}\n'
-        "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n"
-        '        {%- else %}\n'
-        "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n"
-        '        {%- endif %}\n'
-        "    {%- elif message['role'] == 'assistant' %}\n"
-        "        {{- ' ' + message['content'] + eos_token}}\n"
-        '    {%- else %}\n'
-        "        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}\n"
-        '    {%- endif %}\n'
-        '{%- endfor %}\n'
-    ),
+    # Alpaca: the (last) system message, trimmed, then a blank line; each turn is a '### ...:' header over its trimmed
+    # text, turns a blank line apart; `user_context` turns are the '### Input:' block. No separator before the
+    # generation prompt, and none after an assistant turn that ends the conversation.
+    'alpaca': r"""{%- set headers = {'user': '### Instruction:', 'user_context': '### Input:', 'assistant': '### Response:'} -%}
+{%- set system_texts = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | list -%}
+{{- (system_texts | last if system_texts else '') | trim + '\n\n' -}}
+{%- for turn in messages -%}
+    {%- if turn['role'] in headers -%}
+        {{- headers[turn['role']] + '\n' + turn['content'] | trim -}}
+        {%- if not loop.last -%}{{- '\n\n' -}}{%- endif -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}{{- '### Response:\n' -}}{%- endif -%}""",
+    # ChatML: every turn, system included, as <|im_start|>ROLE, a newline, the text as given, <|im_end|> and a newline.
+    'chatml': r"""{%- for turn in messages -%}
+    {{- '<|im_start|>' + turn['role'] + '\n' + turn['content'] + '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}""",
+    # EXAONE: [|role|] before each turn, a conversation without a system turn opens with an empty one, non-user turns
+    # close with [|endofturn|]. The indentation and blank lines below are part of the output: they are what
+    # mergekit 0.1.5's exaone template renders to under transformers (trim_blocks / lstrip_blocks keep the spaces and
+    # newlines around its `{{ }}` lines), kept so that both give the same prompt.
+    'exaone': r"""{%- set user_end = '\n        \n\n' -%}
+{%- set other_end = '\n        [|endofturn|]\n\n' -%}
+{%- for turn in messages -%}
+    {%- if loop.first and turn['role'] != 'system' -%}{{- '        [|system|][|endofturn|]\n\n' -}}{%- endif -%}
+    {{- '    [|' + turn['role'] + '|]' + turn['content'] + (user_end if turn['role'] == 'user' else other_end) -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '    [|assistant|]\n' -}}{%- endif -%}""",
+    # Llama 3: BOS once, then per turn a role header, a blank line, the trimmed text, <|eot_id|> and a newline.
+    'llama3': r"""{%- for turn in messages -%}
+    {%- if loop.first -%}{{- bos_token -}}{%- endif -%}
+    {{- '<|start_header_id|>' + turn['role'] + '<|end_header_id|>\n\n' + turn['content'] | trim + '<|eot_id|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}""",
+    # Mistral (v0.1 style): BOS, then ' [INST] question [/INST]' and ' answer' + EOS, strictly alternating from a user
+    # turn; a leading system message has no tag of its own and is folded into the first question, a blank line before
+    # it. Any other order or role is an error. There is no generation prompt: a prompt ends in [/INST] anyway.
+    'mistral': r"""{%- set folded = messages[0]['role'] == 'system' -%}
+{%- set turns = messages[1:] if folded else messages -%}
+{{- bos_token -}}
+{%- for turn in turns -%}
+    {%- if turn['role'] != ['user', 'assistant'][loop.index0 % 2] -%}
+        {{- raise_exception('mistral chat template: after an optional first system message the turns must alternate user, assistant, user, ...; turn ' + loop.index | string + ' is ' + turn['role'] | string) -}}
+    {%- endif -%}
+    {%- if turn['role'] == 'user' -%}
+        {{- ' [INST] ' + (messages[0]['content'] + '\n\n' if folded and loop.first else '') + turn['content'] + ' [/INST]' -}}
+    {%- else -%}
+        {{- ' ' + turn['content'] + eos_token -}}
+    {%- endif -%}
+{%- endfor -%}""",
 }
 
 
@@ -113,8 +81,9 @@ CHAT_TEMPLATES = {
 def chat_template_text(template:str|None, # the recipe's `chat_template`: a built-in name, 'auto', or a Jinja template
                        tokenizer_dirs=(), # for 'auto': the input models' folders, in recipe order
                       )->str|None:
-    """The chat template a recipe asks for, by mergekit's rule: a built-in name gives mergekit's file, `auto` the template
-    most of the inputs' tokenizers carry (stripped; None when none has one), anything else is a literal Jinja template."""
+    """The chat template a recipe asks for, by mergekit's rule: a built-in name gives our template for that format (it
+    renders as mergekit's of that name), `auto` the template most of the inputs'
+    tokenizers carry (stripped; None when none has one), anything else is a literal Jinja template."""
     if not template: return None
     if template == "auto":
         found = []
