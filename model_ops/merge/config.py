@@ -517,4 +517,4 @@ def _plan_merge(cfg, text, src, strict=False)->MergePlan:
     elif ts == "union": tok = gbase if gbase is not None else ref
     else: tok = mid(ts)
     if ts is not None and vocab is None: _check_same_tokenizers([models[i] for i in sorted({s["model"] for sl in slices for s in sl["sources"]})])
-    return MergePlan(method, models, jobs, gbase, outcfg, total_layers, dtype, out_dtype, tok, cfg, text, ts, vocab)
+    return MergePlan(method, models, jobs, gbase, outcfg, total_layers, dtype, out_dtype, tok, cfg, text, ts, vocab=vocab)
