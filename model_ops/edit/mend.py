@@ -11,7 +11,7 @@ from torch.func import functional_call
 from ..nn import arch_spec, weight_2d, is_conv1d
 from ..delta import snapshot
 from .core import (EditRecord, as_request, as_requests, check_causal_lm, add_to_weight, freeze, unfreeze,
-    score_targets, _ids, _batch, _device, _first)
+    score_targets, _ids, _batch, _pad_id, _device, _first)
 
 # %% auto #0
 __all__ = ['MEND_RELATIONS', 'mend_modules', 'grad_factors', 'MendNet', 'MendEditor', 'mend_losses', 'train_mend', 'mend',
@@ -232,14 +232,24 @@ def _answer(gen: str) -> str:
         if w2 != w or len(words) == 3: break
     return " " + " ".join(words) if words else ""
 
-# %% ../../nbs/25_edit_mend.ipynb #84394278
+# %% ../../nbs/25_edit_mend.ipynb #b60e4471
+@torch.no_grad()
+def _greedy(model, tok, prompts, max_new_tokens, batch_size=16):
+    "Greedy continuations, left-padded batches (as `model_ops.edit.evaluate.greedy`, which this module cannot import)."
+    dev, out = _device(model), []
+    for b in range(0, len(prompts), batch_size):
+        ids, mask = _batch(tok, [_ids(tok, p) for p in prompts[b:b + batch_size]], dev, left=True)
+        g = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=_pad_id(tok))
+        out += [tok.decode(r[ids.shape[1]:], skip_special_tokens=True) for r in g]
+    return out
+
+# %% ../../nbs/25_edit_mend.ipynb #1e690a25
 def probe_facts(model, tok, relations: dict|None = None, min_prob: float = 0.5) -> list[dict]:
     "Facts the model states confidently: per relation and subject, its greedy answer when that answer has probability ≥ `min_prob`."
-    from model_ops.edit.evaluate import greedy
     out = []
     for rel, (tmpls, subjects) in (relations or MEND_RELATIONS).items():
         prompts = [tmpls[0].replace("{}", s) for s in subjects]
-        answers = [_answer(g) for g in greedy(model, tok, prompts, 6)]
+        answers = [_answer(g) for g in _greedy(model, tok, prompts, 6)]
         keep = [i for i, a in enumerate(answers) if a]
         if not keep: continue
         sc = score_targets(model, tok, [prompts[i] for i in keep], [answers[i] for i in keep])
@@ -248,14 +258,14 @@ def probe_facts(model, tok, relations: dict|None = None, min_prob: float = 0.5) 
             if p >= min_prob: out.append(dict(relation=rel, subject=subjects[i], answer=answers[i], prob=p, templates=list(tmpls)))
     return out
 
-# %% ../../nbs/25_edit_mend.ipynb #33cb1e8d
+# %% ../../nbs/25_edit_mend.ipynb #56dfd019
 def split_facts(facts, held_out: float = 0.25, seed: int = 0) -> tuple[list, list]:
     "Split facts by subject (no subject on both sides) into (train, held-out)."
     subs = sorted({f["subject"] for f in facts}); random.Random(seed).shuffle(subs)
     held = set(subs[:round(held_out * len(subs))])
     return [f for f in facts if f["subject"] not in held], [f for f in facts if f["subject"] in held]
 
-# %% ../../nbs/25_edit_mend.ipynb #07b92274
+# %% ../../nbs/25_edit_mend.ipynb #7e23fe41
 def make_cases(facts, n_neighbors: int = 2, seed: int = 0) -> list[dict]:
     "CounterFact-style cases from facts: a new target from the same relation, paraphrases from the other templates, neighbours from the same facts."
     rng = random.Random(seed); out = []
