@@ -84,6 +84,7 @@ COMMANDS = {
     'diff': 'model_ops.transfer:cli_diff',
     'prune': 'model_ops.prune:cli_prune',
     'ckpt': 'model_ops.checkpoint:cli_ckpt',
+    'bench-merge': 'model_ops.merge.bench:cli_bench_merge',
 }
 
 def _resolve(name):

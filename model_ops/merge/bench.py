@@ -14,7 +14,7 @@ from torch import nn
 # %% auto #0
 __all__ = ['TASKS', 'BENCH_METHODS', 'task_items', 'Encoded', 'encode_items', 'prefix_states', 'suffix_logits', 'answer_scores',
            'trained_names', 'BenchSettings', 'finetune_expert', 'Zoo', 'zoo_dir', 'build_zoo', 'bench_rows',
-           'format_table', 'plot_bench', 'cli_bench_merge']
+           'format_table', 'plot_bench', 'evolve_merge', 'cli_bench_merge']
 
 # %% ../../nbs/18_merge_bench.ipynb #21f70a18
 _NUM = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split()
@@ -165,6 +165,7 @@ class Zoo:
     experts: dict                      # task -> {name: tensor}
     paths: dict = field(default_factory=dict)   # task -> expert folder (when cached on disk)
     n_eval: int|None = 48
+    base_path: Path|None = None                  # the base as a folder (when cached on disk)
     _states: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -229,6 +230,34 @@ class Zoo:
                 p = self.base.get_parameter(nm); p.requires_grad_(False); p.grad = None
                 with torch.no_grad(): p.copy_(t)
 
+    @torch.no_grad()
+    def loss(self, tensors:dict, tasks=None, n:int=16)->float:
+        "The cross-entropy of `loss_grad`, without the gradient."
+        saved = {}
+        try:
+            for nm, t in tensors.items():
+                p = self.base.get_parameter(nm); saved[nm] = p.detach().clone(); p.copy_(t)
+            ts, L = tasks or self.tasks, 0.0
+            for t in ts:
+                enc, h = self._prepared(t, "held_in", n)
+                L += float(F.cross_entropy(suffix_logits(self.base, enc, h, self.settings.k).float(), enc.tgt)) / len(ts)
+            return L
+        finally:
+            for nm, t in saved.items(): self.base.get_parameter(nm).copy_(t)
+
+    def suffix(self, tensors:dict|None=None)->dict:
+        "All tensors of the last `k` blocks: the base's, with `tensors` in their place."
+        return {n: (tensors[n] if tensors and n in tensors else self.base.get_parameter(n).detach().clone()) for n in self.suffix_names}
+
+    def random_expert(self, like:str, seed:int=0)->dict:
+        "An irrelevant 'expert': the base plus a random direction with the norm of `like`'s task vector, tensor by tensor."
+        g, tv, b = torch.Generator().manual_seed(seed), self.task_vector(like), self.base_tensors
+        out = {}
+        for n, t in tv.items():
+            r = torch.randn(t.shape, generator=g)
+            out[n] = b[n] + r * (t.norm() / r.norm())
+        return out
+
     def expert_score(self, task, split="held_out", metric="acc"):
         key = ("expert", task, split, metric)
         if key not in self._states: self._states[key] = self.task_score(self.experts[task], task, split)[metric]
@@ -264,6 +293,11 @@ def build_zoo(model="smollm2", # 'smollm2', 'tiny', a folder / HF id, or a `(mod
     fp = fingerprint(base)
     root = None if cache is False else Path(cache or zoo_dir())
     experts, paths = {}, {}
+    base_path = None
+    if root is not None:                       # the base as a folder too, so a recipe's YAML can name it
+        from model_ops.nn import cache_dir
+        base_path = cache_dir()/"smollm2" if model == "smollm2" else root/f"base-{fp}"
+        if not (base_path/"config.json").exists(): save_pretrained_atomic(base, base_path, tok=tok, metadata={"operation": "merge_bench_base"})
     for t in tasks:
         d = root/f"{t}-{s.key(t, fp)}" if root is not None else None
         if d is not None and (d/"config.json").exists():
@@ -280,7 +314,7 @@ def build_zoo(model="smollm2", # 'smollm2', 'tiny', a folder / HF id, or a `(mod
                                                                "settings": json.dumps(s.__dict__)})
                 del m
         paths[t] = d
-    zoo = Zoo(base, tok, s, experts, paths, n_eval)
+    zoo = Zoo(base, tok, s, experts, paths, n_eval, base_path)
     weak = {t: (zoo.task_score(None, t, "held_in")[check_metric], zoo.task_score(experts[t], t, "held_in")[check_metric]) for t in tasks}
     weak = {t: v for t, v in weak.items() if v[1] < v[0] + margin}
     if weak: raise RuntimeError(f"experts that do not beat the base on their own task by the margin (base, expert held-in {check_metric}): "
@@ -288,7 +322,7 @@ def build_zoo(model="smollm2", # 'smollm2', 'tiny', a folder / HF id, or a `(mod
     return zoo
 
 # %% ../../nbs/18_merge_bench.ipynb #e97de222
-from .research import opcm, sequential_task_arithmetic, frank_wolfe_merge
+from .research import opcm, sequential_task_arithmetic, frank_wolfe_merge, evolve_recipe, recipe_config
 
 def _merged(method, **params):
     def run(zoo, tasks):
@@ -301,7 +335,9 @@ def _merged(method, **params):
 
 def _opcm(zoo, tasks, alpha=0.5): return opcm(zoo.base_tensors, (zoo.experts[t] for t in tasks), alpha=alpha)
 def _seq_ta(zoo, tasks, lam=0.4): return sequential_task_arithmetic(zoo.base_tensors, (zoo.experts[t] for t in tasks), lam=lam)
-def _fw(zoo, tasks, steps=6): return frank_wolfe_merge(zoo.base_tensors, [zoo.experts[t] for t in tasks], lambda x: zoo.loss_grad(x, tasks), steps=steps).tensors
+def _fw(zoo, tasks, steps=6):
+    return frank_wolfe_merge(zoo.base_tensors, [zoo.experts[t] for t in tasks], lambda x: zoo.loss_grad(x, tasks),
+                             steps=steps, loss=lambda x: zoo.loss(x, tasks)).tensors
 
 BENCH_METHODS = {
     "average":         _merged("linear", weight=1.0),
@@ -349,6 +385,18 @@ def plot_bench(rows:list, ax=None):
     return ax.figure
 
 # %% ../../nbs/18_merge_bench.ipynb #474082f2
+def evolve_merge(zoo:Zoo, method:str="ties", budget:int=13, lam:int=4, seed:int=0, state_file=None, x0=None, metric:str="acc")->tuple:
+    "Evolve a recipe (weight and density per expert) on the held-in score: `(ESState, mergekit config dict)`."
+    from model_ops.merge.api import merge
+    if zoo.base_path is None or any(p is None for p in zoo.paths.values()): raise ValueError("evolve_merge needs a zoo cached on disk (build_zoo(cache=...)) to name its folders in the YAML")
+    n, ex = len(zoo.tasks), [zoo.experts[t] for t in zoo.tasks]
+    def score(x):
+        m = merge(ex, method=method, base=zoo.base_tensors, weight=list(x[:n]), density=list(x[n:]))
+        return zoo.score(m, split="held_in", metric=metric)["normalized"]
+    st = evolve_recipe(score, x0 or [0.5] * n + [0.5] * n, budget=budget, lam=lam, seed=seed, state_file=state_file, bounds=(0.05, 1.0))
+    return st, recipe_config([zoo.paths[t] for t in zoo.tasks], st.x, zoo.base_path, method)
+
+# %% ../../nbs/18_merge_bench.ipynb #13215db7
 from fastcore.script import call_parse
 
 @call_parse
