@@ -14,7 +14,7 @@ from torch import nn
 # %% auto #0
 __all__ = ['TASKS', 'BENCH_METHODS', 'task_items', 'Encoded', 'encode_items', 'prefix_states', 'suffix_logits', 'answer_scores',
            'trained_names', 'BenchSettings', 'finetune_expert', 'Zoo', 'zoo_dir', 'build_zoo', 'bench_rows',
-           'format_table', 'plot_bench', 'evolve_merge', 'cli_bench_merge']
+           'format_table', 'plot_bench', 'soup_experiment', 'evolve_merge', 'cli_bench_merge']
 
 # %% ../../nbs/18_merge_bench.ipynb #21f70a18
 _NUM = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split()
@@ -127,7 +127,9 @@ class BenchSettings:
     k:int = 4; steps:int = 60; lr:float = 1e-3; batch_size:int = 16; n_train:int|None = None; seed:int = 0
     def key(self, task, base_fp): return hashlib.sha256(json.dumps([task, base_fp, self.__dict__], sort_keys=True).encode()).hexdigest()[:16]
 
-def finetune_expert(model:nn.Module, tok, task:str, s:BenchSettings, log=None)->dict:
+def finetune_expert(model:nn.Module, tok, task:str, s:BenchSettings, log=None,
+                    masks:dict|None=None, # name -> bool mask re-imposed after every step (sparse fine-tuning)
+                   )->dict:
     "Train the MLPs of the last `s.k` blocks of a copy of `model` on `task`'s held-in items; returns the trained tensors."
     enc = encode_items(tok, task_items(task, "held_in", s.n_train))
     h = prefix_states(model, enc, s.k)
@@ -143,6 +145,9 @@ def finetune_expert(model:nn.Module, tok, task:str, s:BenchSettings, log=None)->
         sub = _subset(enc, b)
         loss = F.cross_entropy(suffix_logits(m, sub, h[b], s.k).float(), sub.tgt)
         loss.backward(); opt.step(); opt.zero_grad()
+        if masks:
+            with torch.no_grad():
+                for n in masks: m.get_parameter(n).mul_(masks[n])
         if log and (step + 1) % max(1, s.steps // 5) == 0: log(f"{task}: step {step+1}/{s.steps} loss {loss.item():.3f}")
     return {n: m.get_parameter(n).detach().clone() for n in names}
 
@@ -189,7 +194,7 @@ class Zoo:
         return self._states[task, split, n]
 
     @torch.no_grad()
-    def task_score(self, tensors:dict|None, task:str, split:str="held_out")->dict:
+    def task_score(self, tensors:dict|None, task:str, split:str="held_in")->dict:
         "Scores of the base with `tensors` (None: the base itself) put in, on `task`."
         enc, h = self._prepared(task, split)
         saved = {}
@@ -200,15 +205,16 @@ class Zoo:
         finally:
             for n, t in saved.items(): self.base.get_parameter(n).copy_(t)
 
-    def score(self, tensors:dict|None, split:str="held_out", metric:str="acc", tasks=None)->dict:
-        "Per-task scores of `tensors`, and the normalized score (merged / expert, averaged over tasks)."
+    def score(self, tensors:dict|None, split:str="held_in", metric:str="acc", tasks=None)->dict:
+        "Per-task scores of `tensors`, and the normalized score (merged / expert, averaged over the tasks the expert scores on)."
         bad = set(tensors or {}) - set(self.suffix_names)
         if bad: raise ValueError(f"tensors {sorted(bad)[:3]} are not in the last {self.settings.k} blocks, the only ones a bench model may change")
         tasks = tasks or self.tasks
         per = {t: self.task_score(tensors, t, split)[metric] for t in tasks}
         ref = {t: self.expert_score(t, split, metric) for t in tasks}
         norm = {t: per[t] / ref[t] if ref[t] > 0 else float("nan") for t in tasks}
-        return {"per_task": per, "normalized": sum(norm.values()) / len(norm), "per_task_normalized": norm}
+        ok = [v for v in norm.values() if v == v]
+        return {"per_task": per, "normalized": sum(ok) / len(ok) if ok else float("nan"), "per_task_normalized": norm}
 
     def loss_grad(self, tensors:dict, tasks=None, n:int=16)->tuple:
         "Cross-entropy on `n` held-in items per task with `tensors` put in, and its gradient with respect to them."
@@ -258,7 +264,7 @@ class Zoo:
             out[n] = b[n] + r * (t.norm() / r.norm())
         return out
 
-    def expert_score(self, task, split="held_out", metric="acc"):
+    def expert_score(self, task, split="held_in", metric="acc"):
         key = ("expert", task, split, metric)
         if key not in self._states: self._states[key] = self.task_score(self.experts[task], task, split)[metric]
         return self._states[key]
@@ -323,6 +329,7 @@ def build_zoo(model="smollm2", # 'smollm2', 'tiny', a folder / HF id, or a `(mod
 
 # %% ../../nbs/18_merge_bench.ipynb #e97de222
 from .research import opcm, sequential_task_arithmetic, frank_wolfe_merge, evolve_recipe, recipe_config
+from .research import magnitude_masks, sparse_soup
 
 def _merged(method, **params):
     def run(zoo, tasks):
@@ -351,33 +358,39 @@ BENCH_METHODS = {
 }
 
 def bench_rows(zoo:Zoo, methods=("task_arithmetic", "ties"), # names in `BENCH_METHODS`, or a dict name -> tensors / method
-               split:str="held_out", metric:str="acc", with_reference:bool=True)->list:
-    "Score merge methods on the zoo: one row per method (`base` and `experts` first when `with_reference`)."
+               splits=("held_in",), metric:str="acc", with_reference:bool=True)->list:
+    "Score merge methods on the zoo: one row per method and split (`base` and `experts` first when `with_reference`)."
+    if isinstance(splits, str): splits = (splits,)
     if not isinstance(methods, dict):
         bad = [m for m in methods if m not in BENCH_METHODS]
         if bad: raise ValueError(f"unknown bench method(s) {bad}; choose from {', '.join(BENCH_METHODS)}")
         methods = {m: BENCH_METHODS[m] for m in methods}
     rows = []
     if with_reference:
-        rows.append({"method": "base", **zoo.score(None, split, metric)})
-        per = {t: zoo.expert_score(t, split, metric) for t in zoo.tasks}
-        rows.append({"method": "experts", "per_task": per, "normalized": 1.0, "per_task_normalized": {t: 1.0 for t in per}})
+        for sp in splits:
+            rows.append({"method": "base", "split": sp, **zoo.score(None, sp, metric)})
+            per = {t: zoo.expert_score(t, sp, metric) for t in zoo.tasks}
+            pn = {t: 1.0 if v > 0 else float("nan") for t, v in per.items()}
+            rows.append({"method": "experts", "split": sp, "per_task": per, "normalized": 1.0, "per_task_normalized": pn})
     for name, m in methods.items():
         t0 = time.time()
         tensors = m(zoo, zoo.tasks) if callable(m) else m
-        rows.append({"method": name, **zoo.score(tensors, split, metric), "seconds": round(time.time() - t0, 1)})
+        dt = round(time.time() - t0, 1)
+        for sp in splits: rows.append({"method": name, "split": sp, **zoo.score(tensors, sp, metric), "seconds": dt})
     return rows
 
-def format_table(rows:list, digits:int=2)->str:
-    "A markdown table: one row per method, a column per task, and the normalized score."
+def format_table(rows:list, split:str="held_in", digits:int=2)->str:
+    "A markdown table of the rows of `split`: one row per method, a column per task, and the normalized score."
+    rows = [r for r in rows if r.get("split", split) == split]
     tasks = list(rows[0]["per_task"])
     out = ["| method | " + " | ".join(tasks) + " | normalized |", "|---" * (len(tasks) + 2) + "|"]
     for r in rows: out.append(f"| {r['method']} | " + " | ".join(f"{r['per_task'][t]:.{digits}f}" for t in tasks) + f" | {r['normalized']:.{digits}f} |")
     return "\n".join(out)
 
-def plot_bench(rows:list, ax=None):
-    "Bar chart of the normalized score of each row."
+def plot_bench(rows:list, split:str="held_in", ax=None):
+    "Bar chart of the normalized score of each row of `split`."
     import matplotlib.pyplot as plt
+    rows = [r for r in rows if r.get("split", split) == split]
     if ax is None: _, ax = plt.subplots(figsize=(max(4, 0.7 * len(rows)), 3))
     ax.bar([r["method"] for r in rows], [r["normalized"] for r in rows], color="tab:blue")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--"); ax.set_ylabel("normalized score (merged / expert)")
@@ -385,6 +398,20 @@ def plot_bench(rows:list, ax=None):
     return ax.figure
 
 # %% ../../nbs/18_merge_bench.ipynb #474082f2
+def soup_experiment(zoo:Zoo, task:str, sparsity:float=0.5, seeds=(0, 1, 2), split:str="held_out", metric:str="acc")->dict:
+    "Prune once, fine-tune copies with the shared mask, average: scores of each copy and of the soup, and the soup's mask check."
+    import dataclasses
+    masks = magnitude_masks(zoo.base_tensors, sparsity)
+    pruned_t = {n: zoo.base_tensors[n] * masks[n] for n in masks}
+    pruned = copy.deepcopy(zoo.base)
+    pruned.load_state_dict(pruned_t, strict=False)
+    copies = [finetune_expert(pruned, zoo.tok, task, dataclasses.replace(zoo.settings, seed=sd), masks=masks) for sd in seeds]
+    soup = sparse_soup(copies, masks)
+    return {"copies": [zoo.task_score(c, task, split)[metric] for c in copies], "soup": zoo.task_score(soup, task, split)[metric],
+            "pruned": zoo.task_score(pruned_t, task, split)[metric],
+            "mask_kept": all(torch.equal(soup[n] != 0, (soup[n] != 0) & masks[n]) for n in masks)}
+
+# %% ../../nbs/18_merge_bench.ipynb #13215db7
 def evolve_merge(zoo:Zoo, method:str="ties", budget:int=13, lam:int=4, seed:int=0, state_file=None, x0=None, metric:str="acc")->tuple:
     "Evolve a recipe (weight and density per expert) on the held-in score: `(ESState, mergekit config dict)`."
     from model_ops.merge.api import merge
@@ -396,13 +423,13 @@ def evolve_merge(zoo:Zoo, method:str="ties", budget:int=13, lam:int=4, seed:int=
     st = evolve_recipe(score, x0 or [0.5] * n + [0.5] * n, budget=budget, lam=lam, seed=seed, state_file=state_file, bounds=(0.05, 1.0))
     return st, recipe_config([zoo.paths[t] for t in zoo.tasks], st.x, zoo.base_path, method)
 
-# %% ../../nbs/18_merge_bench.ipynb #13215db7
+# %% ../../nbs/18_merge_bench.ipynb #3064ed57
 from fastcore.script import call_parse
 
 @call_parse
 def cli_bench_merge(methods:str="average,task_arithmetic,ties,dare_ties,pcb,opcm,frank_wolfe", # comma-separated names in BENCH_METHODS
                     model:str="smollm2", # 'smollm2', 'tiny', or a Llama-style HF folder / id
-                    split:str="held_out", # 'held_out' or 'held_in'
+                    split:str="held_in", # 'held_in' (the experts' training items) or 'held_out'
                     metric:str="acc", # 'acc' (exact match) or 'tok_acc'
                     out:str=None, # write the rows as JSON here
                     steps:int=60, # expert training steps
@@ -418,8 +445,8 @@ def cli_bench_merge(methods:str="average,task_arithmetic,ties,dare_ties,pcb,opcm
         from model_ops.io import check_output
         if Path(out).is_dir(): raise ValueError(f"--out {out} is a folder; give a .json file name")
     zoo = build_zoo(model, settings=BenchSettings(k=k, steps=steps))
-    rows = bench_rows(zoo, names, split, metric)
-    print(format_table(rows))
+    rows = bench_rows(zoo, names, (split,), metric)
+    print(format_table(rows, split))
     if out is not None:
         import os
         tmp = Path(out).with_name(Path(out).name + f".tmp-{os.getpid()}")
