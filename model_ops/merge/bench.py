@@ -14,7 +14,7 @@ from torch import nn
 # %% auto #0
 __all__ = ['TASKS', 'BENCH_METHODS', 'task_items', 'Encoded', 'encode_items', 'prefix_states', 'suffix_logits', 'answer_scores',
            'trained_names', 'BenchSettings', 'finetune_expert', 'Zoo', 'zoo_dir', 'build_zoo', 'bench_rows',
-           'format_table', 'plot_bench', 'soup_experiment', 'evolve_merge', 'cli_bench_merge']
+           'format_table', 'plot_bench', 'soup_experiment', 'distill_merge', 'evolve_merge', 'cli_bench_merge']
 
 # %% ../../nbs/18_merge_bench.ipynb #21f70a18
 _NUM = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split()
@@ -412,6 +412,24 @@ def soup_experiment(zoo:Zoo, task:str, sparsity:float=0.5, seeds=(0, 1, 2), spli
             "mask_kept": all(torch.equal(soup[n] != 0, (soup[n] != 0) & masks[n]) for n in masks)}
 
 # %% ../../nbs/18_merge_bench.ipynb #13215db7
+def distill_merge(zoo:Zoo, rounds:int=2, steps:int=10, lr:float=1e-3, batch_size:int=8, log=None)->dict:
+    "DMM: distil the experts into one student, each task's batches taught by its own expert; returns the student's tensors."
+    from model_ops.distill import distill
+    student = copy.deepcopy(zoo.base); student.requires_grad_(False)
+    for n in zoo.names: student.get_parameter(n).requires_grad_(True)
+    teacher = copy.deepcopy(zoo.base)
+    for r in range(rounds):
+        for t in zoo.tasks:
+            teacher.load_state_dict(zoo.experts[t], strict=False)
+            ids = encode_items(zoo.tok, task_items(t, "held_in", zoo.settings.n_train)).ids
+            res = distill(student, teacher, ids, zoo.tok, steps=steps, lr=lr, batch_size=batch_size, progress=False, seed=r)
+            if log: log(f"round {r} {t}: KL {res.losses[-1]:.3f}")
+    student.requires_grad_(False)
+    return {n: student.get_parameter(n).detach().clone() for n in zoo.names}
+
+BENCH_METHODS["distill_merge"] = lambda zoo, tasks: distill_merge(zoo)
+
+# %% ../../nbs/18_merge_bench.ipynb #3064ed57
 def evolve_merge(zoo:Zoo, method:str="ties", budget:int=13, lam:int=4, seed:int=0, state_file=None, x0=None, metric:str="acc")->tuple:
     "Evolve a recipe (weight and density per expert) on the held-in score: `(ESState, mergekit config dict)`."
     from model_ops.merge.api import merge
@@ -423,7 +441,7 @@ def evolve_merge(zoo:Zoo, method:str="ties", budget:int=13, lam:int=4, seed:int=
     st = evolve_recipe(score, x0 or [0.5] * n + [0.5] * n, budget=budget, lam=lam, seed=seed, state_file=state_file, bounds=(0.05, 1.0))
     return st, recipe_config([zoo.paths[t] for t in zoo.tasks], st.x, zoo.base_path, method)
 
-# %% ../../nbs/18_merge_bench.ipynb #3064ed57
+# %% ../../nbs/18_merge_bench.ipynb #a9149485
 from fastcore.script import call_parse
 
 @call_parse
