@@ -4,9 +4,9 @@ import pytest, torch
 from model_ops.nn import tiny_model, tiny_tokenizer
 from model_ops.merge.research import (task_vectors, protected_rank, project_out, opcm, opcm_step, sequential_task_arithmetic,
                                       frank_wolfe_merge, lowrank, rmm_merge, rmm_reconstruct, adapters_nbytes, lock_model,
-                                      unlock_by_matching)
+                                      unlock_by_matching, magnitude_masks, sparse_soup, evolve_recipe, recipe_config)
 from model_ops.merge.bench import (TASKS, task_items, encode_items, prefix_states, suffix_logits, BenchSettings, build_zoo,
-                                   bench_rows, format_table, cli_bench_merge)
+                                   bench_rows, format_table, cli_bench_merge, evolve_merge, distill_merge, soup_experiment)
 
 def _pool(n=5, seed=0, shape=(12, 10)):
     g = torch.Generator().manual_seed(seed)
@@ -70,6 +70,25 @@ def test_rmm_exact_at_full_basis_and_monotone():
     B, A = lowrank(ads[0]["w"][0] @ ads[0]["w"][1], 4)
     torch.testing.assert_close(B @ A, ads[0]["w"][0] @ ads[0]["w"][1], atol=1e-4, rtol=1e-4)
 
+# ---- sparse soups and the evolution strategy
+def test_sparse_soup_keeps_mask_bit_for_bit():
+    g = torch.Generator().manual_seed(4)
+    w = {"w": torch.randn(16, 12, generator=g)}
+    masks = magnitude_masks(w, 0.75)
+    assert int(masks["w"].sum()) == 48
+    copies = [{"w": (w["w"] + 0.1 * torch.randn(16, 12, generator=g)) * masks["w"]} for _ in range(4)]
+    assert torch.equal(sparse_soup(copies, masks)["w"] != 0, masks["w"])
+    with pytest.raises(ValueError, match="outside the shared mask"): sparse_soup(copies + [w], masks)
+
+def test_evolve_recipe_reproducible_and_resumable(tmp_path):
+    f = lambda x: -sum((a - b) ** 2 for a, b in zip(x, [0.2, 0.9]))
+    full = evolve_recipe(f, [0.5, 0.5], budget=81, seed=3)
+    assert full.score > -1e-2 and full.evals <= 81
+    evolve_recipe(f, [0.5, 0.5], budget=41, seed=3, state_file=tmp_path/"s.json")
+    resumed = evolve_recipe(f, [0.5, 0.5], budget=81, seed=3, state_file=tmp_path/"s.json")
+    assert resumed.x == full.x and resumed.history == full.history
+    assert evolve_recipe(f, [0.5, 0.5], budget=81, seed=4).x != full.x
+
 # ---- MergeLock
 def _logits(sd, ids, **kw):
     m = tiny_model("llama", seed=0, **kw); m.load_state_dict(sd)
@@ -119,7 +138,7 @@ def test_tiny_zoo_cached_scored(tmp_path):
     kw = dict(tasks=("arith", "classify"), settings=BenchSettings(k=2, steps=30, lr=3e-3, n_train=32),
               margin=0.1, check_metric="tok_acc", n_eval=16, log=None)
     z = build_zoo("tiny", cache=tmp_path, **kw)
-    assert len(list(tmp_path.iterdir())) == 2 and all((p/"config.json").exists() for p in tmp_path.iterdir())
+    assert len(list(tmp_path.iterdir())) == 3 and all((p/"config.json").exists() for p in tmp_path.iterdir())   # two experts and the base
     z2 = build_zoo((tiny_model("llama", num_hidden_layers=3), tiny_tokenizer()), cache=tmp_path, **kw)
     for t in z.tasks:
         for n in z.names: assert torch.equal(z.experts[t][n], z2.experts[t][n])
@@ -129,6 +148,22 @@ def test_tiny_zoo_cached_scored(tmp_path):
     assert [x["method"] for x in rows] == ["base", "experts", "task_arithmetic", "opcm", "frank_wolfe"]
     assert "| method |" in format_table(rows)
     with pytest.raises(ValueError, match="not in the last 2 blocks"): z.score({"model.embed_tokens.weight": None})
+    # the evolved recipe, as YAML, reproduces the searched merge bit for bit
+    import yaml
+    from model_ops.merge.api import merge, merge_config
+    from model_ops.io import WeightStore
+    st, cfg = evolve_merge(z, budget=5, seed=0, metric="tok_acc")
+    (tmp_path/"r.yml").write_text(yaml.safe_dump(cfg))
+    ws = WeightStore.open(merge_config(str(tmp_path/"r.yml"), tmp_path/"out"))
+    mem = merge([z.experts[t] for t in z.tasks], method="ties", base=z.base_tensors,
+                weight=[m["parameters"]["weight"] for m in cfg["models"]], density=[m["parameters"]["density"] for m in cfg["models"]])
+    for n in z.names: assert torch.equal(ws[n], mem[n])
+    assert z.score({n: ws[n] for n in z.names}, metric="tok_acc")["normalized"] == pytest.approx(st.score)
+    # DMM: the distilled student learns from its teachers
+    d = distill_merge(z, rounds=1, steps=6)
+    assert z.score(d, metric="tok_acc")["normalized"] > z.score(None, metric="tok_acc")["normalized"]
+    # sparse soups on the bench keep the mask
+    assert soup_experiment(z, "classify", 0.5, seeds=(0, 1), metric="tok_acc")["mask_kept"]
 
 def test_cli_errors():
     with pytest.raises(ValueError, match="--methods"): cli_bench_merge.__wrapped__(methods="magic")
