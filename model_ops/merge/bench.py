@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['TASKS', 'BENCH_METHODS', 'task_items', 'Encoded', 'encode_items', 'prefix_states', 'suffix_logits', 'answer_scores',
-           'trained_names', 'BenchSettings', 'finetune_expert', 'Zoo', 'zoo_dir', 'build_zoo', 'bench_rows',
-           'format_table', 'plot_bench', 'soup_experiment', 'distill_merge', 'evolve_merge', 'cli_bench_merge']
+__all__ = ['TASKS', 'TINY_ZOO', 'BENCH_METHODS', 'task_items', 'Encoded', 'encode_items', 'prefix_states', 'suffix_logits',
+           'answer_scores', 'trained_names', 'BenchSettings', 'finetune_expert', 'Zoo', 'zoo_dir', 'build_zoo',
+           'bench_rows', 'format_table', 'plot_bench', 'soup_experiment', 'distill_merge', 'evolve_merge',
+           'cli_bench_merge']
 
 # %% ../../nbs/18_merge_bench.ipynb #21f70a18
 _NUM = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split()
@@ -327,7 +328,11 @@ def build_zoo(model="smollm2", # 'smollm2', 'tiny', a folder / HF id, or a `(mod
                                 + ", ".join(f"{t} {b:.2f}->{e:.2f}" for t, (b, e) in weak.items()) + "; train longer (BenchSettings.steps) or lower `margin`")
     return zoo
 
-# %% ../../nbs/18_merge_bench.ipynb #e97de222
+# %% ../../nbs/18_merge_bench.ipynb #53cb8fba
+TINY_ZOO = dict(tasks=("arith", "classify", "shout"), settings=BenchSettings(k=2, steps=40, lr=3e-3, n_train=48),
+                margin=0.1, check_metric="tok_acc", n_eval=24)
+
+# %% ../../nbs/18_merge_bench.ipynb #a9322088
 from .research import opcm, sequential_task_arithmetic, frank_wolfe_merge, evolve_recipe, recipe_config
 from .research import magnitude_masks, sparse_soup
 
@@ -397,7 +402,7 @@ def plot_bench(rows:list, split:str="held_in", ax=None):
     ax.tick_params(axis="x", rotation=45)
     return ax.figure
 
-# %% ../../nbs/18_merge_bench.ipynb #474082f2
+# %% ../../nbs/18_merge_bench.ipynb #9e0caf5d
 def soup_experiment(zoo:Zoo, task:str, sparsity:float=0.5, seeds=(0, 1, 2), split:str="held_out", metric:str="acc")->dict:
     "Prune once, fine-tune copies with the shared mask, average: scores of each copy and of the soup, and the soup's mask check."
     import dataclasses
@@ -411,7 +416,7 @@ def soup_experiment(zoo:Zoo, task:str, sparsity:float=0.5, seeds=(0, 1, 2), spli
             "pruned": zoo.task_score(pruned_t, task, split)[metric],
             "mask_kept": all(torch.equal(soup[n] != 0, (soup[n] != 0) & masks[n]) for n in masks)}
 
-# %% ../../nbs/18_merge_bench.ipynb #13215db7
+# %% ../../nbs/18_merge_bench.ipynb #a6fb53d8
 def distill_merge(zoo:Zoo, rounds:int=2, steps:int=10, lr:float=1e-3, batch_size:int=8, log=None)->dict:
     "DMM: distil the experts into one student, each task's batches taught by its own expert; returns the student's tensors."
     from model_ops.distill import distill
@@ -429,7 +434,7 @@ def distill_merge(zoo:Zoo, rounds:int=2, steps:int=10, lr:float=1e-3, batch_size
 
 BENCH_METHODS["distill_merge"] = lambda zoo, tasks: distill_merge(zoo)
 
-# %% ../../nbs/18_merge_bench.ipynb #3064ed57
+# %% ../../nbs/18_merge_bench.ipynb #2f231e18
 def evolve_merge(zoo:Zoo, method:str="ties", budget:int=13, lam:int=4, seed:int=0, state_file=None, x0=None, metric:str="acc")->tuple:
     "Evolve a recipe (weight and density per expert) on the held-in score: `(ESState, mergekit config dict)`."
     from model_ops.merge.api import merge
@@ -441,12 +446,12 @@ def evolve_merge(zoo:Zoo, method:str="ties", budget:int=13, lam:int=4, seed:int=
     st = evolve_recipe(score, x0 or [0.5] * n + [0.5] * n, budget=budget, lam=lam, seed=seed, state_file=state_file, bounds=(0.05, 1.0))
     return st, recipe_config([zoo.paths[t] for t in zoo.tasks], st.x, zoo.base_path, method)
 
-# %% ../../nbs/18_merge_bench.ipynb #a9149485
+# %% ../../nbs/18_merge_bench.ipynb #fd7a7808
 from fastcore.script import call_parse
 
 @call_parse
 def cli_bench_merge(methods:str="average,task_arithmetic,ties,dare_ties,pcb,opcm,frank_wolfe", # comma-separated names in BENCH_METHODS
-                    model:str="smollm2", # 'smollm2', 'tiny', or a Llama-style HF folder / id
+                    model:str="smollm2", # 'smollm2', 'tiny' (the tiny zoo, token accuracy), or a Llama-style HF folder / id
                     split:str="held_in", # 'held_in' (the experts' training items) or 'held_out'
                     metric:str="acc", # 'acc' (exact match) or 'tok_acc'
                     out:str=None, # write the rows as JSON here
@@ -459,10 +464,9 @@ def cli_bench_merge(methods:str="average,task_arithmetic,ties,dare_ties,pcb,opcm
     if bad: raise ValueError(f"--methods: unknown method(s) {bad}; choose from {', '.join(BENCH_METHODS)}")
     if split not in ("held_in", "held_out"): raise ValueError(f"--split must be held_in or held_out, got {split!r}")
     if metric not in ("acc", "tok_acc"): raise ValueError(f"--metric must be acc or tok_acc, got {metric!r}")
-    if out is not None:
-        from model_ops.io import check_output
-        if Path(out).is_dir(): raise ValueError(f"--out {out} is a folder; give a .json file name")
-    zoo = build_zoo(model, settings=BenchSettings(k=k, steps=steps))
+    if out is not None and Path(out).is_dir(): raise ValueError(f"--out {out} is a folder; give a .json file name")
+    if model == "tiny": zoo, metric = build_zoo("tiny", **TINY_ZOO), "tok_acc"      # the tiny zoo's own settings
+    else: zoo = build_zoo(model, settings=BenchSettings(k=k, steps=steps))
     rows = bench_rows(zoo, names, (split,), metric)
     print(format_table(rows, split))
     if out is not None:
