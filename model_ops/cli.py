@@ -91,6 +91,7 @@ COMMANDS = {
     'revert': 'model_ops.lineage:cli_revert',
     'reproduce': 'model_ops.chain:cli_reproduce',
     'run': 'model_ops.chain:cli_run',
+    'bench-merge': 'model_ops.merge.bench:cli_bench_merge',
 }
 
 def _resolve(name):

@@ -27,8 +27,13 @@ from .api import plot_sign_conflicts, demo_step, merge_widget
 
 from .vocab import align_vocab, lora_store, tokenizer_settings
 from .toolbox import extract_lora, moe, tokensurgeon
+from .bench import build_zoo, Zoo, TASKS, bench_rows, format_table, plot_bench, evolve_merge, distill_merge, soup_experiment, cli_bench_merge
+from .research import opcm, sequential_task_arithmetic, frank_wolfe_merge, rmm_merge, rmm_reconstruct, lock_model, unlock_by_matching, sparse_soup, evolve_recipe, recipe_config
 
-__all__ = ['align_vocab', 'lora_store', 'tokenizer_settings', 'extract_lora', 'moe', 'tokensurgeon', 'REQUIRED', 'MergeMethod', 'METHODS', 'register', 'get_method', 'tensor_seed', 'tensor_generator',
+__all__ = ['build_zoo', 'Zoo', 'TASKS', 'bench_rows', 'format_table', 'plot_bench', 'evolve_merge', 'distill_merge',
+           'soup_experiment', 'cli_bench_merge', 'opcm', 'sequential_task_arithmetic', 'frank_wolfe_merge', 'rmm_merge',
+           'rmm_reconstruct', 'lock_model', 'unlock_by_matching', 'sparse_soup', 'evolve_recipe', 'recipe_config',
+           'align_vocab', 'lora_store', 'tokenizer_settings', 'extract_lora', 'moe', 'tokensurgeon', 'REQUIRED', 'MergeMethod', 'METHODS', 'register', 'get_method', 'tensor_seed', 'tensor_generator',
            'tensor_bits', 'keep_mask', 'rescale_l1', 'kth_largest', 'topk_mask', 'sparsify_magnitude',
            'sparsify_outliers', 'sparsify_random', 'sparsify_della', 'CHUNK', 'CUDA_CHUNK', 'linear',
            'slerp_tensors', 'slerp', 'nuslerp_tensors', 'nuslerp', 'model_stock', 'passthrough', 'pcb_scores', 'pcb',
