@@ -163,7 +163,7 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
             from model_ops.lineage import step as lineage_step    # lineage.json, header record, model card section (#21)
             with lineage_step("merge", {"config": meta["config"], "seed": seed, "precise": precise}, out=out,
                               parents=[("base" if i == plan.base else None, m.store.path or m.ref) for i, m in enumerate(plan.models)],
-                              why="a merge changes every tensor; revert goes back through its parent folder"), \
+                              why="a merge changes every tensor; revert goes back through its parent folder", card=card), \
                  PlannedWriter(out, entries, max_shard_size=max_shard_size, overwrite=overwrite,
                                metadata={k: meta[k] for k in ("operation", "method", "inputs", "seed", "precise")}) as w:
                 for name, t, *digest in results: w.add(name, t, *digest)   # (worker processes also send the checksum)
