@@ -14,7 +14,7 @@ from ..eval import default_texts
 # %% auto #0
 __all__ = ['EditRequest', 'as_request', 'as_requests', 'n_layers', 'default_layers', 'check_causal_lm', 'edit_module',
            'param_name', 'add_to_weight', 'subject_last_index', 'module_io_at', 'model_fingerprint', 'LayerStats',
-           'stats_dir', 'layer_stats', 'EditRecord', 'freeze', 'unfreeze', 'score_targets']
+           'stats_dir', 'layer_stats', 'stats_agreement', 'EditRecord', 'freeze', 'unfreeze', 'score_targets']
 
 # %% ../../nbs/21_edit_core.ipynb #a3864c02
 @dataclass
@@ -267,6 +267,15 @@ def _check_stats(model, stats: dict, layers, modules=None) -> dict:
         if tuple(s.mom2.shape) != (dk, dk):
             raise ValueError(f"statistics for layer {l} have shape {tuple(s.mom2.shape)} but the layer's keys have dimension {dk}; they belong to another model")
     return stats
+
+# %% ../../nbs/21_edit_core.ipynb #c0ffee02
+def stats_agreement(small: LayerStats, big: LayerStats, keys: torch.Tensor) -> dict:
+    "How much fewer tokens move ROME's update direction C⁻¹k for `keys` (N, d_k): relative change and cosine against `big`."
+    K = keys.double().to(big.mom2.device)
+    us = torch.linalg.lstsq(small.C.double(), K.T).solution.T; ub = torch.linalg.lstsq(big.C.double(), K.T).solution.T
+    rel = (us - ub).norm(dim=1) / ub.norm(dim=1); cos = torch.nn.functional.cosine_similarity(us, ub, dim=1)
+    return {"tokens": (small.count, big.count), "rel_change": rel.mean().item(), "rel_change_max": rel.max().item(),
+            "cosine": cos.mean().item(), "cosine_min": cos.min().item()}
 
 # %% ../../nbs/21_edit_core.ipynb #08fe48f7
 @dataclass

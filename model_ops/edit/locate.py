@@ -49,6 +49,16 @@ def _rows_for(tok, reqs, templates):
         rows.append((_ids(tok, kp), subject_last_index(tok, kp, r.subject), j, "kl", None, None))
     return rows
 
+# %% ../../nbs/22_edit_locate.ipynb #7c41d9e0
+def _logits_at(model, ids, mask, rows, pos) -> torch.Tensor:
+    "Logits (N, vocab) at `(rows[i], pos[i])`, the output layer applied to those hidden states only."
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None: return model(input_ids=ids, attention_mask=mask).logits[rows, pos]
+    def pick(m, args): return (args[0][rows, pos][None],) + tuple(args[1:])
+    h = head.register_forward_pre_hook(pick)
+    try: return model(input_ids=ids, attention_mask=mask).logits[0]
+    finally: h.remove()
+
 # %% ../../nbs/22_edit_locate.ipynb #20d380a4
 def optimize_values(model, tok, reqs, module, templates, steps=20, lr=0.5, kl_factor=0.0625,
                     weight_decay=1e-3, clamp=4.0, early_stop=5e-2, log=None) -> tuple[torch.Tensor, dict]:
@@ -75,16 +85,17 @@ def optimize_values(model, tok, reqs, module, templates, steps=20, lr=0.5, kl_fa
         if state["init"] is None: state["init"] = h[rix, look].detach().float()
         h = h.clone(); h[rix, look] = h[rix, look] + delta[req].to(h.dtype)
         return (h,) + tuple(o[1:]) if isinstance(o, tuple) else h
+    at_rows, at_pos = torch.cat([trow, kl_rows_t]), torch.cat([tpos, look[kl_rows_t]]); nT = len(trow)
     flags = freeze(model); hd = module.register_forward_hook(hook)
     opt = torch.optim.Adam([delta], lr=lr); kl_init = None; hist = []
     try:
         for step in range(steps):
             opt.zero_grad()
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            lp = torch.log_softmax(logits[trow, tpos].float(), -1).gather(1, tlab[:, None])[:, 0]
+            logits = _logits_at(model, ids, mask, at_rows, at_pos)   # (N, vocab): only the scored positions
+            lp = torch.log_softmax(logits[:nT].float(), -1).gather(1, tlab[:, None])[:, 0]
             # mean token NLL over all rewrite rows of a request (its rows share one target length)
             nll = -torch.zeros(B, device=dev).index_add(0, treq, lp) / ntok_per_req  # mean token NLL over all rows (equal row lengths)
-            kl_lp = torch.log_softmax(logits[kl_rows_t, look[kl_rows_t]].float(), -1)
+            kl_lp = torch.log_softmax(logits[nT:].float(), -1)
             if kl_init is None: kl_init = kl_lp.detach()
             kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
             if step == 0: state["h0"] = state["init"][first_rows]
@@ -113,11 +124,12 @@ def _solve(A, B):
     except RuntimeError: return torch.linalg.pinv(A) @ B
 
 # %% ../../nbs/22_edit_locate.ipynb #249ff1f5
-def rome_solve(k: torch.Tensor, delta: torch.Tensor, C: torch.Tensor|None = None) -> torch.Tensor:
-    "Rank-one ΔW (d, d_k) with ΔW k = δ that least disturbs keys with second moment C: δ (C⁻¹k)ᵀ / (kᵀC⁻¹k)."
+def rome_solve(k: torch.Tensor, delta: torch.Tensor, C: torch.Tensor|None = None, k_bottom: torch.Tensor|None = None) -> torch.Tensor:
+    "Rank-one ΔW (d, d_k) with ΔW k = δ that least disturbs keys with second moment C: δ (C⁻¹k)ᵀ / ((C⁻¹k)ᵀk); `k_bottom` replaces k in the denominator."
     k, delta = k.double(), delta.double()
     u = k if C is None else _solve(C.double().to(k.device), k)
-    return torch.outer(delta, u) / (u @ k)
+    kb = k if k_bottom is None else k_bottom.double().to(k.device)
+    return torch.outer(delta, u) / (u @ kb)
 
 # %% ../../nbs/22_edit_locate.ipynb #101247b7
 def memit_solve(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float = 15000.) -> torch.Tensor:
@@ -170,22 +182,29 @@ def _mean_keys(model, tok, module, reqs, templates):
     return k.view(len(reqs), len(templates), -1).mean(1)
 
 # %% ../../nbs/22_edit_locate.ipynb #912f5856
+_KEYS = ("prefix", "prompt", "original")
+
 def rome(model, tok, requests, *, layer: int|None = None, stats: dict|None = None, mom2: bool = True,
          templates: list|None = None, steps: int = 20, lr: float = 0.5, kl_factor: float = 0.0625,
-         weight_decay: float = 1e-3, clamp: float = 4.0, n_tokens: int = 20_000, max_length: int = 128,
-         texts=None, cache_dir=None, progress: bool = True, log=None) -> EditRecord:
-    "ROME: one rank-one update of one MLP output matrix per request, with the prefix-averaged key used consistently."
+         weight_decay: float = 1e-3, clamp: float = 4.0, early_stop: float = 5e-2, keys: str = "prefix",
+         n_tokens: int = 20_000, max_length: int = 128, texts=None, cache_dir=None, progress: bool = True, log=None) -> EditRecord:
+    """ROME: one rank-one update of one MLP output matrix per request. `keys` picks the key k in ΔW = δ (C⁻¹k)ᵀ / ((C⁻¹k)ᵀ k):
+    'prefix' (r-ROME, the default) the prefix-averaged key k̄ everywhere, 'prompt' the bare prompt's key k_u everywhere (r-ROME's
+    other consistent choice), 'original' ROME's released code: C⁻¹k̄ on top but k_u below (can disable the model)."""
+    if keys not in _KEYS: raise ValueError(f"keys={keys!r}: use one of {_KEYS} ('prefix' is r-ROME)")
     reqs = as_requests(requests)
     L = default_layers(model, "rome")[0] if layer is None else layer
     m = edit_module(model, L); name = param_name(model, m)
     st = _get_stats(model, tok, [L], {L: m}, stats, texts, n_tokens, max_length, cache_dir, progress)[L] if mom2 else None
     templates = templates or context_templates(model, tok)
-    snap = snapshot(model, [name]); info = {"steps": [], "norms": []}
+    snap = snapshot(model, [name]); info = {"steps": [], "norms": [], "keys": keys}
     try:
         for r in reqs:
-            delta, vi = optimize_values(model, tok, [r], m, templates, steps, lr, kl_factor, weight_decay, clamp, log=log)
-            k = _mean_keys(model, tok, m, [r], templates)[0]
-            dW = rome_solve(k, delta[0], st.C if st is not None else None)
+            delta, vi = optimize_values(model, tok, [r], m, templates, steps, lr, kl_factor, weight_decay, clamp, early_stop, log=log)
+            kbar = _mean_keys(model, tok, m, [r], templates)[0]
+            ku = _mean_keys(model, tok, m, [r], ["{}"])[0] if keys != "prefix" else kbar
+            k_top, k_bottom = {"prefix": (kbar, kbar), "prompt": (ku, ku), "original": (kbar, ku)}[keys]
+            dW = rome_solve(k_top, delta[0], st.C if st is not None else None, k_bottom)
             add_to_weight(m, dW)
             info["steps"].append(vi["steps"]); info["norms"].append(dW.norm().item()); info.setdefault("deltas", []).append(delta[0])
     except Exception:
@@ -193,7 +212,7 @@ def rome(model, tok, requests, *, layer: int|None = None, stats: dict|None = Non
     return EditRecord("rome", reqs, [L], snap, info)
 
 # %% ../../nbs/22_edit_locate.ipynb #55551386
-def _batch_edit(method, model, tok, requests, layers, stats, solve, templates, steps, lr, kl_factor,
+def _batch_edit(method, model, tok, requests, layers, stats, solve, templates, steps, early_stop, lr, kl_factor,
                 weight_decay, clamp, n_tokens, max_length, texts, cache_dir, progress, log, values=None, after=None):
     reqs = as_requests(requests)
     layers = sorted(default_layers(model, "memit") if layers is None else list(layers), key=lambda l: l % n_layers(model))
@@ -202,7 +221,7 @@ def _batch_edit(method, model, tok, requests, layers, stats, solve, templates, s
     st = _get_stats(model, tok, layers, mods, stats, texts, n_tokens, max_length, cache_dir, progress)
     templates = templates or context_templates(model, tok)
     top = decoder_layers(model)[layers[-1]]
-    if values is None: delta, vi = optimize_values(model, tok, reqs, top, templates, steps, lr, kl_factor, weight_decay, clamp, log=log)
+    if values is None: delta, vi = optimize_values(model, tok, reqs, top, templates, steps, lr, kl_factor, weight_decay, clamp, early_stop, log=log)
     else:
         delta, vi = values.to(_device(model), torch.float32), {"steps": 0}
         if delta.shape != (len(reqs), model.config.hidden_size): raise ValueError(f"values must have shape ({len(reqs)}, hidden_size), got {tuple(delta.shape)}")
@@ -223,7 +242,7 @@ def _batch_edit(method, model, tok, requests, layers, stats, solve, templates, s
     return EditRecord(method, reqs, layers, snap, info)
 
 # %% ../../nbs/22_edit_locate.ipynb #c130f968
-_Z = dict(values=None, templates=None, steps=20, lr=0.5, kl_factor=0.0625, weight_decay=1e-3, n_tokens=20_000, max_length=128, texts=None, cache_dir=None, progress=True, log=None)
+_Z = dict(values=None, templates=None, steps=20, early_stop=5e-2, lr=0.5, kl_factor=0.0625, weight_decay=1e-3, n_tokens=20_000, max_length=128, texts=None, cache_dir=None, progress=True, log=None)
 
 # %% ../../nbs/22_edit_locate.ipynb #f699ba43
 def _lam(w, per_dk, s): return w if w is not None else per_dk * s.mom2.shape[0]
