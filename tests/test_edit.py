@@ -244,7 +244,7 @@ def test_smollm2_original_rome_disables_and_rrome_does_not(smol):
     "The Butterfly-Effect case: the subject opens the prompt (no BOS), so ROME's released key mix blows up ΔW; r-ROME's does not."
     from model_ops.eval import perplexity, default_texts
     m, tok = smol; s0 = state(m); texts = default_texts(n=None)[-8:]
-    r = {"prompt": "Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": " Rome"}
+    r = {"prompt": "Paris is the capital of", "subject": "Paris", "target_new": " Italy"}   # one-token subject, first token
     kw = dict(n_tokens=4096, max_length=64, progress=False, templates=E.context_templates(m, tok, n=5), steps=10)
     p0 = perplexity(m, tok, texts, max_length=64); res = {}
     for keys in ("original", "prefix"):
@@ -253,3 +253,14 @@ def test_smollm2_original_rome_disables_and_rrome_does_not(smol):
     assert same(m, s0)
     assert res["original"][1] > 2 * p0 and res["original"][0] > 10 * res["prefix"][0]   # disabled
     assert res["prefix"][1] < 1.1 * p0                                                   # r-ROME: fine
+
+def test_batch_values_equal_single_runs_with_per_request_early_stop():
+    "A request that converges leaves the batch with its δ frozen: each δ of a batch equals the δ of its own run."
+    m = model("llama"); tp = E.context_templates(m, TOK, n=2); mod = m.model.layers[1].mlp.down_proj
+    reqs = E.as_requests(REQS + [{"prompt": "The best fruit is the", "subject": "fruit", "target_new": "K"}])
+    D, info = EL.optimize_values(m, TOK, reqs, mod, tp, steps=40, early_stop=1.0)
+    assert len(set(info["req_steps"])) > 1, info["req_steps"]                 # they converge at different steps
+    for j, r in enumerate(reqs):
+        d1, i1 = EL.optimize_values(m, TOK, [r], mod, tp, steps=40, early_stop=1.0)
+        assert i1["steps"] == info["req_steps"][j]
+        torch.testing.assert_close(d1[0], D[j], rtol=1e-4, atol=1e-5)

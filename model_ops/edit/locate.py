@@ -60,58 +60,72 @@ def _logits_at(model, ids, mask, rows, pos) -> torch.Tensor:
     finally: h.remove()
 
 # %% ../../nbs/22_edit_locate.ipynb #20d380a4
+def _value_rows(tok, rows, sel, dev) -> dict:
+    "Batch tensors for the rows `sel` of `_rows_for`: ids, mask, lookup positions, request of each row, scored positions and labels."
+    ids, mask = _batch(tok, [rows[i][0] for i in sel], dev)
+    look = torch.tensor([rows[i][1] for i in sel], device=dev); req = torch.tensor([rows[i][2] for i in sel], device=dev)
+    trow, tpos, tlab, treq, kl = [], [], [], [], []
+    for a, i in enumerate(sel):
+        _, _, j, kind, tgt, plen = rows[i]
+        if kind == "kl": kl.append(a); continue
+        for t, tid in enumerate(tgt): trow.append(a); tpos.append(plen - 1 + t); tlab.append(tid); treq.append(j)
+    T = lambda x: torch.tensor(x, device=dev, dtype=torch.long)
+    trow, tpos, kl = T(trow), T(tpos), T(kl)
+    return dict(ids=ids, mask=mask, rix=torch.arange(len(sel), device=dev), look=look, req=req, nT=len(trow), tlab=T(tlab), treq=T(treq),
+                kl_req=req[kl], at_rows=torch.cat([trow, kl]), at_pos=torch.cat([tpos, look[kl]]))
+
 def optimize_values(model, tok, reqs, module, templates, steps=20, lr=0.5, kl_factor=0.0625,
                     weight_decay=1e-3, clamp=4.0, early_stop=5e-2, log=None) -> tuple[torch.Tensor, dict]:
-    "Find per-request shifts δ (B, d) of `module`'s output at the last subject token that make `target_new` likely (ROME's v*)."
+    """Find per-request shifts δ (B, d) of `module`'s output at the last subject token that make `target_new` likely (ROME's v*).
+    A request whose mean target NLL is below `early_stop` stops there, and its rows leave the batch."""
     dev = _device(model); rows = _rows_for(tok, reqs, templates); B = len(reqs)
-    ids, mask = _batch(tok, [r[0] for r in rows], dev)
-    rix = torch.arange(len(rows), device=dev); look = torch.tensor([r[1] for r in rows], device=dev)
-    req = torch.tensor([r[2] for r in rows], device=dev)
-    nll_rows = [i for i, r in enumerate(rows) if r[3] == "nll"]; kl_rows = [i for i, r in enumerate(rows) if r[3] == "kl"]
-    # target positions / labels for NLL rows
-    tpos, tlab, treq, trow = [], [], [], []
-    for i in nll_rows:
-        _, _, j, _, tgt, plen = rows[i]
-        for t, tid in enumerate(tgt): trow.append(i); tpos.append(plen - 1 + t); tlab.append(tid); treq.append(j)
-    trow, tpos, tlab, treq = (torch.tensor(x, device=dev) for x in (trow, tpos, tlab, treq))
-    ntok_per_req = torch.bincount(treq, minlength=B).float()
-    kl_rows_t = torch.tensor(kl_rows, device=dev)
-    first_rows = [min(i for i, r in enumerate(rows) if r[2] == j) for j in range(B)]
+    ntok_per_req = torch.zeros(B, device=dev)
+    for r in rows:
+        if r[3] == "nll": ntok_per_req[r[2]] += len(r[4])
     d = _first_out_dim(model, module)
     delta = torch.zeros(B, d, device=dev, dtype=torch.float32, requires_grad=True)
-    state = {"init": None}
+    first = {}
+    for i, r in enumerate(rows): first.setdefault(r[2], i)
+    active = list(range(B)); cur = _value_rows(tok, rows, range(len(rows)), dev); state = {"h0": None}
     def hook(m, i, o):
         h = _first(o)
-        if state["init"] is None: state["init"] = h[rix, look].detach().float()
-        h = h.clone(); h[rix, look] = h[rix, look] + delta[req].to(h.dtype)
+        if state["h0"] is None: state["h0"] = h[cur["rix"], cur["look"]].detach().float()[[first[j] for j in range(B)]]
+        h = h.clone(); h[cur["rix"], cur["look"]] = h[cur["rix"], cur["look"]] + delta[cur["req"]].to(h.dtype)
         return (h,) + tuple(o[1:]) if isinstance(o, tuple) else h
-    at_rows, at_pos = torch.cat([trow, kl_rows_t]), torch.cat([tpos, look[kl_rows_t]]); nT = len(trow)
     flags = freeze(model); hd = module.register_forward_hook(hook)
-    opt = torch.optim.Adam([delta], lr=lr); kl_init = None; hist = []
+    opt = torch.optim.Adam([delta], lr=lr); kl_init = None; hist = []; done_at = [None] * B
+    last = torch.zeros(B)
     try:
         for step in range(steps):
             opt.zero_grad()
-            logits = _logits_at(model, ids, mask, at_rows, at_pos)   # (N, vocab): only the scored positions
-            lp = torch.log_softmax(logits[:nT].float(), -1).gather(1, tlab[:, None])[:, 0]
-            # mean token NLL over all rewrite rows of a request (its rows share one target length)
-            nll = -torch.zeros(B, device=dev).index_add(0, treq, lp) / ntok_per_req  # mean token NLL over all rows (equal row lengths)
+            logits = _logits_at(model, cur["ids"], cur["mask"], cur["at_rows"], cur["at_pos"])   # (N, vocab): only the scored positions
+            nT = cur["nT"]; lp = torch.log_softmax(logits[:nT].float(), -1).gather(1, cur["tlab"][:, None])[:, 0]
+            nll = -torch.zeros(B, device=dev).index_add(0, cur["treq"], lp) / ntok_per_req   # mean token NLL over a request's rewrite rows
             kl_lp = torch.log_softmax(logits[nT:].float(), -1)
-            if kl_init is None: kl_init = kl_lp.detach()
-            kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
-            if step == 0: state["h0"] = state["init"][first_rows]
-            h0 = state["h0"]; hn = h0.norm(dim=-1)
-            wd = weight_decay * delta.norm(dim=-1) / hn ** 2
-            loss_r = nll + kl_factor * kl + wd
-            hist.append(loss_r.detach().cpu())
-            if log: log(f"step {step}: nll {nll.mean().item():.3f} kl {kl.mean().item():.4f} |δ| {delta.norm(dim=-1).mean().item():.3f}")
-            if nll.max().item() < early_stop: break
-            loss_r.sum().backward(); opt.step()
+            if kl_init is None: kl_init = kl_lp.detach()                                    # step 0: every request, in order
+            kl = torch.zeros(B, device=dev).index_add(0, cur["kl_req"], (kl_lp.exp() * (kl_lp - kl_init[cur["kl_req"]])).sum(-1))
+            hn = state["h0"].norm(dim=-1)
+            loss_r = nll + kl_factor * kl + weight_decay * delta.norm(dim=-1) / hn ** 2
+            act = torch.tensor(active, device=dev); last[act.cpu()] = loss_r.detach().cpu()[act.cpu()]; hist.append(last.clone())
+            if log: log(f"step {step}: nll {nll[act].mean().item():.3f} kl {kl[act].mean().item():.4f} |δ| {delta[act].norm(dim=-1).mean().item():.3f} ({len(active)} active)")
+            stop = [j for j in active if nll[j].item() < early_stop]
+            for j in stop: done_at[j] = step
+            if len(stop) == len(active): break
+            loss_r[act].sum().backward()
+            done = [j for j in range(B) if done_at[j] is not None]
+            keep = delta.detach()[done].clone()
+            opt.step()                                            # (Adam's momentum would move converged rows too:)
             with torch.no_grad():
                 mx = clamp * hn; nd = delta.norm(dim=-1)
                 s = torch.where(nd > mx, mx / nd, torch.ones_like(nd)); delta.mul_(s[:, None])
+                if done: delta[done] = keep                       # converged requests keep their δ
+            if stop:
+                active = [j for j in active if j not in stop]
+                cur = _value_rows(tok, rows, [i for i, r in enumerate(rows) if r[2] in active], dev)
     finally:
         hd.remove(); unfreeze(model, flags)
-    return delta.detach(), {"h_init": state["h0"], "loss": torch.stack(hist), "steps": len(hist)}
+    req_steps = [(s + 1 if s is not None else len(hist)) for s in done_at]
+    return delta.detach(), {"h_init": state["h0"], "loss": torch.stack(hist), "steps": len(hist), "req_steps": req_steps}
 
 # %% ../../nbs/22_edit_locate.ipynb #a43dded6
 def _first_out_dim(model, module):
