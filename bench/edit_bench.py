@@ -31,7 +31,7 @@ class Phases:
             t0, c0 = time.time(), time.process_time()
             try:
                 r = f(*a, **k)
-                if fname == "optimize_values": self.steps.append(r[1]["steps"])
+                if fname == "optimize_values": self.steps.append(r[1].get("req_steps", r[1]["steps"]))
                 return r
             finally:
                 w, c = self.t.get(phase, (0.0, 0.0)); self.t[phase] = (w + time.time() - t0, c + time.process_time() - c0)

@@ -207,7 +207,7 @@ def test_rrome_keys_share_delta_and_differ_by_denominator():
     "keys='prefix' (r-ROME) maps k̄ to δ, 'original' (ROME's released code) maps the bare key k_u to δ with u = C⁻¹k̄."
     m = model("llama"); r = {"prompt": "Eiffel Tower is in", "subject": "Eiffel Tower", "target_new": "R"}
     tp = E.context_templates(m, TOK, n=2); mod = m.model.layers[1].mlp.down_proj; s0 = state(m)
-    kw = dict(cache_dir=False, n_tokens=2000, max_length=64, progress=False, templates=tp)
+    kw = dict(cache_dir=False, n_tokens=2000, max_length=64, progress=False, templates=tp, shrink=0)
     out = {}
     for keys in ("prefix", "original"):
         rec = rome(m, TOK, r, keys=keys, **kw); out[keys] = (rec.delta["model.layers.1.mlp.down_proj.weight"].double(), rec.info["deltas"][0].double()); rec.revert()
@@ -245,7 +245,7 @@ def test_smollm2_original_rome_disables_and_rrome_does_not(smol):
     from model_ops.eval import perplexity, default_texts
     m, tok = smol; s0 = state(m); texts = default_texts(n=None)[-8:]
     r = {"prompt": "Paris is the capital of", "subject": "Paris", "target_new": " Italy"}   # one-token subject, first token
-    kw = dict(n_tokens=4096, max_length=64, progress=False, templates=E.context_templates(m, tok, n=5), steps=10)
+    kw = dict(n_tokens=4096, max_length=64, progress=False, templates=E.context_templates(m, tok, n=5), steps=10, shrink=0)
     p0 = perplexity(m, tok, texts, max_length=64); res = {}
     for keys in ("original", "prefix"):
         rec = rome(m, tok, r, keys=keys, **kw); res[keys] = (rec.info["norms"][0], perplexity(m, tok, texts, max_length=64)); rec.revert()
@@ -264,3 +264,15 @@ def test_batch_values_equal_single_runs_with_per_request_early_stop():
         d1, i1 = EL.optimize_values(m, TOK, [r], mod, tp, steps=40, early_stop=1.0)
         assert i1["steps"] == info["req_steps"][j]
         torch.testing.assert_close(d1[0], D[j], rtol=1e-4, atol=1e-5)
+
+def test_shrinkage_keeps_the_edit_and_is_the_default():
+    m = model("llama"); st = layer_stats(m, TOK, [1], cache_dir=False, n_tokens=500, max_length=64, progress=False)
+    a = E.shrink_alpha(st[1].mom2.shape[0], st[1].count); assert 0 < a <= 0.3
+    torch.testing.assert_close(torch.trace(st[1].shrunk(a)), torch.trace(st[1].C))
+    tp = E.context_templates(m, TOK, n=2); k = EL._mean_keys(m, TOK, m.model.layers[1].mlp.down_proj, [as_request(REQS[0])], tp)[0].double()
+    d = {}
+    for s in ("auto", a, 0):
+        rec = rome(m, TOK, REQS[0], stats=st, templates=tp, shrink=s, steps=10); d[s] = rec.delta["model.layers.1.mlp.down_proj.weight"].double(); rec.revert()
+    torch.testing.assert_close(d["auto"], d[a])                                   # 'auto' is shrink_alpha
+    assert (d["auto"] - d[0]).norm() > 1e-3 * d[0].norm()                          # and it changes the update ...
+    for s in ("auto", 0): torch.testing.assert_close(d[s] @ k, d[0] @ k, rtol=1e-3, atol=1e-3 * (d[0] @ k).norm().item())   # ... not ΔW k̄ = δ

@@ -11,7 +11,7 @@ from ..nn import decoder_layers
 from ..delta import snapshot
 from .core import (
     EditRecord, as_requests, n_layers, default_layers, edit_module, param_name, add_to_weight, subject_last_index, module_io_at,
-    layer_stats, freeze, unfreeze, _check_stats, _w2d, _ids, _pad_id, _batch, _device, _first)
+    layer_stats, shrink_alpha, freeze, unfreeze, _check_stats, _w2d, _ids, _pad_id, _batch, _device, _first)
 
 # %% auto #0
 __all__ = ['EDITORS', 'context_templates', 'optimize_values', 'rome_solve', 'memit_solve', 'emmet_solve', 'nullspace_projector',
@@ -200,25 +200,27 @@ _KEYS = ("prefix", "prompt", "original")
 
 def rome(model, tok, requests, *, layer: int|None = None, stats: dict|None = None, mom2: bool = True,
          templates: list|None = None, steps: int = 20, lr: float = 0.5, kl_factor: float = 0.0625,
-         weight_decay: float = 1e-3, clamp: float = 4.0, early_stop: float = 5e-2, keys: str = "prefix",
+         weight_decay: float = 1e-3, clamp: float = 4.0, early_stop: float = 5e-2, keys: str = "prefix", shrink: float|str = "auto",
          n_tokens: int = 20_000, max_length: int = 128, texts=None, cache_dir=None, progress: bool = True, log=None) -> EditRecord:
     """ROME: one rank-one update of one MLP output matrix per request. `keys` picks the key k in ΔW = δ (C⁻¹k)ᵀ / ((C⁻¹k)ᵀ k):
     'prefix' (r-ROME, the default) the prefix-averaged key k̄ everywhere, 'prompt' the bare prompt's key k_u everywhere (r-ROME's
-    other consistent choice), 'original' ROME's released code: C⁻¹k̄ on top but k_u below (can disable the model)."""
+    other consistent choice), 'original' ROME's released code: C⁻¹k̄ on top but k_u below (can disable the model).
+    C is shrunk toward the isotropic matrix, (1 − α) C + α (tr C / d) I with α = `shrink` ('auto': `shrink_alpha`; 0: published ROME)."""
     if keys not in _KEYS: raise ValueError(f"keys={keys!r}: use one of {_KEYS} ('prefix' is r-ROME)")
     reqs = as_requests(requests)
     L = default_layers(model, "rome")[0] if layer is None else layer
     m = edit_module(model, L); name = param_name(model, m)
     st = _get_stats(model, tok, [L], {L: m}, stats, texts, n_tokens, max_length, cache_dir, progress)[L] if mom2 else None
     templates = templates or context_templates(model, tok)
-    snap = snapshot(model, [name]); info = {"steps": [], "norms": [], "keys": keys}
+    C = None if st is None else st.shrunk(shrink_alpha(st.mom2.shape[0], st.count) if shrink == "auto" else float(shrink))
+    snap = snapshot(model, [name]); info = {"steps": [], "norms": [], "keys": keys, "shrink": shrink}
     try:
         for r in reqs:
             delta, vi = optimize_values(model, tok, [r], m, templates, steps, lr, kl_factor, weight_decay, clamp, early_stop, log=log)
             kbar = _mean_keys(model, tok, m, [r], templates)[0]
             ku = _mean_keys(model, tok, m, [r], ["{}"])[0] if keys != "prefix" else kbar
             k_top, k_bottom = {"prefix": (kbar, kbar), "prompt": (ku, ku), "original": (kbar, ku)}[keys]
-            dW = rome_solve(k_top, delta[0], st.C if st is not None else None, k_bottom)
+            dW = rome_solve(k_top, delta[0], C, k_bottom)
             add_to_weight(m, dW)
             info["steps"].append(vi["steps"]); info["norms"].append(dW.norm().item()); info.setdefault("deltas", []).append(delta[0])
     except Exception:
