@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math, time
 import torch
-from ..eval import ngram_entropy
+from ..eval import ngram_entropy, perplexity, default_texts
 from .core import as_request, score_targets, _ids, _batch, _pad_id, _device
 from .locate import context_templates
 from .lifelong import get_editor
@@ -30,6 +30,11 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int = 8, batch_size: 
 
 # %% ../../nbs/24_edit_evaluate.ipynb #de3b20bd
 def _starts(gen: str, target: str) -> bool: return gen.strip().startswith(target.strip())
+
+# %% ../../nbs/24_edit_evaluate.ipynb #89f0e1d5
+def _mentions(text: str, subject: str) -> bool:
+    import re
+    return re.search(r"(?<!\w)" + re.escape(subject) + r"(?!\w)", text) is not None
 
 # %% ../../nbs/24_edit_evaluate.ipynb #ca445440
 def as_case(c) -> dict:
@@ -164,11 +169,6 @@ def neighbor_pool(model=None, tok=None) -> list[dict]:
         out = [f for f, g in zip(out, gens) if _starts(g, f["answer"])]
     return out
 
-# %% ../../nbs/24_edit_evaluate.ipynb #89f0e1d5
-def _mentions(text: str, subject: str) -> bool:
-    import re
-    return re.search(r"(?<!\w)" + re.escape(subject) + r"(?!\w)", text) is not None
-
 # %% ../../nbs/24_edit_evaluate.ipynb #48d8885d
 def outside_neighbors(cases, pool=None, n: int = 3) -> list[dict]:
     """Copies of `cases` for evaluating one batch edit: every neighbour is about a subject not edited in the batch.
@@ -255,7 +255,6 @@ def general_abilities(model, tok, facts=None, *, n_arith: int = 20, n_texts: int
                       max_new_tokens: int = 16, batch_size: int = 16) -> dict:
     "Perplexity on held-out prose and accuracy on arithmetic in words, recall of `facts` and format instructions (see above)."
     import re
-    from ..eval import perplexity, default_texts
     out = {"perplexity": perplexity(model, tok, default_texts(n=None)[-n_texts:], max_length=max_length)}
     ar = arithmetic_tasks(n_arith)
     gens = greedy(model, tok, [t["prompt"] for t in ar], 3, batch_size)
