@@ -207,6 +207,8 @@ def rome(model, tok, requests, *, layer: int|None = None, stats: dict|None = Non
     other consistent choice), 'original' ROME's released code: C⁻¹k̄ on top but k_u below (can disable the model).
     C is shrunk toward the isotropic matrix, (1 − α) C + α (tr C / d) I with α = `shrink` ('auto': `shrink_alpha`; 0: published ROME)."""
     if keys not in _KEYS: raise ValueError(f"keys={keys!r}: use one of {_KEYS} ('prefix' is r-ROME)")
+    if shrink != "auto" and not (isinstance(shrink, (int, float)) and 0 <= shrink <= 1):
+        raise ValueError(f"shrink={shrink!r}: use 'auto' or a number in [0, 1] (0: C unshrunk, as published)")
     reqs = as_requests(requests)
     L = default_layers(model, "rome")[0] if layer is None else layer
     m = edit_module(model, L); name = param_name(model, m)
