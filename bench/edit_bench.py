@@ -15,7 +15,19 @@ Optionally UltraEdit / GRACE (`--methods`).
     nice -n 10 python bench/edit_bench.py [--quick] [--model smollm2|tiny] [--batches 8,30] [--steps 20] [--templates 5]
                                           [--n-tokens 4096] [--methods rome,memit,emmet,alphaedit] [--json out.json]
 
-`--quick`: ROME and MEMIT only, batch 8, 3 templates, statistics from 2,048 tokens (about a minute unloaded).
+`--quick`: ROME and MEMIT only, batch 8, 3 templates, statistics from 2,048 tokens.
+
+Recorded 2026-12-07, `nice -n 10 python bench/edit_bench.py --quick --threads 1` on SmolLM2, the shared 2-core machine
+under a load average of 11-18 from other jobs (wall seconds 10-25x the CPU seconds, so CPU seconds are the figures):
+
+| call | cache | CPU s | statistics | templates | values (steps per request) | rest | wall s (load) |
+|---|---|---|---|---|---|---|---|
+| ROME, 1 | cold | 12.8 | 2.5 | 2.1 | 7.8 (13) | 0.4 | 311 (17.9) |
+| ROME, 1 | warm | 8.4 | 0.0 | 0 | 8.0 (13) | 0.4 | 141 (16.4) |
+| MEMIT, 8 | cold | 78.4 | 3.8 | 2.2 | 51.5 (12,12,20,17,10,11,14,20) | 20.9 | 597 (11.1) |
+
+MEMIT's per-request early stop ran 116 request-steps where stopping the batch only when all converge runs 160.
+Batches of 30 and EMMET / AlphaEdit were not run in that window (they would have taken hours of wall time).
 """
 import argparse, json, os, shutil, tempfile, time, warnings
 from contextlib import contextmanager
