@@ -25,6 +25,7 @@ under a load average of 11-18 from other jobs (wall seconds 10-25x the CPU secon
 | ROME, 1 | cold | 12.8 | 2.5 | 2.1 | 7.8 (13) | 0.4 | 311 (17.9) |
 | ROME, 1 | warm | 8.4 | 0.0 | 0 | 8.0 (13) | 0.4 | 141 (16.4) |
 | MEMIT, 8 | cold | 78.4 | 3.8 | 2.2 | 51.5 (12,12,20,17,10,11,14,20) | 20.9 | 597 (11.1) |
+| MEMIT, 8 | warm | 72.1 | 0.0 | 0 | 51.2 (the same) | 20.8 | 277 (8.8) |
 
 MEMIT's per-request early stop ran 116 request-steps where stopping the batch only when all converge runs 160.
 Batches of 30 and EMMET / AlphaEdit were not run in that window (they would have taken hours of wall time).

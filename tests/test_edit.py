@@ -276,3 +276,12 @@ def test_shrinkage_keeps_the_edit_and_is_the_default():
     torch.testing.assert_close(d["auto"], d[a])                                   # 'auto' is shrink_alpha
     assert (d["auto"] - d[0]).norm() > 1e-3 * d[0].norm()                          # and it changes the update ...
     for s in ("auto", 0): torch.testing.assert_close(d[s] @ k, d[0] @ k, rtol=1e-3, atol=1e-3 * (d[0] @ k).norm().item())   # ... not ΔW k̄ = δ
+
+def test_demo_step_one_thread_when_busy_and_restores(monkeypatch):
+    seen = []
+    monkeypatch.setattr(EV, "_busy", lambda: True)
+    monkeypatch.setattr(EV, "_demo_step", lambda *a: seen.append(torch.get_num_threads()) or {"reverted": True})
+    torch.set_num_threads(2)
+    try:
+        assert EV.demo_step(model("llama"), TOK, log=None)["reverted"] and seen == [1] and torch.get_num_threads() == 2
+    finally: torch.set_num_threads(1)

@@ -281,8 +281,20 @@ def ability_drop(before: dict, after: dict) -> dict:
 # %% ../../nbs/24_edit_evaluate.ipynb #0a223bba
 DEMO_STATS = dict(n_tokens=4096, max_length=64)   # the demo's key statistics: see "A first edit in seconds" in 21_edit_core
 
+def _busy() -> bool:
+    "True when the machine's 1-minute load average is at least its number of cores (Unix; False elsewhere)."
+    import os
+    try: return os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except (AttributeError, OSError): return False
+
 def demo_step(model, tok, log=print, method: str = "rome") -> dict:
-    "One edit on the demo model (SmolLM2 or a tiny model): before/after generation, then an exact revert."
+    "One edit on the demo model (SmolLM2 or a tiny model): before/after generation, then an exact revert (one thread on a busy machine)."
+    n_threads = torch.get_num_threads()
+    if _busy(): torch.set_num_threads(1)   # measured: 2 threads on a busy 2-core machine make the step 5-6x slower
+    try: return _demo_step(model, tok, log, method)
+    finally: torch.set_num_threads(n_threads)
+
+def _demo_step(model, tok, log, method):
     t0 = time.time()
     req = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower", "target_new": " Rome"}
     case = dict(req, target_true=" Paris", paraphrases=["The Eiffel Tower can be found in the city of"],
