@@ -202,3 +202,86 @@ def test_smollm2_counterfact_rome_and_batch(smol):
     ev, evo = evaluate_edits(m, tok, cases, generation=False), evaluate_edits(m, tok, ocases, generation=False); rec.revert()
     print("EMMET batch 30:", {k: v for k, v in ev.items() if k != "cases"}, "outside-batch neighbourhood", evo["neighborhood"])
     assert ev["efficacy"] >= 0.9 and evo["neighborhood"] >= 0.9 and same(m, s0)  # measured 1.00 and 0.94 (in-batch 0.63)
+
+def test_rrome_keys_share_delta_and_differ_by_denominator():
+    "keys='prefix' (r-ROME) maps k̄ to δ, 'original' (ROME's released code) maps the bare key k_u to δ with u = C⁻¹k̄."
+    m = model("llama"); r = {"prompt": "Eiffel Tower is in", "subject": "Eiffel Tower", "target_new": "R"}
+    tp = E.context_templates(m, TOK, n=2); mod = m.model.layers[1].mlp.down_proj; s0 = state(m)
+    kw = dict(cache_dir=False, n_tokens=2000, max_length=64, progress=False, templates=tp, shrink=0)
+    out = {}
+    for keys in ("prefix", "original"):
+        rec = rome(m, TOK, r, keys=keys, **kw); out[keys] = (rec.delta["model.layers.1.mlp.down_proj.weight"].double(), rec.info["deltas"][0].double()); rec.revert()
+    assert same(m, s0)
+    rq = as_request(r); kb = EL._mean_keys(m, TOK, mod, [rq], tp)[0].double(); ku = EL._mean_keys(m, TOK, mod, [rq], ["{}"])[0].double()
+    C = layer_stats(m, TOK, [1], cache_dir=False, n_tokens=2000, max_length=64, progress=False)[1].C.double(); u = torch.linalg.solve(C, kb)
+    (dP, d), (dO, d2) = out["prefix"], out["original"]
+    torch.testing.assert_close(d, d2)
+    torch.testing.assert_close(dP @ kb, d, rtol=1e-3, atol=1e-3 * d.norm().item())
+    torch.testing.assert_close(dO @ ku, d, rtol=1e-3, atol=1e-3 * d.norm().item())
+    assert abs(dO.norm() / dP.norm() - abs((u @ kb) / (u @ ku))) < 1e-3 * dO.norm() / dP.norm()
+    with pytest.raises(ValueError, match="r-ROME"): rome(m, TOK, r, keys="mixed", **kw)
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logits_at_scored_positions_equal_full_logits(arch):
+    m = model(arch); ids = torch.tensor([TOK("Where is the Eiffel Tower")["input_ids"], TOK("Who wrote Hamlet and then")["input_ids"]])
+    rows, pos = torch.tensor([0, 1, 1, 0]), torch.tensor([2, 0, 4, 24])
+    with torch.no_grad(): torch.testing.assert_close(EL._logits_at(m, ids, torch.ones_like(ids), rows, pos), m(ids).logits[rows, pos], rtol=1e-5, atol=1e-5)
+
+def test_general_abilities_and_drop():
+    m = model("gpt2"); before = top1(m, REQS[0]["prompt"])
+    facts = [{"prompt": REQS[0]["prompt"], "answer": before}]
+    a0 = EV.general_abilities(m, TOK, facts, n_arith=4, n_texts=3, max_new_tokens=4)
+    assert a0["recall"] == 1 and a0["perplexity"] > 1 and set(a0) >= {"arithmetic", "format", "perplexity", "recall"}
+    rec = rome(m, TOK, REQS[0], n_tokens=2000, max_length=32, progress=False, cache_dir=False)
+    a1 = EV.general_abilities(m, TOK, facts, n_arith=4, n_texts=3, max_new_tokens=4); ev = evaluate_edits(m, TOK, [dict(REQS[0], target_true=before)])
+    rec.revert()
+    dr = EV.ability_drop(a0, a1)
+    assert dr["recall"] == 1 and abs(dr["perplexity"] - (a1["perplexity"] / a0["perplexity"] - 1)) < 1e-9
+    assert ev["generation"] == 1 and ev["generation_free"] == 1 and ev["efficacy"] == 1
+
+@SLOW
+def test_smollm2_original_rome_disables_and_rrome_does_not(smol):
+    "The Butterfly-Effect case: the subject opens the prompt (no BOS), so ROME's released key mix blows up ΔW; r-ROME's does not."
+    from model_ops.eval import perplexity, default_texts
+    m, tok = smol; s0 = state(m); texts = default_texts(n=None)[-8:]
+    r = {"prompt": "Paris is the capital of", "subject": "Paris", "target_new": " Italy"}   # one-token subject, first token
+    kw = dict(n_tokens=4096, max_length=64, progress=False, templates=E.context_templates(m, tok, n=5), steps=10, shrink=0)
+    p0 = perplexity(m, tok, texts, max_length=64); res = {}
+    for keys in ("original", "prefix"):
+        rec = rome(m, tok, r, keys=keys, **kw); res[keys] = (rec.info["norms"][0], perplexity(m, tok, texts, max_length=64)); rec.revert()
+    print("perplexity", p0, res)
+    assert same(m, s0)
+    assert res["original"][1] > 2 * p0 and res["original"][0] > 10 * res["prefix"][0]   # disabled
+    assert res["prefix"][1] < 1.1 * p0                                                   # r-ROME: fine
+
+def test_batch_values_equal_single_runs_with_per_request_early_stop():
+    "A request that converges leaves the batch with its δ frozen: each δ of a batch equals the δ of its own run."
+    m = model("llama"); tp = E.context_templates(m, TOK, n=2); mod = m.model.layers[1].mlp.down_proj
+    reqs = E.as_requests(REQS + [{"prompt": "The best fruit is the", "subject": "fruit", "target_new": "K"}])
+    D, info = EL.optimize_values(m, TOK, reqs, mod, tp, steps=40, early_stop=1.0)
+    assert len(set(info["req_steps"])) > 1, info["req_steps"]                 # they converge at different steps
+    for j, r in enumerate(reqs):
+        d1, i1 = EL.optimize_values(m, TOK, [r], mod, tp, steps=40, early_stop=1.0)
+        assert i1["steps"] == info["req_steps"][j]
+        torch.testing.assert_close(d1[0], D[j], rtol=1e-4, atol=1e-5)
+
+def test_shrinkage_keeps_the_edit_and_is_the_default():
+    m = model("llama"); st = layer_stats(m, TOK, [1], cache_dir=False, n_tokens=500, max_length=64, progress=False)
+    a = E.shrink_alpha(st[1].mom2.shape[0], st[1].count); assert 0 < a <= 0.3
+    torch.testing.assert_close(torch.trace(st[1].shrunk(a)), torch.trace(st[1].C))
+    tp = E.context_templates(m, TOK, n=2); k = EL._mean_keys(m, TOK, m.model.layers[1].mlp.down_proj, [as_request(REQS[0])], tp)[0].double()
+    d = {}
+    for s in ("auto", a, 0):
+        rec = rome(m, TOK, REQS[0], stats=st, templates=tp, shrink=s, steps=10); d[s] = rec.delta["model.layers.1.mlp.down_proj.weight"].double(); rec.revert()
+    torch.testing.assert_close(d["auto"], d[a])                                   # 'auto' is shrink_alpha
+    assert (d["auto"] - d[0]).norm() > 1e-3 * d[0].norm()                          # and it changes the update ...
+    for s in ("auto", 0): torch.testing.assert_close(d[s] @ k, d[0] @ k, rtol=1e-3, atol=1e-3 * (d[0] @ k).norm().item())   # ... not ΔW k̄ = δ
+
+def test_demo_step_one_thread_when_busy_and_restores(monkeypatch):
+    seen = []
+    monkeypatch.setattr(EV, "_busy", lambda: True)
+    monkeypatch.setattr(EV, "_demo_step", lambda *a: seen.append(torch.get_num_threads()) or {"reverted": True})
+    torch.set_num_threads(2)
+    try:
+        assert EV.demo_step(model("llama"), TOK, log=None)["reverted"] and seen == [1] and torch.get_num_threads() == 2
+    finally: torch.set_num_threads(1)

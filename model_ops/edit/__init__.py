@@ -6,9 +6,10 @@
 __all__ = []
 
 # %% ../../nbs/20_edit.ipynb #5496ef3c
-from .core import (
+from model_ops.edit.core import (
     EditRequest, as_request, as_requests, n_layers, default_layers, check_causal_lm, subject_last_index, module_io_at,
-    model_fingerprint, LayerStats, stats_dir, layer_stats, EditRecord, score_targets)
+    model_fingerprint, LayerStats, stats_dir, layer_stats, stats_agreement, shrink_alpha, edit_leakage, EditRecord,
+    score_targets)
 from .locate import (
     context_templates, optimize_values, rome_solve, memit_solve, emmet_solve, nullspace_projector, alphaedit_solve,
     rome, memit, emmet, AlphaEditCache, alphaedit, ft, EDITORS)
@@ -17,11 +18,12 @@ from .lifelong import (
     SequentialResult, sequential_edit)
 from .evaluate import (
     greedy, as_case, evaluate_edits, counterfact_candidates, known_cases, neighbor_pool, outside_neighbors,
-    invented_facts, demo_step, edit_widget)
+    invented_facts, general_abilities, ability_drop, recall_facts, demo_step, edit_widget)
 
 __all__ = [# core
            'EditRequest', 'as_request', 'as_requests', 'n_layers', 'default_layers', 'check_causal_lm', 'subject_last_index',
-           'module_io_at', 'model_fingerprint', 'LayerStats', 'stats_dir', 'layer_stats', 'EditRecord', 'score_targets',
+           'module_io_at', 'model_fingerprint', 'LayerStats', 'stats_dir', 'layer_stats', 'stats_agreement', 'shrink_alpha', 'edit_leakage', 'EditRecord',
+           'score_targets',
            # locate
            'context_templates', 'optimize_values', 'rome_solve', 'memit_solve', 'emmet_solve', 'nullspace_projector',
            'alphaedit_solve', 'rome', 'memit', 'emmet', 'AlphaEditCache', 'alphaedit', 'ft', 'EDITORS',
@@ -30,4 +32,4 @@ __all__ = [# core
            'get_editor', 'SequentialResult', 'sequential_edit',
            # evaluate
            'greedy', 'as_case', 'evaluate_edits', 'counterfact_candidates', 'known_cases', 'neighbor_pool',
-           'outside_neighbors', 'invented_facts', 'demo_step', 'edit_widget']
+           'outside_neighbors', 'invented_facts', 'general_abilities', 'ability_drop', 'recall_facts', 'demo_step', 'edit_widget']

@@ -14,7 +14,8 @@ from ..eval import default_texts
 # %% auto #0
 __all__ = ['EditRequest', 'as_request', 'as_requests', 'n_layers', 'default_layers', 'check_causal_lm', 'edit_module',
            'param_name', 'add_to_weight', 'subject_last_index', 'module_io_at', 'model_fingerprint', 'LayerStats',
-           'stats_dir', 'layer_stats', 'EditRecord', 'freeze', 'unfreeze', 'score_targets']
+           'stats_dir', 'layer_stats', 'stats_agreement', 'shrink_alpha', 'edit_leakage', 'EditRecord', 'freeze',
+           'unfreeze', 'score_targets']
 
 # %% ../../nbs/21_edit_core.ipynb #a3864c02
 @dataclass
@@ -177,6 +178,10 @@ class LayerStats:
     module: str = ""
     @property
     def C(self) -> torch.Tensor: return self.mom2 / max(self.count, 1)
+    def shrunk(self, alpha: float) -> torch.Tensor:
+        "C shrunk toward the isotropic matrix of the same trace: (1 − α) C + α (tr C / d) I."
+        C = self.C; d = C.shape[0]
+        return (1 - alpha) * C + alpha * (torch.trace(C) / d) * torch.eye(d, dtype=C.dtype, device=C.device)
     def all_reduce(self):
         "Sum over data-parallel ranks (no-op when torch.distributed is not initialised)."
         import torch.distributed as dist
@@ -266,6 +271,27 @@ def _check_stats(model, stats: dict, layers, modules=None) -> dict:
         if tuple(s.mom2.shape) != (dk, dk):
             raise ValueError(f"statistics for layer {l} have shape {tuple(s.mom2.shape)} but the layer's keys have dimension {dk}; they belong to another model")
     return stats
+
+# %% ../../nbs/21_edit_core.ipynb #c0ffee02
+def stats_agreement(small: LayerStats, big: LayerStats, keys: torch.Tensor) -> dict:
+    "How much fewer tokens move ROME's update direction C⁻¹k for `keys` (N, d_k): relative change and cosine against `big`."
+    K = keys.double().to(big.mom2.device)
+    us = torch.linalg.lstsq(small.C.double(), K.T).solution.T; ub = torch.linalg.lstsq(big.C.double(), K.T).solution.T
+    rel = (us - ub).norm(dim=1) / ub.norm(dim=1); cos = torch.nn.functional.cosine_similarity(us, ub, dim=1)
+    return {"tokens": (small.count, big.count), "rel_change": rel.mean().item(), "rel_change_max": rel.max().item(),
+            "cosine": cos.mean().item(), "cosine_min": cos.min().item()}
+
+# %% ../../nbs/21_edit_core.ipynb #c0ffee08
+def shrink_alpha(d: int, count: int) -> float:
+    "`rome`'s default shrinkage for `count` tokens of d-dimensional keys: min(0.3, d / count) (measured on SmolLM2 below)."
+    return min(0.3, d / max(count, 1))
+
+def edit_leakage(C: torch.Tensor, keys: torch.Tensor, held: LayerStats) -> torch.Tensor:
+    "Per key k (rows of `keys`): how much the update along u = C⁻¹k moves held-out keys per unit of edit, relative to u = k."
+    K = keys.double(); H = held.C.double().to(K.device)
+    U = torch.linalg.lstsq(C.double().to(K.device), K.T).solution.T
+    leak = lambda U: (U @ H * U).sum(-1) / (U * K).sum(-1) ** 2
+    return leak(U) / leak(K)
 
 # %% ../../nbs/21_edit_core.ipynb #08fe48f7
 @dataclass

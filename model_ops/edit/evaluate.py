@@ -6,14 +6,15 @@
 from __future__ import annotations
 import math, time
 import torch
-from ..eval import ngram_entropy
+from ..eval import ngram_entropy, perplexity, default_texts
 from .core import as_request, score_targets, _ids, _batch, _pad_id, _device
 from .locate import context_templates
 from .lifelong import get_editor
 
 # %% auto #0
-__all__ = ['greedy', 'as_case', 'evaluate_edits', 'counterfact_candidates', 'known_cases', 'neighbor_pool', 'outside_neighbors',
-           'invented_facts', 'demo_step', 'edit_widget']
+__all__ = ['DEMO_STATS', 'greedy', 'as_case', 'evaluate_edits', 'counterfact_candidates', 'known_cases', 'neighbor_pool',
+           'outside_neighbors', 'invented_facts', 'arithmetic_tasks', 'format_prompt', 'recall_facts',
+           'general_abilities', 'ability_drop', 'demo_step', 'edit_widget']
 
 # %% ../../nbs/24_edit_evaluate.ipynb #7fff487c
 @torch.no_grad()
@@ -30,6 +31,11 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int = 8, batch_size: 
 # %% ../../nbs/24_edit_evaluate.ipynb #de3b20bd
 def _starts(gen: str, target: str) -> bool: return gen.strip().startswith(target.strip())
 
+# %% ../../nbs/24_edit_evaluate.ipynb #89f0e1d5
+def _mentions(text: str, subject: str) -> bool:
+    import re
+    return re.search(r"(?<!\w)" + re.escape(subject) + r"(?!\w)", text) is not None
+
 # %% ../../nbs/24_edit_evaluate.ipynb #ca445440
 def as_case(c) -> dict:
     "A CounterFact-style case: a request plus `target_true`, `paraphrases` and `neighbors` ([prompt, answer] pairs)."
@@ -42,8 +48,8 @@ def as_case(c) -> dict:
 
 # %% ../../nbs/24_edit_evaluate.ipynb #17cb32b1
 def evaluate_edits(model, tok, cases, *, generation: bool = True, fluency: bool = False, fluency_tokens: int = 50,
-                   batch_size: int = 16) -> dict:
-    "Efficacy / paraphrase / neighbourhood by probability comparison, teacher-forced accuracy, generation success, optional fluency."
+                   free_tokens: int = 16, batch_size: int = 16) -> dict:
+    "Efficacy / paraphrase / neighbourhood by probability comparison, teacher-forced accuracy, generation success (starts with / mentions the target), optional fluency."
     cs = [as_case(c) for c in (cases if isinstance(cases, (list, tuple)) else [cases])]
     P, T, tag = [], [], []  # every (prompt, target) pair to score
     for i, c in enumerate(cs):
@@ -72,11 +78,13 @@ def evaluate_edits(model, tok, cases, *, generation: bool = True, fluency: bool 
         GP, GT, gi = [], [], []
         for i, c in enumerate(cs):
             for p in [c["request"].prompt] + c["paraphrases"]: GP.append(p); GT.append(c["request"].target_new); gi.append(i)
-        n_new = max(len(_ids(tok, t, special=False)) for t in GT) + 1
-        gens = greedy(model, tok, GP, n_new, batch_size)
+        n_new = max(max(len(_ids(tok, t, special=False)) for t in GT) + 1, free_tokens)
+        gens = greedy(model, tok, GP, n_new, batch_size)   # greedy: its first tokens are the short continuation
         for i, row in enumerate(rows):
             hits = [_starts(g, t) for g, t, j in zip(gens, GT, gi) if j == i]
+            free = [_mentions(g, t.strip()) for g, t, j in zip(gens, GT, gi) if j == i]
             row["generation"] = float(hits[0]); row["generation_paraphrase"] = sum(hits[1:]) / len(hits[1:]) if len(hits) > 1 else float("nan")
+            row["generation_free"] = sum(free) / len(free)
             row["generated"] = [g for g, j in zip(gens, gi) if j == i][0]
     if fluency:
         gens = greedy(model, tok, [c["request"].prompt for c in cs], fluency_tokens, batch_size)
@@ -161,11 +169,6 @@ def neighbor_pool(model=None, tok=None) -> list[dict]:
         out = [f for f, g in zip(out, gens) if _starts(g, f["answer"])]
     return out
 
-# %% ../../nbs/24_edit_evaluate.ipynb #89f0e1d5
-def _mentions(text: str, subject: str) -> bool:
-    import re
-    return re.search(r"(?<!\w)" + re.escape(subject) + r"(?!\w)", text) is not None
-
 # %% ../../nbs/24_edit_evaluate.ipynb #48d8885d
 def outside_neighbors(cases, pool=None, n: int = 3) -> list[dict]:
     """Copies of `cases` for evaluating one batch edit: every neighbour is about a subject not edited in the batch.
@@ -208,9 +211,90 @@ def invented_facts(n: int = 200, seed: int = 0) -> list[dict]:
         out.append({"prompt": t, "subject": s, "target_new": rng.choice(objs)})
     return out
 
+# %% ../../nbs/24_edit_evaluate.ipynb #0befa35b
+_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+
+def arithmetic_tasks(n: int = 20, seed: int = 0) -> list[dict]:
+    "`n` sums in words ('four plus three is' -> ' seven', sums ≤ 12) after two worked examples."
+    import random
+    rng = random.Random(seed); pairs = [(a, b) for a in range(1, 10) for b in range(1, 10) if a + b <= 12]
+    shot = "one plus two is three. five plus two is seven. "
+    return [{"prompt": f"{shot}{_WORDS[a]} plus {_WORDS[b]} is", "answer": " " + _WORDS[a + b]} for a, b in rng.sample(pairs, n)]
+
+# %% ../../nbs/24_edit_evaluate.ipynb #0de73084
+_FORMAT = [
+ ("Reply with only the word YES, in capital letters.", r"\bYES\b"),
+ ("Write the number twelve using digits only.", r"\b12\b"),
+ ("Count from one to five, separated by commas.", r"(1|one),\s*(2|two),\s*(3|three)"),
+ ("Repeat exactly this sentence: the cat sat on the mat.", r"(?i)the cat sat on the mat"),
+ ("List three fruits, one per line, each line starting with '- '.", r"(?m)^- .+\n- .+"),
+ ("Answer with one word: what colour is the sky on a clear day?", r"(?i)^\W*blue\b"),
+ ("Write the word hello in capital letters.", r"\bHELLO\b"),
+ ("What is two plus two? Answer with a digit only.", r"^\W*4\b"),
+]
+
+def format_prompt(tok, instruction: str) -> str:
+    "The instruction as a user turn of the tokenizer's chat template (with the assistant prompt), or as plain text."
+    if getattr(tok, "chat_template", None):
+        try: return tok.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True)
+        except Exception: pass
+    return f"Instruction: {instruction}\nAnswer:"
+
+# %% ../../nbs/24_edit_evaluate.ipynb #f6f2e9f1
+def recall_facts(model, tok, exclude=(), min_p: float = 0.3) -> list[dict]:
+    "Facts of `neighbor_pool` the model states confidently (greedy right, answer probability ≥ `min_p`), subjects in `exclude` left out."
+    ex = {as_request(e).subject if not isinstance(e, str) else e for e in exclude}
+    facts = [f for f in neighbor_pool(model, tok) if f["subject"] not in ex and not any(_mentions(f["prompt"], s) for s in ex)]
+    if not facts: return []
+    sc = score_targets(model, tok, [f["prompt"] for f in facts], [f["answer"] for f in facts])
+    return [f for f, s in zip(facts, sc) if math.exp(-s["nll"]) >= min_p]
+
+# %% ../../nbs/24_edit_evaluate.ipynb #fa28e3a1
+@torch.no_grad()
+def general_abilities(model, tok, facts=None, *, n_arith: int = 20, n_texts: int = 16, max_length: int = 128,
+                      max_new_tokens: int = 16, batch_size: int = 16) -> dict:
+    "Perplexity on held-out prose and accuracy on arithmetic in words, recall of `facts` and format instructions (see above)."
+    import re
+    out = {"perplexity": perplexity(model, tok, default_texts(n=None)[-n_texts:], max_length=max_length)}
+    ar = arithmetic_tasks(n_arith)
+    gens = greedy(model, tok, [t["prompt"] for t in ar], 3, batch_size)
+    out["arithmetic"] = sum(_starts(g, t["answer"]) for g, t in zip(gens, ar)) / len(ar)
+    if facts:
+        gens = greedy(model, tok, [f["prompt"] for f in facts], 4, batch_size)
+        out["recall"] = sum(_starts(g, f["answer"]) for g, f in zip(gens, facts)) / len(facts)
+    gens = greedy(model, tok, [format_prompt(tok, q) for q, _ in _FORMAT], max_new_tokens, batch_size)
+    ok = [re.search(rx, g.strip()) is not None for (_, rx), g in zip(_FORMAT, gens)]
+    out["format"] = sum(ok) / len(ok); out["format_answers"] = gens
+    return out
+
+# %% ../../nbs/24_edit_evaluate.ipynb #d626ca12
+def ability_drop(before: dict, after: dict) -> dict:
+    "Relative change, positive = worse: (before − after) / before for accuracies, after / before − 1 for perplexity."
+    out = {}
+    for k, b in before.items():
+        if k not in after or not isinstance(b, (int, float)): continue
+        a = after[k]
+        if k == "perplexity": out[k] = a / b - 1
+        else: out[k] = (b - a) / b if b > 0 else float("nan")
+    return out
+
 # %% ../../nbs/24_edit_evaluate.ipynb #0a223bba
+DEMO_STATS = dict(n_tokens=4096, max_length=64)   # the demo's key statistics: see "A first edit in seconds" in 21_edit_core
+
+def _busy() -> bool:
+    "True when the machine's 1-minute load average is at least its number of cores (Unix; False elsewhere)."
+    import os
+    try: return os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except (AttributeError, OSError): return False
+
 def demo_step(model, tok, log=print, method: str = "rome") -> dict:
-    "One edit on the demo model (SmolLM2 or a tiny model): before/after generation, then an exact revert."
+    "One edit on the demo model (SmolLM2 or a tiny model): before/after generation, then an exact revert (one thread on a busy machine)."
+    n_threads = torch.get_num_threads()
+    if _busy(): torch.set_num_threads(1)   # measured: 2 threads on a busy 2-core machine make the step 5-6x slower
+    try: return _demo_step(model, tok, log, method)
+    finally: torch.set_num_threads(n_threads)
+
+def _demo_step(model, tok, log, method):
     t0 = time.time()
     req = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower", "target_new": " Rome"}
     case = dict(req, target_true=" Paris", paraphrases=["The Eiffel Tower can be found in the city of"],
@@ -218,7 +302,7 @@ def demo_step(model, tok, log=print, method: str = "rome") -> dict:
     before = greedy(model, tok, [req["prompt"]], 6)[0]
     log(f"edit ({method}): {req['prompt']!r} -> {req['target_new']!r}")
     log(f"  before: {req['prompt']}{before}")
-    kw = dict(n_tokens=4096, max_length=64, progress=False) if method in ("rome", "memit", "emmet", "alphaedit") else {}
+    kw = dict(**DEMO_STATS, progress=False) if method in ("rome", "memit", "emmet", "alphaedit") else {}
     if method in ("rome", "memit", "emmet", "alphaedit"): kw.update(templates=context_templates(model, tok, n=2), steps=15)
     rec = get_editor(method)(model, tok, [req], **kw)
     after = greedy(model, tok, [req["prompt"], case["paraphrases"][0], case["neighbors"][0][0]], 6)
@@ -227,7 +311,8 @@ def demo_step(model, tok, log=print, method: str = "rome") -> dict:
     log(f"  paraphrase: {case['paraphrases'][0]}{after[1]}")
     log(f"  neighbour:  {case['neighbors'][0][0]}{after[2]}")
     rec.revert()
-    reverted = greedy(model, tok, [req["prompt"]], 6)[0] == before
+    reverted = not rec.snap.changed()   # every edited tensor back bit for bit; an adaptor's removal shows in generation
+    if rec.undo is not None: reverted = reverted and greedy(model, tok, [req["prompt"]], 6)[0] == before
     log(f"  reverted exactly: {reverted}  ({time.time() - t0:.1f}s)")
     return {"method": method, "before": before, "after": after[0], "efficacy": sc["efficacy"], "paraphrase": sc["paraphrase"],
             "neighborhood": sc["neighborhood"], "reverted": reverted, "seconds": round(time.time() - t0, 1)}

@@ -11,7 +11,7 @@ from ..nn import decoder_layers
 from ..delta import snapshot
 from .core import (
     EditRecord, as_requests, n_layers, default_layers, edit_module, param_name, add_to_weight, subject_last_index, module_io_at,
-    layer_stats, freeze, unfreeze, _check_stats, _w2d, _ids, _pad_id, _batch, _device, _first)
+    layer_stats, shrink_alpha, freeze, unfreeze, _check_stats, _w2d, _ids, _pad_id, _batch, _device, _first)
 
 # %% auto #0
 __all__ = ['EDITORS', 'context_templates', 'optimize_values', 'rome_solve', 'memit_solve', 'emmet_solve', 'nullspace_projector',
@@ -49,58 +49,83 @@ def _rows_for(tok, reqs, templates):
         rows.append((_ids(tok, kp), subject_last_index(tok, kp, r.subject), j, "kl", None, None))
     return rows
 
+# %% ../../nbs/22_edit_locate.ipynb #7c41d9e0
+def _logits_at(model, ids, mask, rows, pos) -> torch.Tensor:
+    "Logits (N, vocab) at `(rows[i], pos[i])`, the output layer applied to those hidden states only."
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None: return model(input_ids=ids, attention_mask=mask).logits[rows, pos]
+    def pick(m, args): return (args[0][rows, pos][None],) + tuple(args[1:])
+    h = head.register_forward_pre_hook(pick)
+    try: return model(input_ids=ids, attention_mask=mask).logits[0]
+    finally: h.remove()
+
 # %% ../../nbs/22_edit_locate.ipynb #20d380a4
+def _value_rows(tok, rows, sel, dev) -> dict:
+    "Batch tensors for the rows `sel` of `_rows_for`: ids, mask, lookup positions, request of each row, scored positions and labels."
+    ids, mask = _batch(tok, [rows[i][0] for i in sel], dev)
+    look = torch.tensor([rows[i][1] for i in sel], device=dev); req = torch.tensor([rows[i][2] for i in sel], device=dev)
+    trow, tpos, tlab, treq, kl = [], [], [], [], []
+    for a, i in enumerate(sel):
+        _, _, j, kind, tgt, plen = rows[i]
+        if kind == "kl": kl.append(a); continue
+        for t, tid in enumerate(tgt): trow.append(a); tpos.append(plen - 1 + t); tlab.append(tid); treq.append(j)
+    T = lambda x: torch.tensor(x, device=dev, dtype=torch.long)
+    trow, tpos, kl = T(trow), T(tpos), T(kl)
+    return dict(ids=ids, mask=mask, rix=torch.arange(len(sel), device=dev), look=look, req=req, nT=len(trow), tlab=T(tlab), treq=T(treq),
+                kl_req=req[kl], at_rows=torch.cat([trow, kl]), at_pos=torch.cat([tpos, look[kl]]))
+
 def optimize_values(model, tok, reqs, module, templates, steps=20, lr=0.5, kl_factor=0.0625,
                     weight_decay=1e-3, clamp=4.0, early_stop=5e-2, log=None) -> tuple[torch.Tensor, dict]:
-    "Find per-request shifts δ (B, d) of `module`'s output at the last subject token that make `target_new` likely (ROME's v*)."
+    """Find per-request shifts δ (B, d) of `module`'s output at the last subject token that make `target_new` likely (ROME's v*).
+    A request whose mean target NLL is below `early_stop` stops there, and its rows leave the batch."""
     dev = _device(model); rows = _rows_for(tok, reqs, templates); B = len(reqs)
-    ids, mask = _batch(tok, [r[0] for r in rows], dev)
-    rix = torch.arange(len(rows), device=dev); look = torch.tensor([r[1] for r in rows], device=dev)
-    req = torch.tensor([r[2] for r in rows], device=dev)
-    nll_rows = [i for i, r in enumerate(rows) if r[3] == "nll"]; kl_rows = [i for i, r in enumerate(rows) if r[3] == "kl"]
-    # target positions / labels for NLL rows
-    tpos, tlab, treq, trow = [], [], [], []
-    for i in nll_rows:
-        _, _, j, _, tgt, plen = rows[i]
-        for t, tid in enumerate(tgt): trow.append(i); tpos.append(plen - 1 + t); tlab.append(tid); treq.append(j)
-    trow, tpos, tlab, treq = (torch.tensor(x, device=dev) for x in (trow, tpos, tlab, treq))
-    ntok_per_req = torch.bincount(treq, minlength=B).float()
-    kl_rows_t = torch.tensor(kl_rows, device=dev)
-    first_rows = [min(i for i, r in enumerate(rows) if r[2] == j) for j in range(B)]
+    ntok_per_req = torch.zeros(B, device=dev)
+    for r in rows:
+        if r[3] == "nll": ntok_per_req[r[2]] += len(r[4])
     d = _first_out_dim(model, module)
     delta = torch.zeros(B, d, device=dev, dtype=torch.float32, requires_grad=True)
-    state = {"init": None}
+    first = {}
+    for i, r in enumerate(rows): first.setdefault(r[2], i)
+    active = list(range(B)); cur = _value_rows(tok, rows, range(len(rows)), dev); state = {"h0": None}
     def hook(m, i, o):
         h = _first(o)
-        if state["init"] is None: state["init"] = h[rix, look].detach().float()
-        h = h.clone(); h[rix, look] = h[rix, look] + delta[req].to(h.dtype)
+        if state["h0"] is None: state["h0"] = h[cur["rix"], cur["look"]].detach().float()[[first[j] for j in range(B)]]
+        h = h.clone(); h[cur["rix"], cur["look"]] = h[cur["rix"], cur["look"]] + delta[cur["req"]].to(h.dtype)
         return (h,) + tuple(o[1:]) if isinstance(o, tuple) else h
     flags = freeze(model); hd = module.register_forward_hook(hook)
-    opt = torch.optim.Adam([delta], lr=lr); kl_init = None; hist = []
+    opt = torch.optim.Adam([delta], lr=lr); kl_init = None; hist = []; done_at = [None] * B
+    last = torch.zeros(B)
     try:
         for step in range(steps):
             opt.zero_grad()
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            lp = torch.log_softmax(logits[trow, tpos].float(), -1).gather(1, tlab[:, None])[:, 0]
-            # mean token NLL over all rewrite rows of a request (its rows share one target length)
-            nll = -torch.zeros(B, device=dev).index_add(0, treq, lp) / ntok_per_req  # mean token NLL over all rows (equal row lengths)
-            kl_lp = torch.log_softmax(logits[kl_rows_t, look[kl_rows_t]].float(), -1)
-            if kl_init is None: kl_init = kl_lp.detach()
-            kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
-            if step == 0: state["h0"] = state["init"][first_rows]
-            h0 = state["h0"]; hn = h0.norm(dim=-1)
-            wd = weight_decay * delta.norm(dim=-1) / hn ** 2
-            loss_r = nll + kl_factor * kl + wd
-            hist.append(loss_r.detach().cpu())
-            if log: log(f"step {step}: nll {nll.mean().item():.3f} kl {kl.mean().item():.4f} |δ| {delta.norm(dim=-1).mean().item():.3f}")
-            if nll.max().item() < early_stop: break
-            loss_r.sum().backward(); opt.step()
+            logits = _logits_at(model, cur["ids"], cur["mask"], cur["at_rows"], cur["at_pos"])   # (N, vocab): only the scored positions
+            nT = cur["nT"]; lp = torch.log_softmax(logits[:nT].float(), -1).gather(1, cur["tlab"][:, None])[:, 0]
+            nll = -torch.zeros(B, device=dev).index_add(0, cur["treq"], lp) / ntok_per_req   # mean token NLL over a request's rewrite rows
+            kl_lp = torch.log_softmax(logits[nT:].float(), -1)
+            if kl_init is None: kl_init = kl_lp.detach()                                    # step 0: every request, in order
+            kl = torch.zeros(B, device=dev).index_add(0, cur["kl_req"], (kl_lp.exp() * (kl_lp - kl_init[cur["kl_req"]])).sum(-1))
+            hn = state["h0"].norm(dim=-1)
+            loss_r = nll + kl_factor * kl + weight_decay * delta.norm(dim=-1) / hn ** 2
+            act = torch.tensor(active, device=dev); last[act.cpu()] = loss_r.detach().cpu()[act.cpu()]; hist.append(last.clone())
+            if log: log(f"step {step}: nll {nll[act].mean().item():.3f} kl {kl[act].mean().item():.4f} |δ| {delta[act].norm(dim=-1).mean().item():.3f} ({len(active)} active)")
+            stop = [j for j in active if nll[j].item() < early_stop]
+            for j in stop: done_at[j] = step
+            if len(stop) == len(active): break
+            loss_r[act].sum().backward()
+            done = [j for j in range(B) if done_at[j] is not None]
+            keep = delta.detach()[done].clone()
+            opt.step()                                            # (Adam's momentum would move converged rows too:)
             with torch.no_grad():
                 mx = clamp * hn; nd = delta.norm(dim=-1)
                 s = torch.where(nd > mx, mx / nd, torch.ones_like(nd)); delta.mul_(s[:, None])
+                if done: delta[done] = keep                       # converged requests keep their δ
+            if stop:
+                active = [j for j in active if j not in stop]
+                cur = _value_rows(tok, rows, [i for i, r in enumerate(rows) if r[2] in active], dev)
     finally:
         hd.remove(); unfreeze(model, flags)
-    return delta.detach(), {"h_init": state["h0"], "loss": torch.stack(hist), "steps": len(hist)}
+    req_steps = [(s + 1 if s is not None else len(hist)) for s in done_at]
+    return delta.detach(), {"h_init": state["h0"], "loss": torch.stack(hist), "steps": len(hist), "req_steps": req_steps}
 
 # %% ../../nbs/22_edit_locate.ipynb #a43dded6
 def _first_out_dim(model, module):
@@ -113,11 +138,12 @@ def _solve(A, B):
     except RuntimeError: return torch.linalg.pinv(A) @ B
 
 # %% ../../nbs/22_edit_locate.ipynb #249ff1f5
-def rome_solve(k: torch.Tensor, delta: torch.Tensor, C: torch.Tensor|None = None) -> torch.Tensor:
-    "Rank-one ΔW (d, d_k) with ΔW k = δ that least disturbs keys with second moment C: δ (C⁻¹k)ᵀ / (kᵀC⁻¹k)."
+def rome_solve(k: torch.Tensor, delta: torch.Tensor, C: torch.Tensor|None = None, k_bottom: torch.Tensor|None = None) -> torch.Tensor:
+    "Rank-one ΔW (d, d_k) with ΔW k = δ that least disturbs keys with second moment C: δ (C⁻¹k)ᵀ / ((C⁻¹k)ᵀk); `k_bottom` replaces k in the denominator."
     k, delta = k.double(), delta.double()
     u = k if C is None else _solve(C.double().to(k.device), k)
-    return torch.outer(delta, u) / (u @ k)
+    kb = k if k_bottom is None else k_bottom.double().to(k.device)
+    return torch.outer(delta, u) / (u @ kb)
 
 # %% ../../nbs/22_edit_locate.ipynb #101247b7
 def memit_solve(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float = 15000.) -> torch.Tensor:
@@ -170,22 +196,33 @@ def _mean_keys(model, tok, module, reqs, templates):
     return k.view(len(reqs), len(templates), -1).mean(1)
 
 # %% ../../nbs/22_edit_locate.ipynb #912f5856
+_KEYS = ("prefix", "prompt", "original")
+
 def rome(model, tok, requests, *, layer: int|None = None, stats: dict|None = None, mom2: bool = True,
          templates: list|None = None, steps: int = 20, lr: float = 0.5, kl_factor: float = 0.0625,
-         weight_decay: float = 1e-3, clamp: float = 4.0, n_tokens: int = 20_000, max_length: int = 128,
-         texts=None, cache_dir=None, progress: bool = True, log=None) -> EditRecord:
-    "ROME: one rank-one update of one MLP output matrix per request, with the prefix-averaged key used consistently."
+         weight_decay: float = 1e-3, clamp: float = 4.0, early_stop: float = 5e-2, keys: str = "prefix", shrink: float|str = "auto",
+         n_tokens: int = 20_000, max_length: int = 128, texts=None, cache_dir=None, progress: bool = True, log=None) -> EditRecord:
+    """ROME: one rank-one update of one MLP output matrix per request. `keys` picks the key k in ΔW = δ (C⁻¹k)ᵀ / ((C⁻¹k)ᵀ k):
+    'prefix' (r-ROME, the default) the prefix-averaged key k̄ everywhere, 'prompt' the bare prompt's key k_u everywhere (r-ROME's
+    other consistent choice), 'original' ROME's released code: C⁻¹k̄ on top but k_u below (can disable the model).
+    C is shrunk toward the isotropic matrix, (1 − α) C + α (tr C / d) I with α = `shrink` ('auto': `shrink_alpha`; 0: published ROME)."""
+    if keys not in _KEYS: raise ValueError(f"keys={keys!r}: use one of {_KEYS} ('prefix' is r-ROME)")
+    if shrink != "auto" and not (isinstance(shrink, (int, float)) and 0 <= shrink <= 1):
+        raise ValueError(f"shrink={shrink!r}: use 'auto' or a number in [0, 1] (0: C unshrunk, as published)")
     reqs = as_requests(requests)
     L = default_layers(model, "rome")[0] if layer is None else layer
     m = edit_module(model, L); name = param_name(model, m)
     st = _get_stats(model, tok, [L], {L: m}, stats, texts, n_tokens, max_length, cache_dir, progress)[L] if mom2 else None
     templates = templates or context_templates(model, tok)
-    snap = snapshot(model, [name]); info = {"steps": [], "norms": []}
+    C = None if st is None else st.shrunk(shrink_alpha(st.mom2.shape[0], st.count) if shrink == "auto" else float(shrink))
+    snap = snapshot(model, [name]); info = {"steps": [], "norms": [], "keys": keys, "shrink": shrink}
     try:
         for r in reqs:
-            delta, vi = optimize_values(model, tok, [r], m, templates, steps, lr, kl_factor, weight_decay, clamp, log=log)
-            k = _mean_keys(model, tok, m, [r], templates)[0]
-            dW = rome_solve(k, delta[0], st.C if st is not None else None)
+            delta, vi = optimize_values(model, tok, [r], m, templates, steps, lr, kl_factor, weight_decay, clamp, early_stop, log=log)
+            kbar = _mean_keys(model, tok, m, [r], templates)[0]
+            ku = _mean_keys(model, tok, m, [r], ["{}"])[0] if keys != "prefix" else kbar
+            k_top, k_bottom = {"prefix": (kbar, kbar), "prompt": (ku, ku), "original": (kbar, ku)}[keys]
+            dW = rome_solve(k_top, delta[0], C, k_bottom)
             add_to_weight(m, dW)
             info["steps"].append(vi["steps"]); info["norms"].append(dW.norm().item()); info.setdefault("deltas", []).append(delta[0])
     except Exception:
@@ -193,7 +230,7 @@ def rome(model, tok, requests, *, layer: int|None = None, stats: dict|None = Non
     return EditRecord("rome", reqs, [L], snap, info)
 
 # %% ../../nbs/22_edit_locate.ipynb #55551386
-def _batch_edit(method, model, tok, requests, layers, stats, solve, templates, steps, lr, kl_factor,
+def _batch_edit(method, model, tok, requests, layers, stats, solve, templates, steps, early_stop, lr, kl_factor,
                 weight_decay, clamp, n_tokens, max_length, texts, cache_dir, progress, log, values=None, after=None):
     reqs = as_requests(requests)
     layers = sorted(default_layers(model, "memit") if layers is None else list(layers), key=lambda l: l % n_layers(model))
@@ -202,7 +239,7 @@ def _batch_edit(method, model, tok, requests, layers, stats, solve, templates, s
     st = _get_stats(model, tok, layers, mods, stats, texts, n_tokens, max_length, cache_dir, progress)
     templates = templates or context_templates(model, tok)
     top = decoder_layers(model)[layers[-1]]
-    if values is None: delta, vi = optimize_values(model, tok, reqs, top, templates, steps, lr, kl_factor, weight_decay, clamp, log=log)
+    if values is None: delta, vi = optimize_values(model, tok, reqs, top, templates, steps, lr, kl_factor, weight_decay, clamp, early_stop, log=log)
     else:
         delta, vi = values.to(_device(model), torch.float32), {"steps": 0}
         if delta.shape != (len(reqs), model.config.hidden_size): raise ValueError(f"values must have shape ({len(reqs)}, hidden_size), got {tuple(delta.shape)}")
@@ -223,7 +260,7 @@ def _batch_edit(method, model, tok, requests, layers, stats, solve, templates, s
     return EditRecord(method, reqs, layers, snap, info)
 
 # %% ../../nbs/22_edit_locate.ipynb #c130f968
-_Z = dict(values=None, templates=None, steps=20, lr=0.5, kl_factor=0.0625, weight_decay=1e-3, n_tokens=20_000, max_length=128, texts=None, cache_dir=None, progress=True, log=None)
+_Z = dict(values=None, templates=None, steps=20, early_stop=5e-2, lr=0.5, kl_factor=0.0625, weight_decay=1e-3, n_tokens=20_000, max_length=128, texts=None, cache_dir=None, progress=True, log=None)
 
 # %% ../../nbs/22_edit_locate.ipynb #f699ba43
 def _lam(w, per_dk, s): return w if w is not None else per_dk * s.mom2.shape[0]
