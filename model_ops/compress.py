@@ -18,7 +18,7 @@ from .distill import kl_loss, hidden_loss, text_windows
 __all__ = ['BLOCK_LINEARS', 'P31', 'token_kl', 'depth_contributions', 'plot_depth', 'LowRankLinear', 'rank_for', 'low_rank',
            'weight_perturbation', 'feature_loss', 'pela', 'save_low_rank', 'load_low_rank', 'merge_low_rank',
            'hash_index', 'ParameterBank', 'HashedLinear', 'share_parameters', 'save_shared', 'load_shared',
-           'materialize_shared']
+           'materialize_shared', 'compare_pruning', 'plot_pruning', 'layer_inputs', 'pruning_widget']
 
 # %% ../nbs/42_compress.ipynb #5a858b07
 def _lens(model:nn.Module):
@@ -109,7 +109,7 @@ def plot_depth(res:dict, # `depth_contributions` output
     fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/42_compress.ipynb #31c53bb4
+# %% ../nbs/42_compress.ipynb #6f25cd65
 class LowRankLinear(nn.Module):
     "A rank-`r` linear layer `y = up(down(x)) + bias`, with `down` (r, in) and `up` (out, r)."
     def __init__(self, in_features:int, out_features:int, rank:int, bias:bool=True, device=None, dtype=None):
@@ -139,7 +139,7 @@ def rank_for(in_features:int, out_features:int, keep:float) -> int:
     if not 0 < keep <= 1: raise ValueError(f"keep must be in (0, 1], got {keep!r}")
     return max(1, int(keep * in_features * out_features / (in_features + out_features)))
 
-# %% ../nbs/42_compress.ipynb #1d4e37fa
+# %% ../nbs/42_compress.ipynb #db79793b
 BLOCK_LINEARS = r"\.(q|k|v|o|gate|up|down)_proj$"
 
 def _targets(model, targets):
@@ -168,7 +168,7 @@ def low_rank(model:nn.Module, # changed in place
         _replace(model, n, LowRankLinear.from_linear(m, r)); ranks[n] = r
     return ranks
 
-# %% ../nbs/42_compress.ipynb #87ee4fe8
+# %% ../nbs/42_compress.ipynb #9338d26e
 def weight_perturbation(model:nn.Module, # holds `LowRankLinear`s
                         ref:dict, # {module name: original dense weight}
                        ) -> torch.Tensor:
@@ -183,7 +183,7 @@ def feature_loss(hs:tuple, # student hidden states (embeddings, then one per blo
     if len(hs) != len(ht): raise ValueError(f"feature distillation needs the same depth: {len(hs)} vs {len(ht)} hidden states")
     return torch.stack([hidden_loss(a, b) / b.float().pow(2).mean() for a, b in zip(hs[1:], ht[1:])]).mean()
 
-# %% ../nbs/42_compress.ipynb #af43fdf8
+# %% ../nbs/42_compress.ipynb #7c10bcac
 def pela(student:nn.Module, # model with `LowRankLinear`s (`low_rank`), trained in place
          teacher:nn.Module, # the dense model it came from (frozen)
          texts=None, # training text: None (offline default prose), texts, a file, or token ids (n, seqlen)
@@ -221,7 +221,7 @@ def pela(student:nn.Module, # model with `LowRankLinear`s (`low_rank`), trained 
             wp = weight_perturbation(student, ref) if wp_weight else torch.zeros((), device=dev)
             loss = kd_weight * kd + feat_weight * feat + wp_weight * wp
             opt.zero_grad(); loss.backward(); opt.step()
-            for k, v in (("loss", loss), ("kd", kd), ("feat", feat), ("wp", wp)): hist[k].append(float(v))
+            for k, v in (("loss", loss), ("kd", kd), ("feat", feat), ("wp", wp)): hist[k].append(float(v.detach()))
             if log and (step + 1) % max(1, steps // 10) == 0: log(f"step {step + 1}/{steps} loss {hist['loss'][-1]:.4f}")
     finally:
         for n, p in student.named_parameters(): p.requires_grad_(flags.get(n, True))
@@ -229,7 +229,7 @@ def pela(student:nn.Module, # model with `LowRankLinear`s (`low_rank`), trained 
     hist["seconds"] = time.time() - t0
     return hist
 
-# %% ../nbs/42_compress.ipynb #f714185d
+# %% ../nbs/42_compress.ipynb #5efeb3fa
 def _save_folder(model, out_dir, tok, extra:dict, metadata:dict, overwrite:bool):
     "Write the state dict through `model_ops.io` with `extra` entries added to config.json; atomic."
     from model_ops.io import ShardWriter, check_output
@@ -290,7 +290,7 @@ def merge_low_rank(model:nn.Module) -> nn.Module:
         _replace(model, n, lin)
     return model
 
-# %% ../nbs/42_compress.ipynb #33983b59
+# %% ../nbs/42_compress.ipynb #85375f99
 P31 = 2 ** 31 - 1   # a Mersenne prime for the universal hashes
 
 def hash_index(k:torch.Tensor, # flat weight indices (int64)
@@ -327,7 +327,7 @@ class HashedLinear(nn.Module):
     def forward(self, x): return F.linear(x, self.dense_weight(), self.bias)
     def extra_repr(self): return f"in_features={self.in_features}, out_features={self.out_features}, bank={self.bank.numel()}"
 
-# %% ../nbs/42_compress.ipynb #6fcbb9dd
+# %% ../nbs/42_compress.ipynb #f99edee4
 @torch.no_grad()
 def share_parameters(model:nn.Module, # changed in place
                      *, budget:float=0.1, # bank size as a fraction of the targets' weights
@@ -362,7 +362,7 @@ def share_parameters(model:nn.Module, # changed in place
         _replace(model, n, h)
     return bank
 
-# %% ../nbs/42_compress.ipynb #56c45a40
+# %% ../nbs/42_compress.ipynb #d12831ea
 def save_shared(model:nn.Module, out_dir, tok=None, *, overwrite:bool=False):
     "Save a model with `HashedLinear`s compactly (bank + scales + hash integers); reload with `load_shared`."
     names = [n for n, m in model.named_modules() if isinstance(m, HashedLinear)]
@@ -391,3 +391,74 @@ def materialize_shared(model:nn.Module) -> nn.Module:
         _replace(model, n, lin)
     if hasattr(model, "rps_bank"): del model.rps_bank
     return model
+
+# %% ../nbs/42_compress.ipynb #1d78be9a
+@torch.no_grad()
+def compare_pruning(W:torch.Tensor, # (out, in) weight of one linear layer
+                    X:torch.Tensor, # (..., in) its calibration inputs
+                    sparsity:float=0.5, pattern=None, # as for `model_ops.prune.magnitude`
+                   ) -> dict:
+    "Prune `W` by magnitude, Wanda and SparseGPT: per method `keep`, `weight`, `row_sparsity`, `error`; plus removed-set `overlap`."
+    W, X = W.detach().float(), X.detach().reshape(-1, X.shape[-1]).float()
+    if X.shape[1] != W.shape[1]: raise ValueError(f"X has {X.shape[1]} features but W has {W.shape[1]} inputs")
+    sparsity = None if pattern else sparsity
+    Y = X @ W.T
+    out = {}
+    for name in ("magnitude", "wanda", "sparsegpt"):
+        if name == "magnitude": keep = magnitude_mask(W, sparsity, pattern); W2 = W * keep
+        elif name == "wanda": keep = wanda_mask(W, X.norm(dim=0), sparsity, pattern); W2 = W * keep
+        else: W2, keep = sparsegpt_prune(W, X.T @ X, sparsity, pattern)
+        out[name] = dict(keep=keep, weight=W2, row_sparsity=1 - keep.float().mean(1),
+                         error=float((X @ W2.T - Y).norm() / Y.norm().clamp_min(1e-12)))
+    names = list(out)
+    out["overlap"] = {f"{a}/{b}": float((~out[a]["keep"] & ~out[b]["keep"]).sum() / (~out[a]["keep"] | ~out[b]["keep"]).sum().clamp_min(1))
+                      for i, a in enumerate(names) for b in names[i + 1:]}
+    return out
+
+def plot_pruning(res:dict, # `compare_pruning` output
+                 crop:tuple=(32, 64), # rows, columns of the mask crop shown
+                 title:str=""):
+    "Masks (crop, black = removed), per-row sparsity and output error of each method."
+    import matplotlib.pyplot as plt
+    names = [k for k in res if k != "overlap"]
+    fig, ax = plt.subplots(1, len(names) + 2, figsize=(3.2 * (len(names) + 2), 2.8))
+    for a, n in zip(ax, names):
+        a.imshow(res[n]["keep"][:crop[0], :crop[1]].float().numpy(), cmap="gray", vmin=0, vmax=1, aspect="auto")
+        a.set_title(f"{n}: kept (white)"); a.set_xlabel("input"); a.set_ylabel("output row")
+    for n in names: ax[-2].plot(res[n]["row_sparsity"].numpy(), label=n, lw=1)
+    ax[-2].set_title("sparsity of each row"); ax[-2].set_xlabel("output row"); ax[-2].legend(fontsize=7)
+    ax[-1].bar(names, [res[n]["error"] for n in names]); ax[-1].set_title("relative output error")
+    if title: fig.suptitle(title)
+    fig.tight_layout(); plt.close(fig)
+    return fig
+
+# %% ../nbs/42_compress.ipynb #d5b671f5
+@torch.no_grad()
+def layer_inputs(model:nn.Module, tok=None, name:str=None, # full module name of a linear layer
+                 *, calib=None, nsamples:int=4, seqlen:int=64) -> torch.Tensor:
+    "The inputs (tokens, in) that the linear `name` sees on the calibration windows."
+    from model_ops.nn import capture
+    ids = calib_ids(tok, calib, nsamples, seqlen).to(next(model.parameters()).device)
+    with capture(model.get_submodule(name), outputs=False) as cap: model(input_ids=ids, use_cache=False)
+    return torch.cat([x.reshape(-1, x.shape[-1]).float().cpu() for x in cap.inputs])
+
+def pruning_widget(model:nn.Module, tok=None, *, calib=None, nsamples:int=4, seqlen:int=64):
+    "ipywidgets demo: pick a layer, a sparsity and a pattern; see what magnitude, Wanda and SparseGPT remove. Returns the `interactive`."
+    import ipywidgets as widgets
+    from model_ops.prune import prunable
+    from model_ops.nn import weight_2d
+    names, cache = list(prunable(model)), {}
+    def run(layer=names[-1], sparsity=0.5, pattern="unstructured"):
+        if layer not in cache: cache[layer] = layer_inputs(model, tok, layer, calib=calib, nsamples=nsamples, seqlen=seqlen)
+        pat = None if pattern == "unstructured" else pattern
+        res = compare_pruning(weight_2d(model.get_submodule(layer)), cache[layer], sparsity, pat)
+        fig = plot_pruning(res, title=f"{layer}, {pattern if pat else f'{sparsity:.0%}'}")
+        try:
+            from IPython.display import display
+            display(fig)
+        except ImportError: pass
+        return dict(errors={n: res[n]["error"] for n in ("magnitude", "wanda", "sparsegpt")}, overlap=res["overlap"],
+                    sparsity={n: float(1 - res[n]["keep"].float().mean()) for n in ("magnitude", "wanda", "sparsegpt")})
+    return widgets.interactive(run, layer=widgets.Dropdown(options=names, value=names[-1]),
+                               sparsity=widgets.FloatSlider(value=0.5, min=0.1, max=0.9, step=0.1),
+                               pattern=widgets.Dropdown(options=["unstructured", "2:4", "4:8"], value="unstructured"))
