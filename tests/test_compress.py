@@ -10,7 +10,8 @@ from model_ops.prune import prune_depth, count_params
 from model_ops.distill import kl_loss
 from model_ops.compress import (depth_contributions, token_kl, LowRankLinear, low_rank, rank_for, pela, weight_perturbation,
                                 feature_loss, save_low_rank, load_low_rank, merge_low_rank, share_parameters, HashedLinear,
-                                save_shared, load_shared, materialize_shared, compare_pruning, pruning_widget, BLOCK_LINEARS, _targets)
+                                save_shared, load_shared, materialize_shared, compare_pruning, pruning_widget, BLOCK_LINEARS)
+from model_ops.compress.lowrank import _targets
 
 IDS = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
 
@@ -135,3 +136,25 @@ def test_pruning_widget_drives_the_comparison():
     assert w.result["sparsity"]["sparsegpt"] == 0.5
     w.children[2].value = "2:4"
     assert w.result["sparsity"]["magnitude"] == 0.5 and w.result["errors"]["sparsegpt"] <= w.result["errors"]["magnitude"]
+
+
+def test_fold_shares_parent_weights_trains_only_scalers_and_unfolds():
+    from model_ops.compress import fold_blocks, fold_recover, unfold, ScaledLinear
+    from model_ops.nn import decoder_layers
+    t6 = tiny_model("llama", num_hidden_layers=6)
+    data = torch.randint(0, 256, (16, 24), generator=torch.Generator().manual_seed(1))
+    fd = fold_blocks(t6, drop=1, group=2, calib=IDS)             # 5 blocks left: groups [0,1], [2,3], [4]
+    ly = decoder_layers(fd)
+    assert fd.fold_groups == [[0, 1], [2, 3], [4]] and isinstance(ly[4].mlp.up_proj, nn.Linear)
+    assert ly[1].mlp.down_proj.lin.weight is ly[0].mlp.down_proj.lin.weight
+    w0 = ly[0].self_attn.o_proj.lin.weight.detach().clone()
+    with torch.no_grad(): k0 = float(kl_loss(fd(input_ids=data).logits, t6(input_ids=data).logits))
+    fold_recover(fd, t6, data, steps=20, lr=1e-2, batch_size=8, progress=False)
+    with torch.no_grad(): k1 = float(kl_loss(fd(input_ids=data).logits, t6(input_ids=data).logits))
+    assert k1 < k0 and torch.equal(ly[0].self_attn.o_proj.lin.weight.detach(), w0)
+    with torch.no_grad():
+        ref = fd(input_ids=IDS).logits
+        flat = unfold(copy.deepcopy(fd))
+        assert not any(isinstance(m, ScaledLinear) for m in flat.modules())
+        assert flat.model.layers[1].mlp.up_proj.weight is not flat.model.layers[0].mlp.up_proj.weight
+        assert torch.allclose(flat(input_ids=IDS).logits, ref, atol=1e-5)
