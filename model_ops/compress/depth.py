@@ -43,7 +43,7 @@ def _io(args, kwargs, out):
 
 # %% ../../nbs/42a_compress_depth.ipynb #880e85b7
 @torch.no_grad()
-def depth_contributions(model:nn.Module, # a causal LM (Llama family, GPT-2, ...)
+def depth_contributions(model:nn.Module, # a causal LM (blocks found by `model_ops.nn.decoder_layers`)
                         tok=None, # tokenizer for text calibration
                         *, calib=None, # None (offline default prose), texts, a file, or token ids (n, seqlen)
                         nsamples:int=16, seqlen:int=128, batch_size:int=8,
