@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['kl_loss', 'reverse_kl_loss', 'HiddenProjector', 'hidden_loss', 'sparsity_masks', 'apply_masks', 'MaskedLoRA',
-           'add_lora', 'merge_lora', 'set_trainable', 'text_windows', 'DistillResult', 'distill', 'recover']
+           'add_lora', 'merge_lora', 'set_trainable', 'text_windows', 'DistillResult', 'distill', 'recover',
+           'distill_widget']
 
 # %% ../nbs/41_distill.ipynb #c76fcbb1
 def _token_mean(x, mask):
@@ -285,3 +286,34 @@ def recover(model:nn.Module, # pruned model, trained in place
     for n, m in masks.items():
         if (model.get_parameter(n).detach()[~m.to(model.get_parameter(n).device)] != 0).any(): raise RuntimeError(f"recovery broke the sparsity of {n}")
     return res
+
+# %% ../nbs/41_distill.ipynb #dw20a002
+def distill_widget(student:nn.Module, # model to distil (never changed: each run trains a copy)
+                   teacher:nn.Module, # frozen teacher
+                   tok, # tokenizer (for the perplexity texts)
+                   texts=None, # training text or token ids (n, seqlen), as for `distill`
+                   eval_texts=None, # held-out texts for perplexity (None: `model_ops.eval.default_texts(8, seed=1)`)
+                   *, lr:float=1e-3, batch_size:int=4, seqlen:int=32, max_steps:int=200):
+    "ipywidgets demo: temperature, KL / CE weights and steps as controls; loss curve and perplexity against the teacher."
+    import copy
+    import ipywidgets as widgets
+    from model_ops.eval import perplexity, default_texts
+    ev = eval_texts if eval_texts is not None else default_texts(8, seed=1)
+    ppl_t, ppl_0 = perplexity(teacher, tok, ev, max_length=128), perplexity(student, tok, ev, max_length=128)
+    def run(T=2.0, kd_weight=1.0, ce_weight=0.0, steps=20):
+        if not kd_weight and not ce_weight: return dict(error="set kd_weight or ce_weight above 0")
+        s = copy.deepcopy(student)
+        res = distill(s, teacher, texts, tok, steps=steps, lr=lr, batch_size=batch_size, seqlen=seqlen, T=T,
+                      kd_weight=kd_weight, ce_weight=ce_weight, loss="kl" if kd_weight else "none", progress=False)
+        ppl = perplexity(s.eval(), tok, ev, max_length=128)
+        fig = res.plot()
+        fig.axes[0].set_title(f"T={T:g}, KL x{kd_weight:g}, CE x{ce_weight:g}: perplexity {ppl_0:.1f} -> {ppl:.1f} (teacher {ppl_t:.1f})", fontsize=8)
+        try:
+            from IPython.display import display
+            display(fig)
+        except ImportError: pass
+        return dict(losses=res.losses, ppl_before=ppl_0, ppl_after=ppl, ppl_teacher=ppl_t)
+    return widgets.interactive(run, T=widgets.FloatSlider(value=2.0, min=0.5, max=8.0, step=0.5),
+                               kd_weight=widgets.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1),
+                               ce_weight=widgets.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.1),
+                               steps=widgets.IntSlider(value=20, min=1, max=max_steps, step=1))
