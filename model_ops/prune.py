@@ -154,7 +154,7 @@ def calib_texts() -> list:
 
 def calib_ids(tok=None, # tokenizer, needed unless `calib` is already token ids
               calib=None, # None (offline default text), texts, a text file path, or token ids (tensor / list of lists)
-              nsamples:int=32, # number of windows
+              nsamples:int=128, # number of windows
               seqlen:int=128, # tokens per window
              ) -> torch.Tensor:
     "Calibration token ids of shape (n, seqlen) (n <= nsamples; shorter if the text is short)."
@@ -417,7 +417,7 @@ def wanda(model:nn.Module, # transformers model, pruned in place
           *, sparsity:float=None, # fraction of each row to remove, in [0, 1)
           pattern=None, # N:M pattern such as '2:4' instead of `sparsity`
           calib=None, # calibration: None (offline default text), texts, a file, or token ids
-          nsamples:int=32, seqlen:int=128, # calibration windows
+          nsamples:int=128, seqlen:int=128, # calibration windows (128 x 128: see "Calibration defaults")
           batch_size:int=None, # calibration sequences per forward (None: 1 on CPU, bit for bit the reference code's forwards; ~4096 tokens on a GPU)
           targets:str=None, # regex restricting the pruned linears
           include_embeddings:bool=False, include_head:bool=False, # also prune these (by magnitude)
@@ -440,7 +440,7 @@ def sparsegpt(model:nn.Module, # transformers model, pruned in place
               *, sparsity:float=None, # fraction of each matrix to remove, in [0, 1)
               pattern=None, # N:M pattern such as '2:4' instead of `sparsity`
               calib=None, # calibration: None (offline default text), texts, a file, or token ids
-              nsamples:int=32, seqlen:int=128, # calibration windows
+              nsamples:int=128, seqlen:int=128, # calibration windows (128 x 128: see "Calibration defaults")
               batch_size:int=None, # calibration sequences per forward (None: 1 on CPU, bit for bit the reference code's forwards; ~4096 tokens on a GPU)
               blocksize:int=128, # lazy-update block width
               percdamp:float=0.01, # Hessian dampening (fraction of its mean diagonal)
@@ -876,7 +876,7 @@ def cli_prune(model:str, # model folder, Hugging Face id, or 'smollm2'
               sparsity:float=None, # fraction to remove (unstructured)
               pattern:str=None, # N:M pattern, e.g. 2:4
               calib:str=None, # calibration text file (default: offline prose)
-              nsamples:int=32, # calibration windows
+              nsamples:int=128, # calibration windows
               seqlen:int=128, # tokens per window
               device:str="cpu", # cpu, cuda, ...
               overwrite:bool=False, # replace an existing output folder
