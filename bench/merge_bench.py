@@ -7,12 +7,18 @@ pages counted once, see `run`) and the peak RssAnon / RssFile split of the main 
 includes the memory-mapped input pages).
 
     flock /tmp/heavy.lock python bench/merge_bench.py [--methods ties,dare_ties,linear,task_arithmetic] [--root /tmp/merge_bench]
+    python bench/merge_bench.py --dtype bfloat16          # the same models stored in bfloat16 (0.44 GB each), recipes in bfloat16
+
+With `--dtype bfloat16` the inputs are the float32 models rounded to bfloat16 (under ROOT/bf16) and every recipe says
+`dtype: bfloat16`, so both tools compute in bfloat16 as mergekit does (ties at the density cut are common there).
 """
 import argparse, json, os, resource, shutil, subprocess, sys, threading, time
 from pathlib import Path
 
 ARCH = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16,
             vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048, rms_norm_eps=1e-5)
+
+DTYPE = "float32"     # the recipes' dtype and the stored inputs' (--dtype)
 
 def make_models(root:Path):
     import torch
@@ -31,10 +37,11 @@ def make_models(root:Path):
     shapes.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
     g = torch.Generator().manual_seed(0)
     base = {k: (torch.ones(s) if len(s) == 1 else 0.02 * torch.randn(s, generator=g)) for k, s in shapes.items()}
+    dt = getattr(torch, DTYPE)
     for n in names:
         d = root / n; d.mkdir(parents=True, exist_ok=True)
         sd = base if n == "base" else {k: t + 0.002 * torch.randn(t.shape, generator=g) for k, t in base.items()}
-        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+        save_file({k: t.to(dt) for k, t in sd.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
         (d / "config.json").write_text(json.dumps(cfg))
         del sd
     return [root / n for n in names]
@@ -46,10 +53,10 @@ MERGEKIT = NO_BASE + SPARSE + ("task_arithmetic", "slerp", "model_stock")   # (p
 def yaml_for(method, base, ft1, ft2):
     "The bench's config for `method`: weights 0.5 (and density 0.5 for the sparsifying methods), float32."
     if method == "slerp":
-        return f"merge_method: slerp\nbase_model: {ft1}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters:\n  t: 0.4\ndtype: float32\n"
+        return f"merge_method: slerp\nbase_model: {ft1}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters:\n  t: 0.4\ndtype: {DTYPE}\n"
     p = "" if method == "model_stock" else "\n    parameters: {weight: 0.5" + (", density: 0.5" if method in SPARSE else "") + "}"
     head = f"merge_method: {method}\n" + ("" if method in NO_BASE else f"base_model: {base}\n")
-    return head + f"models:\n  - model: {ft1}{p}\n  - model: {ft2}{p}\ndtype: float32\n"
+    return head + f"models:\n  - model: {ft1}{p}\n  - model: {ft2}{p}\ndtype: {DTYPE}\n"
 
 def inputs_of(method, base, ft1, ft2):
     return [ft1, ft2] if method in NO_BASE + ("slerp",) else [base, ft1, ft2]
@@ -148,13 +155,17 @@ def main():
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--precise", action="store_true", help="run model-ops with --precise (float32 math, lowest-index ties: the fast path) instead of mergekit parity")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored inputs and the recipes' dtype")
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.make_only: make_models(Path(a.root)); return
-    root = Path(a.root); root.mkdir(parents=True, exist_ok=True)
+    global DTYPE
+    DTYPE = a.dtype
+    root = Path(a.root) / ("bf16" if a.dtype == "bfloat16" else "")
+    if a.make_only: make_models(root); return
+    root.mkdir(parents=True, exist_ok=True)
     t = time.time()
     # generate in a child process, so that this process stays small
-    subprocess.run([sys.executable, __file__, "--make-only", "--root", str(root)], check=True)
+    subprocess.run([sys.executable, __file__, "--make-only", "--root", a.root, "--dtype", a.dtype], check=True)
     base, ft1, ft2 = make_models(root); print(f"models ready in {time.time() - t:.1f}s under {root}", flush=True)
     mk = _tool("mergekit-yaml")
     # our command-line tool against mergekit's (`model-ops merge CONFIG OUT`, as a user runs it), from this environment
