@@ -139,7 +139,7 @@ def _block_lists(model):
 def _ref_block(blocks)->int:
     "Index of the first block of the list's main type (block 0, unless a caller swapped it for a stand-in)."
     t = _main_type(blocks)[0]
-    return next(i for i, c in enumerate(blocks) if type(c) is t)
+    return next((i for i, c in enumerate(blocks) if type(c) is t), 0)   # (none: the blocks lost their linears, e.g. replaced)
 
 def layers_prefix(model:nn.Module # a Hugging Face transformer (or any module holding a list of blocks)
                  )->str:

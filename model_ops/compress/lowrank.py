@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 import torch.nn.functional as F
-from ..nn import arch_spec
+from ..nn import arch_spec, layers_prefix
 from ..prune import count_params
 from ..distill import kl_loss, hidden_loss, text_windows
 from .depth import _replace
@@ -53,7 +53,7 @@ def rank_for(in_features:int, out_features:int, keep:float) -> int:
 BLOCK_LINEARS = r"\.(q|k|v|o|gate|up|down)_proj$"
 
 def _targets(model, targets):
-    prefix = arch_spec(model).layers
+    prefix = layers_prefix(model)   # (not arch_spec: an earlier call may have replaced some linears)
     out = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".") and re.search(targets, n)}
     if not out: raise ValueError(f"no nn.Linear inside the blocks ({prefix}.*) matches targets={targets!r}")
     return out
@@ -135,13 +135,19 @@ def pela(student:nn.Module, # model with `LowRankLinear`s (`low_rank`), trained 
     return hist
 
 # %% ../../nbs/42b_compress_lowrank.ipynb #989bab44
+def _tied_head(model)->str|None:
+    """Name of the output head's weight when it is tied to the input embedding (found from the model's own accessors: the
+    compressed blocks hold no nn.Linear for the structural locator to find), else None."""
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is None or out is None or out.weight is not emb.weight: return None
+    return next((f"{n}.weight" for n, m in model.named_modules() if m is out), None)
+
 def _save_folder(model, out_dir, tok, extra:dict, metadata:dict, overwrite:bool):
     "Write the state dict through `model_ops.io` with `extra` entries added to config.json; atomic."
     from model_ops.io import ShardWriter, check_output
     src = getattr(model.config, "_name_or_path", None)
     check_output(out_dir, [src] if src else [])
-    spec = arch_spec(model)
-    head = f"{spec.lm_head}.weight" if spec.tied else None
+    head = _tied_head(model)
     cfg = copy.deepcopy(model.config)
     for k, v in extra.items(): setattr(cfg, k, v)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
@@ -162,10 +168,10 @@ def _load_folder(path, dtype, build):
     store = WeightStore.open(path)
     sd = {k: store[k] for k in store.keys()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = arch_spec(model).tied
-    missing = [k for k in missing if not (tied and k == f"{arch_spec(model).lm_head}.weight")]
+    head = _tied_head(model)
+    missing = [k for k in missing if k != head]
     if missing or unexpected: raise ValueError(f"{path}: the tensors do not match the recorded structure: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if tied: model.tie_weights()
+    if head: model.tie_weights()
     return model.eval()
 
 def save_low_rank(model:nn.Module, out_dir, tok=None, *, overwrite:bool=False):
