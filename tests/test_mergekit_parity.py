@@ -576,7 +576,8 @@ def WeightStore_config(path):
 
 def _card_core(card:str)->tuple:
     """A card as `(front matter, text, bullets)`: the Hub ids and model bullets sorted (mergekit lists them in set order),
-    and our two changes undone."""
+    and our changes undone (the lineage section model_ops appends after mergekit's card is cut off)."""
+    card = card.split("\n## Lineage", 1)[0].rstrip("\n") + "\n" if "\n## Lineage" in card else card
     card = card.replace("created using [model_ops](https://github.com/model-ops/model-ops) from a [mergekit](https://github.com/cg123/mergekit) recipe",
                         "created using [mergekit](https://github.com/cg123/mergekit)").replace("- merge\n- model_ops\n", "- merge\n")
     _, front, body = card.split("---\n", 2)
