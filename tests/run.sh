@@ -15,4 +15,4 @@ echo "== notebooks passed in $(( $(date +%s) - start )) s"
 # pytest: the library's tests, then tests/test_notebooks.py last: every notebook run top to bottom as a reader's Jupyter
 # runs it (a real kernel, all cells, RUN_SLOW off, GPU cells skipping themselves). One run, so the last line is its summary.
 lib_tests=(); for f in tests/test_*.py; do [[ $f == tests/test_notebooks.py ]] || lib_tests+=("$f"); done
-python -m pytest "${lib_tests[@]}" tests/test_notebooks.py -q -p no:cacheprovider
+python -m pytest "${lib_tests[@]}" tests/test_notebooks.py -q -p no:cacheprovider --durations=15
