@@ -193,7 +193,8 @@ class Step:
         self.parent_dirs = [Path(p['source']['path']) for p in self.record['parents'] if 'path' in p['source']]
     def wants(self, out:Path)->bool: return self.out is None or out.resolve() == self.out
     @property
-    def metadata(self)->dict: return {'lineage': self.record}
+    def metadata(self)->dict:     # the headers carry no clock time: the same step gives the same bytes (time is in lineage.json)
+        return {'lineage': {k: v for k, v in self.record.items() if k != 'time'}}
     def finish(self, tmp:Path):
         "Write `lineage.json` (with the output's fingerprint), undo data carried from the first parent plus this step's, and a model card."
         rec = dict(self.record, fingerprint=weights_hash(tmp, stored=True))
