@@ -480,10 +480,11 @@ def alpha_curve(model:nn.Module, tok, delta:Delta, alphas, items:list, texts:lis
 def demo_step(model:nn.Module, tok, log=print) -> dict:
     "Demo: teach `model` a made-up fact by a short fine-tune, take the delta, scale it, transfer it, and revert exactly"
     import time
+    from model_ops.nn import arch_spec
     t0 = time.time()
     items = synthetic_skill(4, seed=1)
-    names = [n for n, p in model.named_parameters() if re.search(r'layers\.\d+\.mlp\.(down_proj|c_proj)|h\.\d+\.mlp\.c_proj', n)]
-    names = names[-4:] or [n for n, _ in model.named_parameters()][-2:]
+    spec = arch_spec(model)                      # found by structure: down_proj, c_proj, dense_4h_to_h, ...
+    names = [f"{spec.layers}.{i}.{spec.mlp['down']}.weight" for i in range(spec.n_layers)][-4:]
     fp0 = content_fingerprint(model)
     snap = snapshot(model, names)
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
