@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from .core import (
     FORMAT, Issue, CheckpointError, atomic_dir, write_safetensors, read_safetensors, read_manifest,
-    _ckpt_kind, _manifest_hash, _sha256, _member)
+    _ckpt_kind, _manifest_hash, _sha256, _member, _recorded)
 
 # %% auto #0
 __all__ = ['TPLayout', 'llama_layout', 'tp_split', 'tp_merge', 'to_universal', 'from_universal', 'save_universal',
@@ -241,7 +241,7 @@ def _entry(dir, m, name):
 def save_universal(u:dict, out, overwrite:bool=False) -> Path:
     "Write a universal checkpoint (from `to_universal`) to folder `out`, atomically, with a manifest."
     files = {}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with _recorded("checkpoint", {"format": "universal", "states": list(u["states"])}, (), out), atomic_dir(out, overwrite=overwrite) as tmp:
         for st, ts in u["states"].items(): files[f"{st}.safetensors"] = write_safetensors(tmp/f"{st}.safetensors", ts)
         _write_json(tmp, "universal.json", {"version": 1, "meta": u["meta"], "layout": u.get("layout"), "states": list(u["states"])}, files)
         _commit_manifest(tmp, files, "universal")
@@ -258,7 +258,7 @@ def load_universal(dir, verify:bool=True) -> dict:
 def save_tp(ranks:list, out, layout:TPLayout, overwrite:bool=False) -> Path:
     "Write TP rank states (list of `{state: {name: tensor}}`) and their layout to folder `out`."
     files, tp = {}, len(ranks)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with _recorded("checkpoint", {"format": "tp", "tp": tp, "layout": layout.to_dict()}, (), out), atomic_dir(out, overwrite=overwrite) as tmp:
         for r,rk in enumerate(ranks):
             fn = f"tp-{r:02d}-of-{tp:02d}.safetensors"
             files[fn] = write_safetensors(tmp/fn, {f"{st}/{k}": v for st,ts in _norm_rank(rk).items() for k,v in ts.items()})
