@@ -149,7 +149,7 @@ def reproduce_all(src, # a model folder with a lineage record
             rows.append({'step': i, 'op': r['op'], 'recorded': r['fingerprint'], 'reproduced': got, 'identical': got == r['fingerprint']})
             if got != r['fingerprint']:                # compare with the recorded model, where it is still on disk
                 kept = [p['source']['path'] for p in (hist[i]['parents'] if i < len(hist) else []) if p['fingerprint'] == r['fingerprint']]
-                orig = Path(src) if i == len(hist) else (Path(kept[0]) if kept and Path(kept[0]).exists() else None)
+                orig = Path(src) if i == len(hist) else (Path(kept[0]) if kept and Path(kept[0]).exists() and weights_hash(kept[0]) == r['fingerprint'] else None)
                 if folder != out: shutil.move(str(folder), str(out))      # the differing rerun is kept in OUT, for a look
                 return {'op': r['op'], 'recorded': hist[-1]['fingerprint'], 'reproduced': None, 'identical': False, 'steps': rows,
                         'first_bad_step': i, 'first_difference': first_difference(orig, out) if orig is not None else None}

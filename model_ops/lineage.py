@@ -65,12 +65,6 @@ def tensor_hashes(src, # anything `WeightStore.open` accepts
         out[k] = _tensor_id(shp, s.dtype(k), d)
     return out
 
-def _file_sha256(p:Path)->str:
-    h = hashlib.sha256()
-    with open(p, 'rb') as f:
-        while b := f.read(1 << 24): h.update(b)
-    return h.hexdigest()
-
 def files_hash(folder, # a checkpoint folder
                stored:bool=False, # use the SHA-256s its manifest gives instead of reading the files
               )->str:
@@ -79,14 +73,14 @@ def files_hash(folder, # a checkpoint folder
     skip = lambda r: r.parts[0] in ('lineage.json', 'README.md', UNDO_DIR)
     names = sorted(m['files']) if m else sorted(str(r) for f in p.rglob('*') if f.is_file() and not skip(r := f.relative_to(p)))
     h = hashlib.sha256()
-    for n in names: h.update(f"{n}|{(m['files'][n].get('sha256') if m and stored else None) or _file_sha256(p/n)}\n".encode())
+    for n in names: h.update(f"{n}|{(m['files'][n].get('sha256') if m and stored else None) or hashlib.file_digest(open(p/n, 'rb'), 'sha256').hexdigest()}\n".encode())
     return h.hexdigest()[:16]
 
 def _by_files(src)->bool:
     "Is `src` a checkpoint folder fingerprinted by its files: DCP, tensor-parallel, universal or DeepSpeed (no model tensors to read)?"
     if not isinstance(src, (str, os.PathLike)) or not Path(src).is_dir(): return False
     if (m := _manifest(src)) is not None: return m.get('kind', 'training') != 'training' or not m.get('model_files')
-    p = Path(src)      # a folder DeepSpeed or torch.distributed.checkpoint wrote: pickled files, no safetensors
+    p = Path(src)      # written by DeepSpeed or torch.distributed.checkpoint: no safetensors
     return not any(p.glob('*.safetensors')) and (any(p.glob('*.pt')) or any(p.glob('*.distcp')))
 
 def weights_hash(src, # anything `WeightStore.open` accepts, or a `tensor_hashes` dict

@@ -163,12 +163,13 @@ def to_universal(ranks,                   # TP ranks (list of dicts), a [pp][tp]
                  out=None,                # also save the result to this folder (`save_universal`)
                  ep:int=None) -> dict:    # expert-parallel degree of `ranks` (expert parameters hold E/ep experts each)
     "Consolidate TP/PP(/EP)-sliced model and optimizer state into one parallelism-free form."
+    src = ranks if isinstance(ranks, (str, Path)) else None          # a folder: the parent of `out` in its lineage record (#21)
     if isinstance(ranks, (str, Path)):
         if out is not None: check_output(out, [ranks])   # before anything is read
         kind = _ckpt_kind(ranks, None)
         if kind in _FOLDER_READERS:                      # DeepSpeed ZeRO rank files / DeepSpeed universal folder
             u = _FOLDER_READERS[kind](ranks, layout, strict)
-            if out is not None: save_universal(u, out)
+            if out is not None: _save_from(u, out, src, strict)
             return u
         ranks, l2 = load_tp(ranks); layout = layout or l2
     if layout is None: raise CheckpointError("to_universal needs a TPLayout")
@@ -188,8 +189,12 @@ def to_universal(ranks,                   # TP ranks (list of dicts), a [pp][tp]
                 states[st][name] = t
     if strict: layout.check(list(meta))
     u = {"meta": meta, "states": states, "layout": layout.to_dict()}
-    if out is not None: save_universal(u, out)
+    if out is not None: _save_from(u, out, src, strict)
     return u
+
+def _save_from(u:dict, out, src, strict:bool):
+    "`save_universal`, its lineage naming folder `src` as the parent when the ranks came from one."
+    with _recorded("convert" if src else "checkpoint", {"format": "universal", "strict": strict}, [src] if src else [], out): save_universal(u, out)
 
 def from_universal(u:dict, tp:int, ep:int=None) -> list:
     "Re-slice a universal checkpoint for `tp` ranks (a list of `{state: {name: tensor}}`), or with `ep` an [ep][tp] grid."

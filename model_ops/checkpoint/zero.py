@@ -391,21 +391,20 @@ def reshard(src,                 # a TP folder (`save_tp`), a universal folder, 
             trust:bool=False) -> Path: # DeepSpeed folders: unpickle any object (runs code; only for files you trust)
     "Reshard a TP or DeepSpeed checkpoint to another TP (and DP) degree through the universal form."
     check_output(out, [src])                              # before anything is read
-    with _recorded("reshard", {"tp": tp, "dp": dp, "zero_stage": zero_stage if dp is not None else None, "layout": layout}, [src], out):
-        return _reshard(src, out, tp, layout, overwrite, dp, zero_stage, trust)
-
-def _reshard(src, out, tp, layout, overwrite, dp, zero_stage, trust) -> Path:
+    record = lambda: _recorded("reshard", {"tp": tp, "dp": dp, "zero_stage": zero_stage if dp is not None else None, "layout": layout}, [src], out)
     kind = _ckpt_kind(src, None)
     if kind == "zero" and tp is None and dp is None:      # ZeRO -> universal: streamed, one parameter in memory at a time
-        return _zero_stream(_zero_prepare(src, layout, trust=trust), out, overwrite=overwrite, latest=False)
+        p = _zero_prepare(src, layout, trust=trust)
+        with record(): return _zero_stream(p, out, overwrite=overwrite, latest=False)
     if kind == "zero": u = read_zero(src, layout, trust=trust)
     elif kind == "deepspeed_universal": u = load_deepspeed_universal(src, trust)
     elif kind == "universal": u = load_universal(src)
     elif kind == "tp": ranks, lay = load_tp(src); u = to_universal(ranks, layout or lay)
     else: raise CheckpointError(f"{src} is not a TP, universal or DeepSpeed checkpoint folder (kind {kind!r})")
     lay = layout or (TPLayout(**u["layout"]) if u.get("layout") else TPLayout())
-    if dp is not None: return save_zero(u, out, tp or 1, dp, zero_stage, overwrite)
-    if tp is None:
-        if kind in ("zero", "deepspeed_universal"): return save_deepspeed_universal(u, out, overwrite=overwrite, latest=False)
-        return save_universal(u, out, overwrite)
-    return save_tp(from_universal(u, tp), out, lay, overwrite)
+    with record():                                        # lineage (#21): the source is the parent (after it was read and checked)
+        if dp is not None: return save_zero(u, out, tp or 1, dp, zero_stage, overwrite)
+        if tp is None:
+            if kind in ("zero", "deepspeed_universal"): return save_deepspeed_universal(u, out, overwrite=overwrite, latest=False)
+            return save_universal(u, out, overwrite)
+        return save_tp(from_universal(u, tp), out, lay, overwrite)
