@@ -4,16 +4,17 @@
 
 # %% ../nbs/91_chain.ipynb #62bcfc6c
 from __future__ import annotations
-import json, shutil, time
+import json, os, shutil, tempfile, time
 from pathlib import Path
 import torch
 from fastcore.script import call_parse, store_true
-from .io import check_output
+from .io import check_output, fingerprint
 from .lineage import (LineageError, read_lineage, tensor_hashes, weights_hash, save_pretrained, json_safe, history, _label)
 
 # %% auto #0
 __all__ = ['OPS', 'op_merge', 'op_transfer', 'op_edit', 'op_unlearn', 'op_prune', 'op_distill', 'check_parents',
-           'first_difference', 'reproduce', 'cli_reproduce', 'load_recipe', 'chain_dir', 'run_chain', 'cli_run']
+           'first_difference', 'reproduce', 'reproduce_all', 'cli_reproduce', 'load_recipe', 'chain_dir', 'run_chain',
+           'cli_run']
 
 # %% ../nbs/91_chain.ipynb #42bbf3e8
 def _load(path):
@@ -76,9 +77,10 @@ def check_parents(rec:dict)->list:
         s = p.get('source', {})
         if 'path' not in s: raise LineageError(f"parent {_label(p)} was not a stored model ({s}); the step cannot be rerun from its record")
         if not Path(s['path']).exists(): raise LineageError(f"parent {s['path']} is gone; restore it to reproduce")
-        fp = weights_hash(s['path'])                # from the bytes, not the stored checksums: a tampered file is caught
+        sampled = p.get('fingerprint_kind') == 'sampled'      # recorded with lineage='fast': only the sampled rows can be checked
+        fp = fingerprint(s['path']) if sampled else weights_hash(s['path'])   # from the bytes, not the stored checksums: a tampered file is caught
         if fp != p['fingerprint']:
-            raise LineageError(f"parent {s['path']} changed since the step ran: fingerprint {fp} != recorded {p['fingerprint']} (tampered or replaced)")
+            raise LineageError(f"parent {s['path']} changed since the step ran: {'sampled ' if sampled else ''}fingerprint {fp} != recorded {p['fingerprint']} (tampered or replaced)")
         out.append((p.get('role'), s['path']))
     return out
 
@@ -97,8 +99,11 @@ def first_difference(a, b)->str|None:
 def reproduce(src, # a model folder with a lineage record
               out, # folder to write the rerun to
               seed:int=0, # torch's global seed before the rerun (the chain runner uses the same)
+              steps:str='last', # 'last': rerun the last step; 'all': every step of the history from its root parents (`reproduce_all`)
              )->dict:
     "Rerun the last recorded step of `src` from its recorded parents (checked by fingerprint) and compare the result bit for bit."
+    if steps == 'all': return reproduce_all(src, out, seed)
+    if steps != 'last': raise LineageError(f"steps={steps!r}: use 'last' or 'all'")
     rec = read_lineage(src)
     if rec is None: raise LineageError(f"{src}: no lineage record to reproduce")
     if rec['op'] not in OPS: raise LineageError(f"{src}: step {rec['op']!r} cannot be rerun (rerunnable: {', '.join(OPS)})")
@@ -111,14 +116,60 @@ def reproduce(src, # a model folder with a lineage record
     return {'op': rec['op'], 'recorded': rec.get('fingerprint'), 'reproduced': new.get('fingerprint') if new else weights_hash(out),
             'identical': diff is None, 'first_difference': diff}
 
+def _swap_paths(params, swap:dict):
+    "`params` with every string that names a folder of `swap` (resolved) replaced by its substitute."
+    if isinstance(params, dict): return {k: _swap_paths(v, swap) for k, v in params.items()}
+    if isinstance(params, list): return [_swap_paths(v, swap) for v in params]
+    if isinstance(params, str) and params and os.path.exists(params) and str(Path(params).resolve()) in swap: return swap[str(Path(params).resolve())]
+    return params
+
+def reproduce_all(src, # a model folder with a lineage record
+                  out, # folder for the rerun of the last step
+                  seed:int=0, # torch's global seed before each step
+                 )->dict:
+    "Rerun every step of the history of `src` from its root parents, checking each step's fingerprint against the record; stops at the first that differs."
+    hist, out = history(src), Path(out).expanduser()
+    made = {r['fingerprint'] for r in hist}             # parents the rerun makes itself; every other parent must be on disk as recorded
+    for i, r in enumerate(hist, 1):
+        if r['op'] not in OPS: raise LineageError(f"{src}: step {i} ({r['op']}) cannot be rerun (rerunnable: {', '.join(OPS)})")
+        check_parents({'parents': [p for p in r.get('parents') or [] if p['fingerprint'] not in made]})
+    roots = [p['source']['path'] for r in hist for p in r.get('parents') or [] if p['fingerprint'] not in made]
+    check_output(out, [src] + roots)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work, rows = Path(tempfile.mkdtemp(prefix=f'.{out.name}.reproduce-', dir=out.parent)), []
+    try:
+        ours = {}                                      # recorded fingerprint -> our rerun's folder
+        for i, r in enumerate(hist, 1):
+            folder = out if i == len(hist) else work / f'{i:02d}-{r["op"]}'
+            ps = [(p.get('role'), ours.get(p['fingerprint'], p['source'].get('path'))) for p in r['parents']]
+            swap = {p['source']['path']: str(ours[p['fingerprint']]) for p in r['parents'] if p['fingerprint'] in ours}
+            torch.manual_seed(seed)
+            OPS[r['op']](_swap_paths(r['params'], swap), _parents_dict(r, ps), folder)
+            got = weights_hash(folder)
+            rows.append({'step': i, 'op': r['op'], 'recorded': r['fingerprint'], 'reproduced': got, 'identical': got == r['fingerprint']})
+            if got != r['fingerprint']:                # compare with the recorded model, where it is still on disk
+                kept = [p['source']['path'] for p in (hist[i]['parents'] if i < len(hist) else []) if p['fingerprint'] == r['fingerprint']]
+                orig = Path(src) if i == len(hist) else (Path(kept[0]) if kept and Path(kept[0]).exists() and weights_hash(kept[0]) == r['fingerprint'] else None)
+                if folder != out: shutil.move(str(folder), str(out))      # the differing rerun is kept in OUT, for a look
+                return {'op': r['op'], 'recorded': hist[-1]['fingerprint'], 'reproduced': None, 'identical': False, 'steps': rows,
+                        'first_bad_step': i, 'first_difference': first_difference(orig, out) if orig is not None else None}
+            ours[r['fingerprint']] = folder
+    finally: shutil.rmtree(work, ignore_errors=True)
+    diff = first_difference(src, out)
+    return {'op': hist[-1]['op'], 'recorded': hist[-1]['fingerprint'], 'reproduced': rows[-1]['reproduced'], 'identical': diff is None,
+            'steps': rows, 'first_bad_step': None, 'first_difference': diff}
+
 @call_parse
 def cli_reproduce(path:str, # a model folder with a lineage record
                   out:str, # folder for the rerun
+                  all:store_true=False, # rerun every step of the history from its root parents (intermediates in a temporary folder beside OUT)
                  ):
-    "Rerun a model's last recorded step from its recorded parents and check the result is bit-identical."
-    r = reproduce(path, out)
+    "Rerun a model's last recorded step (or, with --all, its whole history) from the recorded parents and check the result is bit-identical."
+    r = reproduce(path, out, steps='all' if all else 'last')
+    for s in r.get('steps', []): print(f"step {s['step']} {s['op']}: recorded {s['recorded']}, reproduced {s['reproduced']}: {'identical' if s['identical'] else 'DIFFERENT'}")
+    where = f"step {r['first_bad_step']} ({r['op']}) " if r.get('first_bad_step') else ''
     print(f"{r['op']}: recorded {r['recorded']}, reproduced {r['reproduced']}: " +
-          ("bit-identical" if r['identical'] else f"DIFFERENT, first at tensor {r['first_difference']}"))
+          ("bit-identical" if r['identical'] else f"DIFFERENT at {where}" + (f"first at tensor {r['first_difference']}" if r['first_difference'] else "(the recorded model of that step is not on disk to name a tensor)")))
     return r
 
 # %% ../nbs/91_chain.ipynb #d7c1e18a
@@ -134,6 +185,7 @@ def load_recipe(recipe)->dict:
         raise LineageError(f"{recipe if isinstance(recipe, (str, Path)) and len(str(recipe)) < 200 else 'recipe'}: a chain recipe needs a non-empty list `steps:`")
     for i, s in enumerate(d['steps'], 1):
         if not isinstance(s, dict) or s.get('op') not in OPS: raise LineageError(f"step {i}: `op:` must be one of {', '.join(OPS)}, got {s.get('op') if isinstance(s, dict) else s!r}")
+        if s['op'] == 'transfer' and not {'src_base', 'src_tuned'} <= set(s): raise LineageError(f"step {i} (transfer) needs `src_base:` and `src_tuned:` (the fine-tune to move onto the running model)")
         if s['op'] != 'merge' and i == 1 and not d.get('model'): raise LineageError(f"step 1 ({s['op']}) needs a starting model: give `model:` at the top of the recipe")
     return d
 
@@ -178,6 +230,8 @@ def run_chain(recipe, # chain recipe: YAML path, text or dict
         elif op == 'distill':
             t = params.get('teacher', 'start')
             parents = {'student': prev, 'teacher': (start or work / f'01-{d["steps"][0]["op"]}') if t == 'start' else Path(t).expanduser().resolve()}
+        elif op == 'transfer':      # the fine-tune of another base (src_tuned - src_base) moved onto the running model
+            parents = {'tgt_base': prev, **{k: Path(params.pop(k)).expanduser().resolve() for k in ('src_base', 'src_tuned')}}
         else: parents = {'model': prev}
         want = _marker(op, params, parents)
         if _done(folder, mark, want):

@@ -9,15 +9,15 @@ from pathlib import Path
 import torch
 from fastcore.script import call_parse, store_true
 from torch import nn
-from .io import WeightStore, ModelIOError, save_model, save_pretrained_atomic, write_safetensors, read_small, check_output
+from .io import WeightStore, ModelIOError, fingerprint, save_model, save_pretrained_atomic, write_safetensors, read_small, check_output
 from .io.write import use_output_hook, output_hook, _AUX_FILES
 from .io.format import _crc
 
 # %% auto #0
-__all__ = ['FORMAT', 'UNDO_DIR', 'LineageError', 'tensor_hashes', 'weights_hash', 'source_of', 'read_lineage', 'json_safe',
-           'parent_entry', 'make_record', 'undo_data', 'apply_undo', 'Step', 'step', 'save_pretrained', 'recorder',
-           'model_card', 'write_card', 'history', 'root', 'log_text', 'log_figure', 'revert_plan', 'revert', 'cli_log',
-           'cli_revert']
+__all__ = ['FORMAT', 'UNDO_DIR', 'LineageError', 'tensor_hashes', 'files_hash', 'weights_hash', 'source_of', 'read_lineage',
+           'json_safe', 'lineage_mode', 'parent_entry', 'make_record', 'undo_data', 'apply_undo', 'Step', 'step',
+           'save_pretrained', 'recorder', 'model_card', 'write_card', 'history', 'root', 'log_text', 'log_figure',
+           'revert_plan', 'revert', 'cli_log', 'cli_revert']
 
 # %% ../nbs/04_lineage.ipynb #bdc65d84
 FORMAT = 'model_ops.lineage/1'
@@ -28,11 +28,25 @@ class LineageError(ValueError):
 def _tensor_id(shape, dtype, digest:str)->str:
     return f"{tuple(shape)}|{str(dtype).replace('torch.', '')}|{digest}"
 
+def _manifest(folder)->dict|None:
+    "The manifest of a model_ops checkpoint folder (format `model_ops.checkpoint`), or None."
+    f = Path(folder)/'manifest.json'
+    if not f.is_file(): return None
+    try: m = json.loads(read_small(f))
+    except Exception: return None
+    return m if isinstance(m, dict) and m.get('format') == 'model_ops.checkpoint' and isinstance(m.get('files'), dict) else None
+
+def _manifest_sums(s:WeightStore)->dict:
+    "name -> xxh3 that a model_ops training checkpoint's manifest gives for its model files (empty for other folders)."
+    m = _manifest(s.path) if s.path is not None and Path(s.path).is_dir() else None
+    if not m: return {}
+    return {k: e['xxh3'] for f in m.get('model_files', []) for k, e in m['files'].get(f, {}).get('tensors', {}).items() if 'xxh3' in e}
+
 def _stored_sums(s:WeightStore)->dict:
-    "name -> xxh3 that model_ops' writers stored in the shard headers (empty when a shard has none)."
+    "name -> xxh3 that model_ops' writers stored in the shard headers (or a checkpoint's manifest); empty when a shard has none."
     out = {}
     for meta in s.metadata.values():
-        if 'model_ops.xxh3' not in meta: return {}
+        if 'model_ops.xxh3' not in meta: return _manifest_sums(s)
         try: sums = json.loads(meta['model_ops.xxh3'])
         except Exception: return {}
         out.update({k: v for k, v in sums.items() if not k.startswith('__')})
@@ -51,9 +65,28 @@ def tensor_hashes(src, # anything `WeightStore.open` accepts
         out[k] = _tensor_id(shp, s.dtype(k), d)
     return out
 
+def files_hash(folder, # a checkpoint folder
+               stored:bool=False, # use the SHA-256s its manifest gives instead of reading the files
+              )->str:
+    "The fingerprint of a checkpoint folder that is not a set of model tensors: SHA-256 over each file's name and SHA-256 (16 hex digits)."
+    p, m = Path(folder), _manifest(folder)
+    skip = lambda r: r.parts[0] in ('lineage.json', 'README.md', UNDO_DIR)
+    names = sorted(m['files']) if m else sorted(str(r) for f in p.rglob('*') if f.is_file() and not skip(r := f.relative_to(p)))
+    h = hashlib.sha256()
+    for n in names: h.update(f"{n}|{(m['files'][n].get('sha256') if m and stored else None) or hashlib.file_digest(open(p/n, 'rb'), 'sha256').hexdigest()}\n".encode())
+    return h.hexdigest()[:16]
+
+def _by_files(src)->bool:
+    "Is `src` a checkpoint folder fingerprinted by its files: DCP, tensor-parallel, universal or DeepSpeed (no model tensors to read)?"
+    if not isinstance(src, (str, os.PathLike)) or not Path(src).is_dir(): return False
+    if (m := _manifest(src)) is not None: return m.get('kind', 'training') != 'training' or not m.get('model_files')
+    p = Path(src)      # written by DeepSpeed or torch.distributed.checkpoint: no safetensors
+    return not any(p.glob('*.safetensors')) and (any(p.glob('*.pt')) or any(p.glob('*.distcp')))
+
 def weights_hash(src, # anything `WeightStore.open` accepts, or a `tensor_hashes` dict
                  stored:bool=False)->str:
-    "The content fingerprint: SHA-256 over every tensor's name, shape, dtype and xxh3 of its bytes (16 hex digits)."
+    "The content fingerprint: SHA-256 over every tensor's name, shape, dtype and xxh3 of its bytes (16 hex digits); `files_hash` for a checkpoint that is no set of model tensors."
+    if _by_files(src): return files_hash(src, stored)
     hs = src if isinstance(src, dict) and all(isinstance(v, str) for v in src.values()) else tensor_hashes(src, stored)
     h = hashlib.sha256()
     for k in sorted(hs): h.update(f"{k}|{hs[k]}\n".encode())
@@ -91,7 +124,7 @@ def read_lineage(src)->dict|None:
     if p.is_dir() and (p/'lineage.json').is_file():
         try: return json.loads(read_small(p/'lineage.json'))
         except Exception as e: raise LineageError(f"{p/'lineage.json'}: unreadable lineage record ({e}); delete it or restore it") from None
-    if not p.exists(): return None
+    if not p.exists() or _by_files(p): return None          # (a DCP or DeepSpeed folder has no headers to read)
     for meta in WeightStore.open(p).metadata.values():
         try: rec = json.loads(meta.get('model_ops', '{}')).get('lineage')
         except Exception: rec = None
@@ -115,9 +148,24 @@ def json_safe(params)->dict:
 def _version()->str:
     import model_ops; return getattr(model_ops, '__version__', '?')
 
-def parent_entry(src, role:str|None=None)->dict:
-    "One parent of a record: its role, where it came from, its content fingerprint and its own lineage (if it has one)."
-    e = {'role': role, 'source': source_of(src), 'fingerprint': weights_hash(src, stored=True), 'lineage': None}
+def lineage_mode(x)->str:
+    "'full', 'fast' or 'off' from what a caller passes (True: 'full'; False or None: 'off')."
+    m = {True: 'full', False: 'off', None: 'off'}.get(x, x) if not isinstance(x, str) else x.lower()
+    if m not in ('full', 'fast', 'off'): raise LineageError(f"lineage={x!r}: use 'full' (hash every parent), 'fast' (sampled where no checksums are stored) or 'off'")
+    return m
+
+def _parent_fingerprint(src, how:str)->tuple:
+    "(fingerprint, None) from every byte (stored checksums where the writer left them), or with how='fast' and none stored: (io's sampled fingerprint, 'sampled')."
+    if how == 'fast' and not _by_files(src):
+        s = WeightStore.open(src); sums = _stored_sums(s)
+        if not all(k in sums or s.shape(k).numel() == 0 for k in s.keys()): return fingerprint(s), 'sampled'
+    return weights_hash(src, stored=True), None
+
+def parent_entry(src, role:str|None=None, how:str='full')->dict:
+    "One parent of a record: its role, where it came from, its content fingerprint (see `_parent_fingerprint`) and its own lineage (if it has one)."
+    fp, kind = _parent_fingerprint(src, how)
+    e = {'role': role, 'source': source_of(src), 'fingerprint': fp, 'lineage': None}
+    if kind: e['fingerprint_kind'] = kind
     try: e['lineage'] = read_lineage(src)
     except LineageError as err: e['lineage_unreadable'] = str(err)     # a damaged lineage.json does not block the operation
     return e
@@ -126,12 +174,13 @@ def make_record(op:str, # the operation: 'merge', 'edit', 'prune', ...
                 params:dict|None=None, # everything needed to redo it (JSON-safe)
                 parents=(), # sources (paths, hub ids, modules) or (role, source) pairs, or {role: source}
                 reports:dict|None=None, # figures the operation measured
+                how:str='full', # parents' fingerprints: 'full' (every byte) or 'fast' (sampled where no checksums are stored)
                )->dict:
     "A lineage record (without the output's own fingerprint, which `step` adds once the weights are written)."
     items = parents.items() if isinstance(parents, dict) else [p if isinstance(p, tuple) else (None, p) for p in parents]
     return {'format': FORMAT, 'op': op, 'params': json_safe(params), 'version': _version(),
             'time': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
-            'parents': [parent_entry(p, r) for r, p in items], 'reports': json_safe(reports)}
+            'parents': [parent_entry(p, r, how) for r, p in items], 'reports': json_safe(reports)}
 
 # %% ../nbs/04_lineage.ipynb #e23f8898
 def _bits(t:torch.Tensor)->torch.Tensor:
@@ -186,8 +235,8 @@ UNDO_DIR = 'lineage'
 
 class Step:
     "The output hook of one operation: its record goes into the shard headers; `lineage.json`, undo data and a model card into the folder."
-    def __init__(self, op, params=None, parents=(), out=None, reports=None, undo=None, why=None, card=True, copy_from=None):
-        self.record = make_record(op, params, parents, reports)
+    def __init__(self, op, params=None, parents=(), out=None, reports=None, undo=None, why=None, card=True, copy_from=None, how='full'):
+        self.record = make_record(op, params, parents, reports, how)
         self.out = Path(out).expanduser().resolve() if out is not None else None
         self.undo, self.why, self.card, self.result, self.copy_from = undo, why, card, None, copy_from
         self.parent_dirs = [Path(p['source']['path']) for p in self.record['parents'] if 'path' in p['source']]
@@ -228,9 +277,10 @@ def step(op:str, # the operation
          why:str|None=None, # why the step is not revertible (when `undo` is None)
          card:bool=True, # write a README.md model card (or append a lineage section to an existing one)
          copy_from=None, # a folder whose tokenizer / config files are copied where the writer did not write them
+         how:str='full', # parents' fingerprints: 'full' or 'fast' (see `lineage_mode`)
         ):
     "Record the lineage of the model folder(s) written inside the block: `with step('merge', params, [a, b], out=out): ...`."
-    st = Step(op, params, parents, out, reports, undo, why, card, copy_from)
+    st = Step(op, params, parents, out, reports, undo, why, card, copy_from, how)
     with use_output_hook(st): yield st
 
 # %% ../nbs/04_lineage.ipynb #bc8ecd6b

@@ -239,7 +239,7 @@ def transfer(src_base, # the model the fine-tune started from (anything `WeightS
                 transferred=str(sum(a[0] != 'copy' for a in plan.values())))
     from model_ops.lineage import step as lineage_step    # lineage.json, header record, model card (#21)
     with lineage_step('transfer', dict(alpha=alpha, vocab=vocab if not isinstance(vocab, dict) else mapping, include=include, exclude=exclude,
-                                       layers=layers, strict=strict), dict(src_base=src_base, src_tuned=src_tuned, tgt_base=tgt_base), out=out,
+                                       layers=layers, strict=strict), dict(tgt_base=tgt_base, src_base=src_base, src_tuned=src_tuned), out=out,   # first: the model it changes
                       why='a transfer may change every tensor; revert goes back through its target base folder'):
         return save_model(pairs, out, config=cfg, copy_from=copy_from, metadata=meta, max_shard_size=max_shard_size,
                           overwrite=overwrite, progress=progress)

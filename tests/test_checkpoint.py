@@ -613,7 +613,7 @@ def _legacy_format(f):
 def _same_folders(a, b):
     fa = sorted(str(p.relative_to(a)) for p in Path(a).rglob("*") if p.is_file())
     assert fa == sorted(str(p.relative_to(b)) for p in Path(b).rglob("*") if p.is_file())
-    assert [f for f in fa if f != "manifest.json" and (a/f).read_bytes() != (b/f).read_bytes()] == []
+    assert [f for f in fa if f not in ("manifest.json", "lineage.json") and (a/f).read_bytes() != (b/f).read_bytes()] == []   # (lineage.json: each its own record)
     ma, mb = (json.loads((d/"manifest.json").read_text()) for d in (a, b))
     assert {k: v for k,v in ma.items() if k not in ("time", "manifest_sha256")} == {k: v for k,v in mb.items() if k not in ("time", "manifest_sha256")}
     return fa
@@ -627,7 +627,7 @@ def test_zero_streaming_same_bytes_as_in_memory(zero_src, tmp_path, stage, legac
     u = read_zero(src)
     mem = save_deepspeed_universal(u, tmp_path/"mem", copy=[src/f for f in u["model_files"]], latest=False)
     fs = _same_folders(ds_to_universal(src, tmp_path/"stream", latest=False), mem)
-    assert len(fs) == 2 + 4 * len(u["meta"]) + (4 if stage == 3 else 2)  # manifest, optimizer_state, 4 per parameter, model states
+    assert len(fs) == 3 + 4 * len(u["meta"]) + (4 if stage == 3 else 2)  # manifest, lineage.json, optimizer_state, 4 per parameter, model states
     _same_folders(reshard(src, tmp_path/"rs"), save_deepspeed_universal(u, tmp_path/"mem2", latest=False))
 
 def test_zero_streaming_holds_one_parameter_at_a_time(zero_src, tmp_path, monkeypatch):
@@ -1084,7 +1084,7 @@ def test_dcp_to_hf_checks_what_it_reads_against_the_manifest(small_folders, dcp_
 def test_save_zero_writes_a_manifest_that_read_zero_checks(small_folders):
     "save_zero records every file's SHA-256; read_zero and ds_to_universal refuse a flipped bit in a rank file's tensor (read silently before)."
     z = small_folders["zero"]; m = read_manifest(z)
-    assert m["kind"] == "zero" and set(m["files"]) == {p.name for p in z.iterdir()} - {"manifest.json"}
+    assert m["kind"] == "zero" and set(m["files"]) == {p.name for p in z.iterdir()} - {"manifest.json", "lineage.json"}
     f = z/"zero_pp_rank_1_mp_rank_00_optim_states.pt"
     _flip_inside(f, _ds_load(f)["optimizer_state_dict"]["single_partition_of_fp32_groups"][0].numpy().tobytes())
     for fn in (read_zero, lambda s: ds_to_universal(s, s.parent/"u2")):

@@ -46,7 +46,7 @@ def test_transfer_records(models, tmp_path):
     from model_ops.transfer import transfer
     transfer(models/'base', models/'ft1', models/'ft2', out=tmp_path/'t', alpha=0.5)
     rec = check_record(tmp_path/'t', 'transfer', 3)
-    assert rec['params']['alpha'] == 0.5 and [p['role'] for p in rec['parents']] == ['src_base', 'src_tuned', 'tgt_base']
+    assert rec["params"]["alpha"] == 0.5 and [p["role"] for p in rec["parents"]] == ["tgt_base", "src_base", "src_tuned"]   # first: the model it changes
 
 def test_prune_cli_records_and_reverts(models, tmp_path):
     from model_ops.prune import cli_prune
@@ -140,3 +140,131 @@ def test_cli_commands(models, tmp_path):
     r = run('reproduce', tmp_path/'o', tmp_path/'n'); assert r.returncode == 0 and 'bit-identical' in r.stdout, r.stderr
     r = run('log', models/'ft1'); assert r.returncode == 2 and 'no lineage record' in r.stderr and 'Traceback' not in r.stderr
     r = run('run', tmp_path/'nope.yml', tmp_path/'o2'); assert r.returncode == 2 and 'no such file' in r.stderr
+
+# --- #21, session 8: outputs that had no record (checkpoints, the multi-process merge, extract-lora), whole-history
+#     reproduce, the cost switch, transfer and unlearn inside a chain
+
+def test_checkpoint_save_and_conversions_record(models, tmp_path):
+    from model_ops.checkpoint import save, verify, hf_to_dcp, dcp_to_hf, save_tp, reshard, tp_split, llama_layout, load
+    from model_ops.lineage import files_hash
+    from model_ops.nn import load_model
+    m, _ = load_model(str(models/'ft1'))
+    save(tmp_path/'ck', model=m, step=7, metadata={'run': 'a'})
+    rec = read_lineage(tmp_path/'ck')
+    assert rec['op'] == 'checkpoint' and rec['parents'] == [] and rec['params']['step'] == 7 and rec['params']['metadata'] == {'run': 'a'}
+    assert rec['fingerprint'] == weights_hash(tmp_path/'ck') == weights_hash(models/'ft1')      # the model's tensors, from the bytes
+    hdr = json.loads(WeightStore.open(tmp_path/'ck').metadata['model.safetensors']['model_ops'])['lineage']
+    assert hdr['op'] == 'checkpoint' and hdr['params'] == rec['params']
+    verify(tmp_path/'ck'); load(tmp_path/'ck', model=m)                  # the checkpoint still verifies and loads
+    save(tmp_path/'bg', model=m, step=8, background=True).result()       # a background save (another thread) records itself too
+    assert read_lineage(tmp_path/'bg')['params']['step'] == 8
+    # converted FROM a checkpoint: the source is the parent, its record carried
+    hf_to_dcp(tmp_path/'ck', tmp_path/'dcp')
+    r = read_lineage(tmp_path/'dcp')
+    assert r['op'] == 'convert' and r['params']['to'] == 'dcp' and r['parents'][0]['fingerprint'] == rec['fingerprint']
+    assert r['fingerprint'] == files_hash(tmp_path/'dcp') == files_hash(tmp_path/'dcp', stored=True)    # a DCP folder: by its files
+    dcp_to_hf(tmp_path/'dcp', tmp_path/'hf', config=models/'ft1')
+    assert [s['op'] for s in history(tmp_path/'hf')] == ['checkpoint', 'convert', 'convert']
+    assert weights_hash(tmp_path/'hf') == weights_hash(models/'ft1')
+    # tensor-parallel -> universal: reshard names the TP folder as its parent
+    lay, sd = llama_layout(), {k: v for k, v in m.state_dict().items() if 'embed' not in k and 'lm_head' not in k}
+    ranks = [{} for _ in range(2)]
+    for k, v in sd.items():
+        for i, s in enumerate(tp_split(v, lay.rule(k, v.ndim), 2)): ranks[i][k] = s
+    save_tp(ranks, tmp_path/'tp', lay)
+    reshard(tmp_path/'tp', tmp_path/'uni')
+    r = read_lineage(tmp_path/'uni')
+    assert r['op'] == 'reshard' and r['parents'][0]['lineage']['op'] == 'checkpoint' and r['fingerprint'] == files_hash(tmp_path/'uni')
+    f = tmp_path/'tp'/'tp-00-of-02.safetensors'; raw = bytearray(f.read_bytes()); raw[-1] ^= 1; f.write_bytes(bytes(raw))
+    assert files_hash(tmp_path/'tp') != r['parents'][0]['fingerprint'] == files_hash(tmp_path/'tp', stored=True)   # a changed byte is seen
+
+def test_distributed_merge_records(models, tmp_path):
+    from model_ops.merge import merge_config
+    cfg = {'merge_method': 'linear', 'dtype': 'float32',
+           'models': [{'model': str(models/'ft1'), 'parameters': {'weight': 0.5}}, {'model': str(models/'ft2'), 'parameters': {'weight': 0.5}}]}
+    merge_config(cfg, tmp_path/'one')
+    merge_config(cfg, tmp_path/'two', rank=1, world_size=2)      # rank 1 writes its part and returns; rank 0 joins them
+    merge_config(cfg, tmp_path/'two', rank=0, world_size=2)
+    rec = check_record(tmp_path/'two', 'merge', 2)
+    assert rec['fingerprint'] == read_lineage(tmp_path/'one')['fingerprint']       # the same weights as one process
+    for meta in WeightStore.open(tmp_path/'two').metadata.values():               # both ranks' shards carry the record
+        assert json.loads(meta['model_ops'])['lineage']['params'] == rec['params']
+
+def test_extract_lora_records(models, tmp_path):
+    from model_ops.merge.toolbox import extract_lora
+    extract_lora(models/'base', models/'ft1', tmp_path/'lora', max_rank=4)
+    rec = read_lineage(tmp_path/'lora')
+    assert rec['op'] == 'extract_lora' and [p['role'] for p in rec['parents']] == ['base', 'tuned'] and rec['params']['max_rank'] == 4
+    assert [p['fingerprint'] for p in rec['parents']] == [weights_hash(models/'base'), weights_hash(models/'ft1')]
+    assert rec['fingerprint'] == weights_hash(tmp_path/'lora') and rec['reports']['ranks']['max'] == 4
+    hdr = json.loads(WeightStore.open(tmp_path/'lora').metadata['adapter_model.safetensors']['model_ops'])['lineage']
+    assert hdr['op'] == 'extract_lora'
+
+def test_lineage_fast_and_off(models, tmp_path):
+    "Inputs written without model_ops checksums: 'full' hashes them, 'fast' samples (and says so), 'off' writes no record; weights identical."
+    from safetensors.torch import save_file, load_file
+    from model_ops.merge import merge_config
+    from model_ops.io import fingerprint
+    for n in ('ft1', 'ft2'):
+        shutil.copytree(models/n, tmp_path/n); f = tmp_path/n/'model.safetensors'; save_file(load_file(f), f, metadata={'format': 'pt'})
+    cfg = {'merge_method': 'linear', 'dtype': 'float32',
+           'models': [{'model': str(tmp_path/n), 'parameters': {'weight': 0.5}} for n in ('ft1', 'ft2')]}
+    out = {how: merge_config(cfg, tmp_path/how, lineage=how) for how in ('full', 'fast', 'off')}
+    full, fast = read_lineage(out['full']), read_lineage(out['fast'])
+    assert read_lineage(out['off']) is None and not (out['off']/'lineage.json').exists()
+    assert [p['fingerprint'] for p in full['parents']] == [weights_hash(tmp_path/n) for n in ('ft1', 'ft2')]
+    assert [(p['fingerprint'], p['fingerprint_kind']) for p in fast['parents']] == [(fingerprint(tmp_path/n), 'sampled') for n in ('ft1', 'ft2')]
+    assert full['fingerprint'] == fast['fingerprint'] == weights_hash(out['off'])
+    assert reproduce(out['fast'], tmp_path/'rep')['identical']        # reproduce checks the sampled fingerprint it was given
+    with pytest.raises(LineageError, match="lineage='frob'"): merge_config(cfg, tmp_path/'x', lineage='frob')
+    # parents with stored checksums: 'fast' uses them, exact and free
+    merge_config(cfg, tmp_path/'m2', lineage='fast')
+    two = {'merge_method': 'linear', 'dtype': 'float32', 'models': [{'model': str(tmp_path/'m2'), 'parameters': {'weight': 1.0}}]}
+    p = read_lineage(merge_config(two, tmp_path/'m3', lineage='fast'))['parents'][0]
+    assert p['fingerprint'] == weights_hash(tmp_path/'m2') and 'fingerprint_kind' not in p
+
+def test_reproduce_all_three_steps(models, tmp_path, monkeypatch):
+    from model_ops.cli import COMMANDS
+    work = tmp_path/'in'; shutil.copytree(models, work)
+    recipe = RECIPE.format(base=work/'base', ft1=work/'ft1', ft2=work/'ft2').split('  - op: distill')[0]     # merge, edit, prune
+    run_chain(recipe, tmp_path/'out', log=lambda s: None)
+    shutil.move(chain_dir(tmp_path/'out'), tmp_path/'aside')     # no intermediates: the whole history reruns from the roots
+    r = reproduce(tmp_path/'out', tmp_path/'new', steps='all')
+    assert r['identical'] and [s['op'] for s in r['steps']] == ['merge', 'edit', 'prune'] and all(s['identical'] for s in r['steps'])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.new')] == []        # the temporary area is gone
+    shutil.move(tmp_path/'aside', chain_dir(tmp_path/'out'))
+    # an editor that no longer gives the recorded result (here: two optimisation steps instead of three) is named, with its tensor
+    real = OPS['edit']
+    monkeypatch.setitem(OPS, 'edit', lambda params, parents, out: real(dict(params, steps=2), parents, out))
+    r = reproduce(tmp_path/'out', tmp_path/'new2', steps='all')
+    assert not r['identical'] and r['first_bad_step'] == 2 and [s['identical'] for s in r['steps']] == [True, False]
+    assert 'mlp' in r['first_difference']                                  # ROME's matrix, found against the recorded 02-edit
+    assert weights_hash(tmp_path/'new2') == r['steps'][-1]['reproduced']    # the differing rerun is kept in NEW for a look
+    monkeypatch.setitem(OPS, 'edit', real)
+    # a tampered root parent stops it before anything runs
+    f = work/'ft2'/'model.safetensors'; raw = bytearray(f.read_bytes()); raw[-4:] = b'\x00\x00\x80\x3f'; f.write_bytes(bytes(raw))
+    with pytest.raises(LineageError, match='changed since the step ran'): reproduce(tmp_path/'out', tmp_path/'new3', steps='all')
+    assert not (tmp_path/'new3').exists()
+    r = subprocess.run(['model-ops', 'reproduce', str(tmp_path/'out'), str(tmp_path/'new4'), '--all'], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and 'changed since the step ran' in r.stderr
+
+def test_chain_with_transfer_and_unlearn(models, tmp_path):
+    recipe = {'model': str(models/'base'), 'steps': [
+        {'op': 'transfer', 'src_base': str(models/'base'), 'src_tuned': str(models/'ft1'), 'alpha': 0.5},
+        {'op': 'unlearn', 'method': 'gradient_ascent', 'forget': ['The capital of France is Paris.'], 'epochs': 2, 'lr': 1e-3, 'batch_size': 1},
+        {'op': 'prune', 'method': 'magnitude', 'sparsity': 0.2}]}
+    rec = run_chain(recipe, tmp_path/'out', log=lambda s: None)
+    hist = history(tmp_path/'out')
+    assert [r['op'] for r in hist] == ['transfer', 'unlearn', 'prune'] and rec['fingerprint'] == weights_hash(tmp_path/'out')
+    assert [p['role'] for p in hist[0]['parents']] == ['tgt_base', 'src_base', 'src_tuned']
+    assert hist[1]['params']['method'] == 'gradient_ascent' and hist[1]['params']['forget'] == ['The capital of France is Paris.']
+    tr = chain_dir(tmp_path/'out')/'01-transfer'
+    from model_ops.transfer import transfer
+    want = transfer(models/'base', models/'ft1', models/'base', alpha=0.5)          # the reference: transfer called directly
+    got = WeightStore.open(tr)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert weights_hash(tmp_path/'out') != weights_hash(tr)
+    r = reproduce(tmp_path/'out', tmp_path/'rep', steps='all')
+    assert r['identical'] and [s['op'] for s in r['steps']] == ['transfer', 'unlearn', 'prune']
+    revert(tmp_path/'out', tmp_path/'back', 1)                                       # back to the transfer's output
+    assert weights_hash(tmp_path/'back') == weights_hash(tr)

@@ -229,11 +229,22 @@ def set_rng_state(s:dict):
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.clone() for t in s["cuda"]])
 
 # %% ../../nbs/61_checkpoint_core.ipynb #a9cb738d
+import contextlib
+from ..io.write import output_hook
 from ..io import atomic_dir as _io_atomic_dir, clean_tmp, remove_dir, restore_aside, set_aside, read_small, member_path
 
 class atomic_dir(_io_atomic_dir):
-    "`model_ops.io.atomic_dir` raising `CheckpointError`: a temporary sibling folder renamed to `path` on clean exit."
+    "`model_ops.io.atomic_dir` raising `CheckpointError`: a temporary sibling folder renamed to `path` on clean exit (after the lineage step recording `path`, if any, wrote `lineage.json`)."
     error = CheckpointError
+    def commit(self) -> Path:
+        if self.tmp is not None and (h := output_hook(self.path)) is not None: h.finish(self.tmp)
+        return super().commit()
+
+def _recorded(op:str, params:dict, parents, out):
+    "The lineage step (#21) of checkpoint folder `out`; nothing when an outer step (a conversion naming its source) records it already."
+    if output_hook(out) is not None: return contextlib.nullcontext()
+    from model_ops.lineage import step
+    return step(op, params, parents, out=out, card=False, why="a checkpoint stores no undo data; keep its source to go back")
 
 # %% ../../nbs/61_checkpoint_core.ipynb #d3004162
 FORMAT = "model_ops.checkpoint"
@@ -278,10 +289,12 @@ def _shards(stem:str, tensors:dict, max_shard_size) -> list:
 
 def _write(path, mt, tied, tree, st, step, metadata, overwrite, max_shard_size="512MB", durable=True) -> Path:
     path = Path(path)
+    params = {"step": step, "contents": sorted(tree), "metadata": metadata or {}, "tied": tied}
     try:
-        with atomic_dir(path, overwrite=overwrite, durable=durable) as tmp:
-            jobs, lists, small = [], {}, {}
-            for stem, ts, meta in (("model", mt, {"format": "pt"}), ("state", st, None)):
+        with _recorded("checkpoint", params, (), path), atomic_dir(path, overwrite=overwrite, durable=durable) as tmp:
+            jobs, lists, small, h = [], {}, {}, output_hook(path)
+            model_meta = {"format": "pt", **({"model_ops": json.dumps(h.metadata)} if h is not None else {})}   # the record, as io's writers store it
+            for stem, ts, meta in (("model", mt, model_meta), ("state", st, None)):
                 parts = _shards(stem, ts, max_shard_size); lists[stem] = [fn for fn,_ in parts]
                 jobs += [(tmp/fn, part, meta) for fn, part in parts]
             if len(lists["model"]) > 1:                 # HF index, so the folder also reads as a sharded HF model

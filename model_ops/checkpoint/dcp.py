@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ..io import check_output, read_small, member_path
-from .core import FORMAT, Issue, CheckpointError, atomic_dir, clean_tmp, verify, read_manifest, _sha256, _manifest_hash, _ENTRY_CHECKS, _member
+from .core import FORMAT, Issue, CheckpointError, atomic_dir, clean_tmp, verify, read_manifest, _sha256, _manifest_hash, _ENTRY_CHECKS, _member, _recorded
 
 # %% auto #0
 __all__ = ['dcp_save', 'dcp_load', 'dcp_to_hf', 'hf_to_dcp']
@@ -94,7 +94,9 @@ def dcp_save(dir,                   # folder to create
         dcp.save(sd, checkpoint_id=str(tmp), no_dist=not on)
         if on: dist.barrier()
         if rank == 0:
-            _dcp_manifest(tmp, step, metadata); ad.commit()
+            _dcp_manifest(tmp, step, metadata)
+            with _recorded("checkpoint", {"format": "dcp", "step": step, "contents": sorted(sd), "metadata": metadata or {}}, (), dir):
+                ad.commit()                             # (lineage.json written just before the rename)
     except BaseException as e:          # DCP's CheckpointException is a BaseException
         if rank == 0: ad.abort()
         if isinstance(e, (KeyboardInterrupt, SystemExit)): raise
@@ -380,7 +382,7 @@ def dcp_to_hf(src,                          # DCP folder
         raise CheckpointError(f"{out} already exists; pass overwrite=True to replace it")
     fds = {}
     try:
-        with ShardWriter(out, max_shard_size=max_shard_size, overwrite=overwrite, dtype=dtype,
+        with _recorded("convert", {"to": "hf", "prefix": prefix, "dtype": dtype}, [src], out), ShardWriter(out, max_shard_size=max_shard_size, overwrite=overwrite, dtype=dtype,
                          metadata={"operation": "dcp_to_hf", "source": str(src), "prefix": prefix}) as w:
             for name,(fqn,tmd) in keys.items():
                 out_dt = dtype if dtype is not None and tmd.properties.dtype.is_floating_point else tmd.properties.dtype
@@ -407,7 +409,8 @@ def hf_to_dcp(src,                     # anything `WeightStore.open` reads: HF f
     sd = {k: ws[k] for k in ws.keys()}
     if ws.config is not None and ws.config.get("tie_word_embeddings"):     # tied heads absent on disk: store them too
         for a,b in ws.tied.items(): sd.setdefault(a, sd[b])
-    return _dcp_save_sd(out, {prefix: sd}, overwrite)
+    with _recorded("convert", {"to": "dcp", "prefix": prefix}, [src] if isinstance(src, (str, Path)) else [], out):
+        return _dcp_save_sd(out, {prefix: sd}, overwrite)
 
 def _dcp_save_sd(dir, sd, overwrite=False):
     import torch.distributed.checkpoint as dcp

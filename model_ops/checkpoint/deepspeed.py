@@ -11,7 +11,7 @@ from concurrent.futures import wait
 import torch
 from ..io import check_output, read_small, _fsync_dir, write_bytes, _write_all, _done, _pool, _NCPU
 from .core import (
-    CheckpointError, Issue, read_manifest, atomic_dir, _verify_dir)
+    CheckpointError, Issue, read_manifest, atomic_dir, _verify_dir, _recorded)
 from .universal import _per_expert, _sub_sizes, _commit_manifest, _FOLDER_READERS
 
 # %% auto #0
@@ -153,7 +153,7 @@ def _write_ds_universal(out, meta:dict, states:dict, tensor_of, order:list, step
     `order`. `stream`: one parameter at a time (its files in parallel), so only its tensors are in memory."""
     _check_names(meta)
     out, files = Path(out), {}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with _recorded("checkpoint", {"format": "deepspeed_universal", "iteration": iteration}, (), out), atomic_dir(out, overwrite=overwrite) as tmp:
         z = tmp/"zero"; z.mkdir()
         for f in copy: files[Path(f).name] = _copy_hashed(f, tmp/Path(f).name)
         files["zero/optimizer_state.pt"] = _ds_write(z/"optimizer_state.pt", optimizer)

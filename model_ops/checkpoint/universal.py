@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from .core import (
     FORMAT, Issue, CheckpointError, atomic_dir, write_safetensors, read_safetensors, read_manifest,
-    _ckpt_kind, _manifest_hash, _sha256, _member)
+    _ckpt_kind, _manifest_hash, _sha256, _member, _recorded)
 
 # %% auto #0
 __all__ = ['TPLayout', 'llama_layout', 'tp_split', 'tp_merge', 'to_universal', 'from_universal', 'save_universal',
@@ -163,12 +163,13 @@ def to_universal(ranks,                   # TP ranks (list of dicts), a [pp][tp]
                  out=None,                # also save the result to this folder (`save_universal`)
                  ep:int=None) -> dict:    # expert-parallel degree of `ranks` (expert parameters hold E/ep experts each)
     "Consolidate TP/PP(/EP)-sliced model and optimizer state into one parallelism-free form."
+    src = ranks if isinstance(ranks, (str, Path)) else None          # a folder: the parent of `out` in its lineage record (#21)
     if isinstance(ranks, (str, Path)):
         if out is not None: check_output(out, [ranks])   # before anything is read
         kind = _ckpt_kind(ranks, None)
         if kind in _FOLDER_READERS:                      # DeepSpeed ZeRO rank files / DeepSpeed universal folder
             u = _FOLDER_READERS[kind](ranks, layout, strict)
-            if out is not None: save_universal(u, out)
+            if out is not None: _save_from(u, out, src, strict)
             return u
         ranks, l2 = load_tp(ranks); layout = layout or l2
     if layout is None: raise CheckpointError("to_universal needs a TPLayout")
@@ -188,8 +189,12 @@ def to_universal(ranks,                   # TP ranks (list of dicts), a [pp][tp]
                 states[st][name] = t
     if strict: layout.check(list(meta))
     u = {"meta": meta, "states": states, "layout": layout.to_dict()}
-    if out is not None: save_universal(u, out)
+    if out is not None: _save_from(u, out, src, strict)
     return u
+
+def _save_from(u:dict, out, src, strict:bool):
+    "`save_universal`, its lineage naming folder `src` as the parent when the ranks came from one."
+    with _recorded("convert" if src else "checkpoint", {"format": "universal", "strict": strict}, [src] if src else [], out): save_universal(u, out)
 
 def from_universal(u:dict, tp:int, ep:int=None) -> list:
     "Re-slice a universal checkpoint for `tp` ranks (a list of `{state: {name: tensor}}`), or with `ep` an [ep][tp] grid."
@@ -241,7 +246,7 @@ def _entry(dir, m, name):
 def save_universal(u:dict, out, overwrite:bool=False) -> Path:
     "Write a universal checkpoint (from `to_universal`) to folder `out`, atomically, with a manifest."
     files = {}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with _recorded("checkpoint", {"format": "universal", "states": list(u["states"])}, (), out), atomic_dir(out, overwrite=overwrite) as tmp:
         for st, ts in u["states"].items(): files[f"{st}.safetensors"] = write_safetensors(tmp/f"{st}.safetensors", ts)
         _write_json(tmp, "universal.json", {"version": 1, "meta": u["meta"], "layout": u.get("layout"), "states": list(u["states"])}, files)
         _commit_manifest(tmp, files, "universal")
@@ -258,7 +263,7 @@ def load_universal(dir, verify:bool=True) -> dict:
 def save_tp(ranks:list, out, layout:TPLayout, overwrite:bool=False) -> Path:
     "Write TP rank states (list of `{state: {name: tensor}}`) and their layout to folder `out`."
     files, tp = {}, len(ranks)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with _recorded("checkpoint", {"format": "tp", "tp": tp, "layout": layout.to_dict()}, (), out), atomic_dir(out, overwrite=overwrite) as tmp:
         for r,rk in enumerate(ranks):
             fn = f"tp-{r:02d}-of-{tp:02d}.safetensors"
             files[fn] = write_safetensors(tmp/fn, {f"{st}/{k}": v for st,ts in _norm_rank(rk).items() for k,v in ts.items()})

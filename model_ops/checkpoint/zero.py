@@ -9,7 +9,7 @@ from pathlib import Path
 from ..io import check_output
 from collections import OrderedDict
 import torch
-from .core import CheckpointError, Issue, atomic_dir, read_manifest, _verify_dir, _OPT_RE, _ckpt_kind, _FOLDER_LOADERS
+from .core import CheckpointError, Issue, atomic_dir, read_manifest, _verify_dir, _OPT_RE, _ckpt_kind, _FOLDER_LOADERS, _recorded
 from .universal import (
     TPLayout, tp_merge, to_universal, from_universal, save_universal, load_universal, save_tp, load_tp, _FOLDER_READERS, _commit_manifest)
 from .deepspeed import (
@@ -250,7 +250,8 @@ def ds_to_universal(src,                 # DeepSpeed ZeRO checkpoint folder (`gl
     out = Path(out) if out is not None else src.parent/f"{src.name}_universal"
     check_output(out, [src])                              # before anything is read
     p = _zero_prepare(src, layout, strict, trust, verify)
-    return _zero_stream(p, out, copy=[src/f for f in p["model_files"]], overwrite=overwrite, latest=latest)
+    with _recorded("convert", {"to": "universal", "strict": strict}, [src], out):
+        return _zero_stream(p, out, copy=[src/f for f in p["model_files"]], overwrite=overwrite, latest=latest)
 
 # %% ../../nbs/66_checkpoint_zero.ipynb #9de8b847
 def _ds_info(u:dict) -> dict:
@@ -277,7 +278,7 @@ def save_zero(u:dict,                # universal form
     it, info = u.get("iteration"), _ds_info(u)
     sts = [s for s in u["states"] if s != "param"]
     files = {}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with _recorded("checkpoint", {"format": "zero", "tp": tp, "dp": dp, "stage": stage}, (), out), atomic_dir(out, overwrite=overwrite) as tmp:
         def put(name, obj): files[name] = _ds_write(tmp/name, obj)
         for t in range(tp):
             loc = ranks[t]
@@ -390,17 +391,20 @@ def reshard(src,                 # a TP folder (`save_tp`), a universal folder, 
             trust:bool=False) -> Path: # DeepSpeed folders: unpickle any object (runs code; only for files you trust)
     "Reshard a TP or DeepSpeed checkpoint to another TP (and DP) degree through the universal form."
     check_output(out, [src])                              # before anything is read
+    record = lambda: _recorded("reshard", {"tp": tp, "dp": dp, "zero_stage": zero_stage if dp is not None else None, "layout": layout}, [src], out)
     kind = _ckpt_kind(src, None)
     if kind == "zero" and tp is None and dp is None:      # ZeRO -> universal: streamed, one parameter in memory at a time
-        return _zero_stream(_zero_prepare(src, layout, trust=trust), out, overwrite=overwrite, latest=False)
+        p = _zero_prepare(src, layout, trust=trust)
+        with record(): return _zero_stream(p, out, overwrite=overwrite, latest=False)
     if kind == "zero": u = read_zero(src, layout, trust=trust)
     elif kind == "deepspeed_universal": u = load_deepspeed_universal(src, trust)
     elif kind == "universal": u = load_universal(src)
     elif kind == "tp": ranks, lay = load_tp(src); u = to_universal(ranks, layout or lay)
     else: raise CheckpointError(f"{src} is not a TP, universal or DeepSpeed checkpoint folder (kind {kind!r})")
     lay = layout or (TPLayout(**u["layout"]) if u.get("layout") else TPLayout())
-    if dp is not None: return save_zero(u, out, tp or 1, dp, zero_stage, overwrite)
-    if tp is None:
-        if kind in ("zero", "deepspeed_universal"): return save_deepspeed_universal(u, out, overwrite=overwrite, latest=False)
-        return save_universal(u, out, overwrite)
-    return save_tp(from_universal(u, tp), out, lay, overwrite)
+    with record():                                        # lineage (#21): the source is the parent (after it was read and checked)
+        if dp is not None: return save_zero(u, out, tp or 1, dp, zero_stage, overwrite)
+        if tp is None:
+            if kind in ("zero", "deepspeed_universal"): return save_deepspeed_universal(u, out, overwrite=overwrite, latest=False)
+            return save_universal(u, out, overwrite)
+        return save_tp(from_universal(u, tp), out, lay, overwrite)

@@ -103,6 +103,15 @@ def _plan_inputs(plan:MergePlan)->list:
     "The paths a plan reads: each model as referenced and the folder its store opened (the base and tokenizer source included)."
     return [x for m in plan.models for x in (m.ref, m.store.path) if isinstance(x, (str, os.PathLike))]
 
+def _lineage(plan, meta, seed, precise, out, card, lineage):
+    "The lineage step of a merge (#21): entered, it fingerprints the inputs; `lineage='off'` records nothing."
+    from model_ops.lineage import step, lineage_mode
+    how = lineage_mode(lineage)
+    if how == "off": return contextlib.nullcontext()
+    return step("merge", {"config": meta["config"], "seed": seed, "precise": precise}, out=out, card=card, how=how,
+                parents=[("base" if i == plan.base else None, m.store.path or m.ref) for i, m in enumerate(plan.models)],
+                why="a merge changes every tensor; revert goes back through its parent folder")
+
 def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
                  out_dir, # folder to create (atomically)
                  device="cpu", # where the math runs: 'cpu', 'cuda', 'cuda:1', ...
@@ -121,6 +130,7 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
                  stage:str|None=None, # a multi-stage recipe: the stage to write (default: the unnamed one, else the last)
                  random_seed:int|None=None, # seed torch's global generator first (before each stage), as mergekit's --random-seed
                  card:bool=True, # write README.md, the model card
+                 lineage="full", # lineage record: 'full' (every input hashed unless its headers carry checksums), 'fast' (sampled fingerprints there: weaker), 'off'
                 )->Path:
     "Run a mergekit-style merge config, streaming tensor by tensor into an HF folder with config, tokenizer, the config used and provenance."
     if not isinstance(config, (MergePlan, dict)):
@@ -129,7 +139,7 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
             return _merge_stages(stages, text, src, out_dir, stage, strict, random_seed, dict(
                 device=device, seed=seed, precise=precise, workers=workers, max_shard_size=max_shard_size, overwrite=overwrite,
                 check_finite=check_finite, progress=progress, copy_tokenizer=copy_tokenizer, rank=rank, world_size=world_size,
-                processes=processes, card=card))
+                processes=processes, card=card, lineage=lineage))
     with _gc_paused():        # full collections of a process that holds torch cost tens of ms each (one during the YAML import: 60 ms)
         import sys
         check_device(device)
@@ -142,10 +152,13 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
         if progress is None: progress = sys.stderr.isatty()
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        meta = provenance(plan, seed, device, precise)
+        record = _lineage(plan, meta, seed, precise, out, card, lineage)
         if world_size > 1:
-            return _merge_distributed(plan, out, rank, world_size, device, seed, workers, max_shard_size, overwrite,
-                                      check_finite, progress, copy_tokenizer, provenance(plan, seed, device, precise), precise,
-                                      extras=dict(name=out.name, chat=chat, card=card))
+            with record:      # each rank's headers carry the record; rank 0's join writes lineage.json
+                return _merge_distributed(plan, out, rank, world_size, device, seed, workers, max_shard_size, overwrite,
+                                          check_finite, progress, copy_tokenizer, meta, precise,
+                                          extras=dict(name=out.name, chat=chat, card=card))
         t0 = time.time()
         # mergekit's global draws (DARE/DELLA, no seed) come in its order; otherwise the largest tensors first
         plan = mergekit_order(plan) if (seed is None and plan.method.random) else _largest_first(plan)
@@ -159,12 +172,7 @@ def merge_config(config, # mergekit YAML (path, text or dict) or a `MergePlan`
             results = process_merge(plan, device, seed, workers, check_finite, progress, precise=precise)   # they start while we prepare the writer
         else: results = stream_merge(plan, device, seed, workers, check_finite, progress, recycle=True, precise=precise)
         try:
-            meta = provenance(plan, seed, device, precise)
-            from model_ops.lineage import step as lineage_step    # lineage.json, header record, model card section (#21)
-            with lineage_step("merge", {"config": meta["config"], "seed": seed, "precise": precise}, out=out,
-                              parents=[("base" if i == plan.base else None, m.store.path or m.ref) for i, m in enumerate(plan.models)],
-                              why="a merge changes every tensor; revert goes back through its parent folder", card=card), \
-                 PlannedWriter(out, entries, max_shard_size=max_shard_size, overwrite=overwrite,
+            with record, PlannedWriter(out, entries, max_shard_size=max_shard_size, overwrite=overwrite,
                                metadata={k: meta[k] for k in ("operation", "method", "inputs", "seed", "precise")}) as w:
                 for name, t, *digest in results: w.add(name, t, *digest)   # (worker processes also send the checksum)
                 results.close()          # workers gone before the extras are written
@@ -332,10 +340,12 @@ def cli_merge(config:str, # mergekit YAML file
               strict:bool=False, # keys mergekit ignores are errors (default: a warning naming each)
               stage:str=None, # a multi-stage recipe: the stage to write (default: the unnamed one, else the last)
               no_card:bool=False, # no README.md model card
+              lineage:str="full", # lineage record: full (hash every input without stored checksums), fast (sampled fingerprints there; weaker), off
              ):
     "Merge models as described by a mergekit YAML config: `model-ops merge CONFIG.yml OUT_DIR`."
     out = merge_config(config, out_dir, device=device, seed=seed, precise=precise, workers=workers, max_shard_size=max_shard_size,
-                       overwrite=overwrite, strict=strict, stage=stage, random_seed=random_seed, card=not no_card)
+                       overwrite=overwrite, strict=strict, stage=stage, random_seed=random_seed, card=not no_card,
+                       lineage=lineage)
     print(f"merged model written to {out}")
     return out
 

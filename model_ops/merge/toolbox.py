@@ -131,9 +131,16 @@ def extract_lora(base, # the base model (folder, or anything `WeightStore.open` 
            "target_modules": sorted({k.split(".")[-1] for k in ranks}), "modules_to_save": keep, "task_type": "CAUSAL_LM",
            "r": r, "lora_alpha": r, "rank_pattern": other, "alpha_pattern": other, "lora_dropout": 0.0,
            "fan_in_fan_out": False, "inference_mode": True}
+    from model_ops.lineage import Step            # lineage.json, header record, model card (#21): parents = base and fine-tune
+    st = Step("extract_lora", dict(max_rank=max_rank, sv_epsilon=sv_epsilon, energy=energy, distribute_scale=distribute_scale,
+                                   embed_lora=embed_lora, save_modules=list(save_modules), include=list(include), exclude=list(exclude),
+                                   skip_undecomposable=skip_undecomposable), [("base", base), ("tuned", tuned)], out=out,
+              reports={"ranks": {"max": r, "min": min(ranks.values()), "modules": len(ranks)}},
+              why="an adapter: base + adapter approximates the fine-tune; the base is its parent")
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_safetensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+        write_safetensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt", "model_ops": json.dumps(st.metadata)})
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+        st.finish(tmp)
     return Path(out)
 
 # %% ../../nbs/17b_merge_toolbox.ipynb #0bdfca59
