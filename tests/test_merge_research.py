@@ -4,7 +4,8 @@ import pytest, torch
 from model_ops.nn import tiny_model, tiny_tokenizer
 from model_ops.merge.research import (task_vectors, protected_rank, project_out, opcm, opcm_step, sequential_task_arithmetic,
                                       frank_wolfe_merge, lowrank, rmm_merge, rmm_reconstruct, adapters_nbytes, lock_model,
-                                      unlock_by_matching, magnitude_masks, sparse_soup, evolve_recipe, recipe_config)
+                                      unlock_by_matching, magnitude_masks, sparse_soup, evolve_recipe, recipe_config,
+                                      layer_groups, layer_gradient, recipe_params)
 from model_ops.merge.bench import (TASKS, task_items, encode_items, prefix_states, suffix_logits, BenchSettings, build_zoo,
                                    bench_rows, format_table, cli_bench_merge, evolve_merge, distill_merge, soup_experiment)
 
@@ -82,12 +83,22 @@ def test_sparse_soup_keeps_mask_bit_for_bit():
 
 def test_evolve_recipe_reproducible_and_resumable(tmp_path):
     f = lambda x: -sum((a - b) ** 2 for a, b in zip(x, [0.2, 0.9]))
-    full = evolve_recipe(f, [0.5, 0.5], budget=81, seed=3)
-    assert full.score > -1e-2 and full.evals <= 81
-    evolve_recipe(f, [0.5, 0.5], budget=41, seed=3, state_file=tmp_path/"s.json")
-    resumed = evolve_recipe(f, [0.5, 0.5], budget=81, seed=3, state_file=tmp_path/"s.json")
+    full = evolve_recipe(f, [0.5, 0.5], budget=81, seed=3)                 # CMA-ES, popsize 6: 13 generations
+    assert full.score > -1e-2 and full.evals <= 81 and full.generation == 13
+    evolve_recipe(f, [0.5, 0.5], budget=41, seed=3, state_file=tmp_path/"s.pkl")
+    resumed = evolve_recipe(f, [0.5, 0.5], budget=81, seed=3, state_file=tmp_path/"s.pkl")
     assert resumed.x == full.x and resumed.history == full.history
     assert evolve_recipe(f, [0.5, 0.5], budget=81, seed=4).x != full.x
+
+def test_layer_groups_and_gradients():
+    assert layer_groups(30, 2, layers=range(26, 30)) == [[26, 27], [28, 29]]
+    assert layer_groups(5, 2) == [[0, 1], [2, 3, 4]]
+    assert layer_gradient([0.1, 0.2], [[2], [4]], 6) == [0.1, 0.1, 0.1, 0.1, 0.2, 0.2]     # block 3: nearest group (2) first on ties
+    p = recipe_params([1, 2, 3, 4, 5, 6, 7, 8], 2, [[0], [1]], 2)
+    assert p == {"weight": [[1.0, 2.0], [3.0, 4.0]], "density": [[5.0, 6.0], [7.0, 8.0]]}
+    assert recipe_params([0.3, 0.4], 2, densities=False) == {"weight": [0.3, 0.4]}
+    with pytest.raises(ValueError, match="between 1 and"): layer_groups(4, 5)
+    with pytest.raises(ValueError, match="need 8"): recipe_params([1] * 7, 2, [[0], [1]], 2)
 
 # ---- MergeLock
 def _logits(sd, ids, **kw):
@@ -152,12 +163,22 @@ def test_tiny_zoo_cached_scored(tmp_path):
     import yaml
     from model_ops.merge.api import merge, merge_config
     from model_ops.io import WeightStore
-    st, cfg = evolve_merge(z, budget=5, seed=0, metric="tok_acc")
-    (tmp_path/"r.yml").write_text(yaml.safe_dump(cfg))
-    ws = WeightStore.open(merge_config(str(tmp_path/"r.yml"), tmp_path/"out"))
-    mem = merge([z.experts[t] for t in z.tasks], method="ties", base=z.base_tensors,
-                weight=[m["parameters"]["weight"] for m in cfg["models"]], density=[m["parameters"]["density"] for m in cfg["models"]])
-    for n in z.names: assert torch.equal(ws[n], mem[n])
+    st, cfg = evolve_merge(z, groups=2, budget=9, popsize=4, seed=0, metric="tok_acc")
+    assert st.evals == 9 and len(st.x) == 2 * 2 * 2 and len(cfg["models"][0]["parameters"]["weight"]) == 3
+    # a per-layer recipe with distinct values per block: the YAML reproduces the in-memory merge bit for bit
+    gr = layer_groups(3, 2, layers=(1, 2))
+    x = [0.9, 0.2, 0.3, 0.8, 0.6, 0.3, 0.4, 0.9]
+    cfg2 = recipe_config([z.paths[t] for t in z.tasks], x, z.base_path, "ties", groups=gr, num_layers=3)
+    for c, name in ((cfg, "r"), (cfg2, "r2")):
+        (tmp_path/f"{name}.yml").write_text(yaml.safe_dump(c))
+        ws = WeightStore.open(merge_config(str(tmp_path/f"{name}.yml"), tmp_path/f"out-{name}"))
+        mem = merge([z.experts[t] for t in z.tasks], method="ties", base=z.base_tensors,
+                    weight=[m["parameters"]["weight"] for m in c["models"]], density=[m["parameters"]["density"] for m in c["models"]])
+        for n in z.names: assert torch.equal(ws[n], mem[n])
+    flat = merge([z.experts[t] for t in z.tasks], method="ties", base=z.base_tensors, weight=[0.9, 0.3], density=[0.6, 0.4])
+    blk = lambda i: [n for n in z.names if f"layers.{i}." in n]
+    assert all(torch.equal(mem[n], flat[n]) for n in blk(1)) and not any(torch.equal(mem[n], flat[n]) for n in blk(2))   # per block
+    ws = WeightStore.open(tmp_path/"out-r")
     assert z.score({n: ws[n] for n in z.names}, metric="tok_acc")["normalized"] == pytest.approx(st.score)
     # DMM: the distilled student learns from its teachers
     d = distill_merge(z, rounds=1, steps=6)

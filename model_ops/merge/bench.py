@@ -4,7 +4,7 @@
 
 # %% ../../nbs/18_merge_bench.ipynb #a4a4f406
 from __future__ import annotations
-import copy, hashlib, json, random, time
+import copy, hashlib, json, math, random, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -14,8 +14,8 @@ from torch import nn
 # %% auto #0
 __all__ = ['TASKS', 'TINY_ZOO', 'BENCH_METHODS', 'task_items', 'Encoded', 'encode_items', 'prefix_states', 'suffix_logits',
            'answer_scores', 'trained_names', 'BenchSettings', 'finetune_expert', 'Zoo', 'zoo_dir', 'build_zoo',
-           'bench_rows', 'format_table', 'plot_bench', 'soup_experiment', 'distill_merge', 'evolve_merge',
-           'cli_bench_merge']
+           'bench_rows', 'format_table', 'plot_bench', 'record_rows', 'soup_experiment', 'distill_merge',
+           'evolve_merge', 'cli_bench_merge']
 
 # %% ../../nbs/18_merge_bench.ipynb #21f70a18
 _NUM = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split()
@@ -355,6 +355,7 @@ BENCH_METHODS = {
     "average":         _merged("linear", weight=1.0),
     "task_arithmetic": _merged("task_arithmetic", weight=0.4),
     "ties":            _merged("ties", weight=1.0, density=0.2),
+    "ties_d0.5":       _merged("ties", weight=1.0, density=0.5),
     "dare_ties":       _merged("dare_ties", weight=0.4, density=0.2),
     "pcb":             _merged("pcb", weight=1.0, ratio=0.2),
     "opcm":            _opcm,
@@ -402,9 +403,20 @@ def plot_bench(rows:list, split:str="held_in", ax=None):
     ax.tick_params(axis="x", rotation=45)
     return ax.figure
 
+def record_rows(rows:list, path)->list:
+    "Merge `rows` into the JSON list at `path` (a row replaces the recorded one of the same method and split in place; new rows go last), atomically."
+    import os
+    p = Path(path)
+    old = json.loads(p.read_text()) if p.exists() else []
+    new = {(r["method"], r["split"]): r for r in rows}
+    out = [new.pop((r["method"], r["split"]), r) for r in old] + list(new.values())
+    tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(out, indent=1)); tmp.replace(p)
+    return out
+
 # %% ../../nbs/18_merge_bench.ipynb #9e0caf5d
-def soup_experiment(zoo:Zoo, task:str, sparsity:float=0.5, seeds=(0, 1, 2), split:str="held_out", metric:str="acc")->dict:
-    "Prune once, fine-tune copies with the shared mask, average: scores of each copy and of the soup, and the soup's mask check."
+def soup_experiment(zoo:Zoo, task:str, sparsity:float=0.5, seeds=(0, 1, 2, 3), splits=("held_in", "held_out"), metric:str="acc")->dict:
+    "Prune once, fine-tune copies with the shared mask, average: per split the scores of each copy, the best copy, the soup and the pruned base; and the soup's mask check."
     import dataclasses
     masks = magnitude_masks(zoo.base_tensors, sparsity)
     pruned_t = {n: zoo.base_tensors[n] * masks[n] for n in masks}
@@ -412,12 +424,16 @@ def soup_experiment(zoo:Zoo, task:str, sparsity:float=0.5, seeds=(0, 1, 2), spli
     pruned.load_state_dict(pruned_t, strict=False)
     copies = [finetune_expert(pruned, zoo.tok, task, dataclasses.replace(zoo.settings, seed=sd), masks=masks) for sd in seeds]
     soup = sparse_soup(copies, masks)
-    return {"copies": [zoo.task_score(c, task, split)[metric] for c in copies], "soup": zoo.task_score(soup, task, split)[metric],
-            "pruned": zoo.task_score(pruned_t, task, split)[metric],
-            "mask_kept": all(torch.equal(soup[n] != 0, (soup[n] != 0) & masks[n]) for n in masks)}
+    out = {"mask_kept": all(torch.equal(soup[n] != 0, (soup[n] != 0) & masks[n]) for n in masks)}
+    for sp in splits:
+        sc = [zoo.task_score(c, task, sp)[metric] for c in copies]
+        out[sp] = {"copies": sc, "best_copy": max(sc), "soup": zoo.task_score(soup, task, sp)[metric],
+                   "pruned": zoo.task_score(pruned_t, task, sp)[metric]}
+    return out
 
 # %% ../../nbs/18_merge_bench.ipynb #a6fb53d8
-def distill_merge(zoo:Zoo, rounds:int=2, steps:int=10, lr:float=1e-3, batch_size:int=8, log=None)->dict:
+def distill_merge(zoo:Zoo, rounds:int=3, steps:int=20, # per task: rounds × steps optimizer steps (the experts had 60)
+                  lr:float=1e-3, batch_size:int=16, log=None)->dict:
     "DMM: distil the experts into one student, each task's batches taught by its own expert; returns the student's tensors."
     from model_ops.distill import distill
     student = copy.deepcopy(zoo.base); student.requires_grad_(False)
@@ -435,16 +451,20 @@ def distill_merge(zoo:Zoo, rounds:int=2, steps:int=10, lr:float=1e-3, batch_size
 BENCH_METHODS["distill_merge"] = lambda zoo, tasks: distill_merge(zoo)
 
 # %% ../../nbs/18_merge_bench.ipynb #2f231e18
-def evolve_merge(zoo:Zoo, method:str="ties", budget:int=13, lam:int=4, seed:int=0, state_file=None, x0=None, metric:str="acc")->tuple:
-    "Evolve a recipe (weight and density per expert) on the held-in score: `(ESState, mergekit config dict)`."
+def evolve_merge(zoo:Zoo, method:str="ties", groups:int=2, # layer groups over the last `k` blocks
+                 budget:int=13, popsize:int|None=None, sigma:float=0.2, seed:int=0, state_file=None, x0=None, metric:str="acc")->tuple:
+    "Evolve a recipe (weight and density per expert and layer group) on the held-in score: `(SearchState, mergekit config dict)`."
     from model_ops.merge.api import merge
+    from model_ops.merge.research import layer_groups, recipe_params
     if zoo.base_path is None or any(p is None for p in zoo.paths.values()): raise ValueError("evolve_merge needs a zoo cached on disk (build_zoo(cache=...)) to name its folders in the YAML")
-    n, ex = len(zoo.tasks), [zoo.experts[t] for t in zoo.tasks]
+    n, L, ex = len(zoo.tasks), len(_layers(zoo.base)), [zoo.experts[t] for t in zoo.tasks]
+    gr = layer_groups(L, groups, layers=range(L - zoo.settings.k, L))
     def score(x):
-        m = merge(ex, method=method, base=zoo.base_tensors, weight=list(x[:n]), density=list(x[n:]))
+        m = merge(ex, method=method, base=zoo.base_tensors, **recipe_params(x, n, gr, L))
         return zoo.score(m, split="held_in", metric=metric)["normalized"]
-    st = evolve_recipe(score, x0 or [0.5] * n + [0.5] * n, budget=budget, lam=lam, seed=seed, state_file=state_file, bounds=(0.05, 1.0))
-    return st, recipe_config([zoo.paths[t] for t in zoo.tasks], st.x, zoo.base_path, method)
+    st = evolve_recipe(score, x0 or [0.5] * (2 * n * groups), budget=budget, popsize=popsize, sigma=sigma, seed=seed,
+                       state_file=state_file, bounds=(0.05, 1.0))
+    return st, recipe_config([zoo.paths[t] for t in zoo.tasks], st.x, zoo.base_path, method, groups=gr, num_layers=L)
 
 # %% ../../nbs/18_merge_bench.ipynb #fd7a7808
 from fastcore.script import call_parse

@@ -13,7 +13,7 @@ from torch import Tensor
 __all__ = ['task_vectors', 'protected_rank', 'project_out', 'OPCMState', 'opcm_step', 'opcm_delta', 'opcm',
            'sequential_task_arithmetic', 'FWResult', 'frank_wolfe_merge', 'lowrank', 'RMMBasis', 'rmm_merge',
            'rmm_reconstruct', 'adapters_nbytes', 'lock_model', 'unlock_by_matching', 'magnitude_masks', 'sparse_soup',
-           'ESState', 'evolve_recipe', 'recipe_config']
+           'SearchState', 'evolve_recipe', 'layer_groups', 'layer_gradient', 'recipe_params', 'recipe_config']
 
 # %% ../../nbs/18a_merge_research.ipynb #b1a3445c
 def task_vectors(base:dict, experts:list)->list:
@@ -264,57 +264,83 @@ def sparse_soup(models:list, # fine-tuned copies (dicts of tensors) that share `
 
 # %% ../../nbs/18a_merge_research.ipynb #eb258815
 @dataclass
-class ESState:
-    "The search state: parent coefficients and score, step size, generation, evaluations used, and the score history."
+class SearchState:
+    "A recipe search: the best coefficients and score so far, score calls used, generations, and the best score after each."
     x: list
     score: float
-    sigma: float
-    generation: int = 0
     evals: int = 0
+    generation: int = 0
     history: list = field(default_factory=list)
 
-def _save_state(st:ESState, path):
-    import json, os
+def _pickle_atomic(obj, path):
+    import os, pickle
     from pathlib import Path
     p = Path(path); tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(st.__dict__)); tmp.replace(p)
+    tmp.write_bytes(pickle.dumps(obj)); tmp.replace(p)
 
 def evolve_recipe(score, # `score(x) -> float` to maximise; `x` a list of coefficients
-                  x0:list, # starting coefficients
+                  x0:list, # starting coefficients (scored first)
                   budget:int=40, # the most score calls (the start counts one)
-                  lam:int=4, # children per generation
-                  sigma:float=0.2, # initial step size
-                  bounds:tuple=(0.0, 1.0), # every coefficient is clipped to these
+                  sigma:float=0.2, # initial CMA-ES step size
+                  bounds:tuple=(0.0, 1.0), # every coefficient stays within these
+                  popsize:int|None=None, # samples per generation (None: CMA-ES's default, 4 + ⌊3 ln n⌋)
                   seed:int=0, # the search is a function of the seed
-                  state_file=None, # JSON file: resume from it when it exists, write it after every generation
-                 )->ESState:
-    "Maximise `score` over the recipe coefficients with a (1+λ) evolution strategy; budgeted, resumable, seeded."
-    import json
+                  state_file=None, # pickle: resume from it when it exists, write it after every generation
+                 )->SearchState:
+    "Maximise `score` over the recipe coefficients with CMA-ES (`cma`); budgeted, resumable, seeded."
+    import pickle
     from pathlib import Path
+    import numpy as np, cma
     lo, hi = bounds
-    if state_file is not None and Path(state_file).exists(): st = ESState(**json.loads(Path(state_file).read_text()))
+    if state_file is not None and Path(state_file).exists(): d, es = pickle.loads(Path(state_file).read_bytes()); st = SearchState(**d)
     else:
         x = [min(max(float(v), lo), hi) for v in x0]
-        st = ESState(x, float(score(x)), sigma, evals=1); st.history.append(st.score)
-    while st.evals + lam <= budget:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + st.generation)
-        kids = [[min(max(v + st.sigma * float(torch.randn((), generator=g)), lo), hi) for v in st.x] for _ in range(lam)]
-        sc = [float(score(k)) for k in kids]
-        st.evals += lam; st.generation += 1
-        j = max(range(lam), key=lambda i: (sc[i], -i))
-        if sc[j] > st.score: st.x, st.score, st.sigma = kids[j], sc[j], st.sigma * 1.5
-        else: st.sigma *= 1.5 ** -0.25          # one success in five keeps sigma steady
-        st.history.append(st.score)
-        if state_file is not None: _save_state(st, state_file)
+        st = SearchState(x, float(score(x)), evals=1); st.history.append(st.score)
+        opts = {"bounds": [lo, hi], "randn": np.random.RandomState(seed).randn, "seed": float("nan"),
+                "verbose": -9, "verb_log": 0, "verb_disp": 0}
+        if popsize: opts["popsize"] = popsize
+        es = cma.CMAEvolutionStrategy(x, sigma, opts)
+    while st.evals + es.popsize <= budget:
+        X = es.ask()
+        sc = [float(score([float(v) for v in x])) for x in X]
+        es.tell(X, [-s for s in sc])                       # cma minimises
+        j = max(range(len(sc)), key=lambda i: (sc[i], -i))
+        if sc[j] > st.score: st.x, st.score = [float(v) for v in X[j]], sc[j]
+        st.evals += len(X); st.generation += 1; st.history.append(st.score)
+        if state_file is not None: _pickle_atomic((dict(st.__dict__), es), state_file)
     return st
 
-def recipe_config(models:list, # model folders, one per coefficient group
-                  x:list, # coefficients: a weight per model, then (when `densities`) a density per model
+def layer_groups(num_layers:int, groups:int, layers=None)->list:
+    "Split `layers` (default: all `num_layers` blocks) into `groups` runs of consecutive blocks of near-equal size."
+    ls = sorted(range(num_layers) if layers is None else layers)
+    if not 1 <= groups <= len(ls): raise ValueError(f"groups={groups} must be between 1 and the {len(ls)} layers searched")
+    return [ls[len(ls) * g // groups: len(ls) * (g + 1) // groups] for g in range(groups)]
+
+def layer_gradient(values:list, groups:list, num_layers:int)->list:
+    "A mergekit gradient of `num_layers` points (point `i` is block `i`): `values[g]` on group `g`, the nearest group's value elsewhere."
+    where = {l: g for g, ls in enumerate(groups) for l in ls}
+    return [float(values[where[i] if i in where else where[min(where, key=lambda l: (abs(l - i), l))]]) for i in range(num_layers)]
+
+def recipe_params(x:list, # per model, its groups' weights; then (when `densities`) the same for densities
+                  n:int, # number of models
+                  groups:list|None=None, # layer groups (`layer_groups`); None: one value per model
+                  num_layers:int|None=None, # blocks of the model (needed with `groups`)
+                  densities:bool=True)->dict:
+    "Per-model `weight` (and `density`) values of the flat coefficient vector `x`: scalars, or gradients with groups."
+    G = len(groups) if groups else 1
+    want = n * G * (2 if densities else 1)
+    if len(x) != want: raise ValueError(f"x has {len(x)} values; {n} models × {G} layer group(s) need {want}")
+    if groups and num_layers is None: raise ValueError("recipe_params needs num_layers with layer groups")
+    val = lambda v: layer_gradient(v, groups, num_layers) if groups else float(v[0])
+    out = {"weight": [val(x[i * G:(i + 1) * G]) for i in range(n)]}
+    if densities: out["density"] = [val(x[n * G + i * G: n * G + (i + 1) * G]) for i in range(n)]
+    return out
+
+def recipe_config(models:list, # model folders, one per model
+                  x:list, # coefficients, as `recipe_params` reads them
                   base, # the base model folder
-                  method:str="ties", densities:bool=True, **params)->dict:
+                  method:str="ties", densities:bool=True, groups=None, num_layers=None, **params)->dict:
     "The recipe `x` as a mergekit config dict (write it with `yaml.safe_dump`; `model-ops merge` runs it)."
-    n = len(models)
-    if len(x) != n * (2 if densities else 1): raise ValueError(f"x has {len(x)} values; {n} models need {n * (2 if densities else 1)}")
-    ms = [{"model": str(m), "parameters": {"weight": float(x[i]), **({"density": float(x[n + i])} if densities else {})}}
-          for i, m in enumerate(models)]
+    p = recipe_params(x, len(models), groups, num_layers, densities)
+    ms = [{"model": str(m), "parameters": {k: v[i] for k, v in p.items()}} for i, m in enumerate(models)]
     return {"merge_method": method, "base_model": str(base), "models": ms, "parameters": dict(params), "dtype": "float32"}
