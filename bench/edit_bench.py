@@ -38,7 +38,10 @@ Phases in CPU seconds except `rest` (wall); value steps are the same for every m
 | EMMET, 8 | warm | 113.2 | 81.0 | 0 | 0 | 73.4 | 8.0 |
 | EMMET, 30 | cold | 389.5 | 361.3 | 8.0 | 4.3 | 321.6 | 28.3 |
 | EMMET, 30 | warm | 370.8 | 345.8 | 0 | 0 | 318.7 | 28.1 |
-ALPHA_ROWS
+| AlphaEdit, 8 | cold | 93.7 | 91.0 | 7.3 | 2.8 | 66.2 | 15.2 |
+| AlphaEdit, 8 | warm | 84.2 | 81.6 | 0 | 0 | 66.5 | 15.6 |
+| AlphaEdit, 30 | cold | 390.0 | 376.8 | 7.3 | 3.3 | 323.9 | 43.6 |
+| AlphaEdit, 30 | warm | 365.4 | 353.6 | 0 | 0 | 312.1 | 42.5 |
 
 Where a batch's time goes: **value optimisation** (v* for every request, each step a forward and backward pass of
 SmolLM2 over the request's 6 templated prompts and its KL prompt) costs about 0.55-0.7 CPU s per request-step and grows
@@ -48,7 +51,8 @@ linearly with the batch: 64 s for 8 facts, 306-323 s for 30. Statistics (compute
 49,152-word output layer at every position, twice per edited layer, for every templated prompt of the batch. It now
 stops the forward pass at the module it reads (rows "before" ran the code without that stop, EMMET and AlphaEdit
 with it; the values are bit-identical, only the pass is shorter): the rest fell from 34-51 s to 8-11 s for 8 facts and
-from 142-147 s to 28 s for 30. Per fact, a batch of 30 now costs about 12-13 s of CPU (16-18 s wall before), of which
+from 142-147 s to 28 s for 30 (AlphaEdit's rest, 15 s and 43 s, also holds the eigendecomposition of C for each
+edited layer's null-space projector and a second read of the keys for its cache). Per fact, a batch of 30 now costs about 12-13 s of CPU (16-18 s wall before), of which
 about 11 s are its value optimisation; fewer value steps (`steps`) or templates (`templates=context_templates(m, tok, n=3)`)
 are the remaining levers, and both change the edit.
 """

@@ -36,9 +36,9 @@ def main():
         gens = greedy(sm, stok, [f["prompt"] for f in pool], 4)
         return sum(g.strip().startswith(f["answer"].strip()) for f, g in zip(pool, gens)) / len(pool)
     facts = invented_facts(200)[:a.n]; out = dict(method=a.method, n=a.n, turn=a.turn, kw=a.kw, pool=len(pool))
-    turns = []; t_last = [time.time()]
+    turns = []; t_last = [time.time()]; start = time.time()
     def log(msg):
-        print(msg, flush=True)
+        print(f"[{time.time() - start:.0f} s] {msg}", flush=True)
         if "edits: perplexity" in msg: turns.append(round(time.time() - t_last[0], 1)); t_last[0] = time.time()
     t0, c0 = time.time(), time.process_time()
     res = sequential_edit(sm, stok, facts, a.method, batch_size=a.turn, every=a.turn, ppl_texts=default_texts(n=16), log=log, **kw)
