@@ -17,18 +17,44 @@ Optionally UltraEdit / GRACE (`--methods`).
 
 `--quick`: ROME and MEMIT only, batch 8, 3 templates, statistics from 2,048 tokens.
 
-Recorded 2026-12-07, `nice -n 10 python bench/edit_bench.py --quick --threads 1` on SmolLM2, the shared 2-core machine
-under a load average of 11-18 from other jobs (wall seconds 10-25x the CPU seconds, so CPU seconds are the figures):
+Recorded 2026-12-07 (session 8), one thread, each method its own run through `/work/heavy` (a slot of the shared
+2-core machine; load average 2.2-3.3, so wall seconds run 5-40 % above CPU seconds), default settings (5 templates,
+at most 20 value steps, statistics from 4,096 tokens x 64), `MODEL_OPS_CACHE` pointed at a fresh folder:
 
-| call | cache | CPU s | statistics | templates | values (steps per request) | rest | wall s (load) |
+    /work/heavy env MODEL_OPS_CACHE=$(mktemp -d) python bench/edit_bench.py --threads 1 --methods rome,memit   # then emmet, then alphaedit
+
+Phases in CPU seconds except `rest` (wall); value steps are the same for every method (the same 30 facts, the same v*):
+8 facts take 12,12,20,15,10,11,15,20 steps (115 request-steps), the 30 facts 451 request-steps.
+
+| call | cache | wall s | CPU s | statistics | templates | values | rest (wall) |
 |---|---|---|---|---|---|---|---|
-| ROME, 1 | cold | 12.8 | 2.5 | 2.1 | 7.8 (13) | 0.4 | 311 (17.9) |
-| ROME, 1 | warm | 8.4 | 0.0 | 0 | 8.0 (13) | 0.4 | 141 (16.4) |
-| MEMIT, 8 | cold | 78.4 | 3.8 | 2.2 | 51.5 (12,12,20,17,10,11,14,20) | 20.9 | 597 (11.1) |
-| MEMIT, 8 | warm | 72.1 | 0.0 | 0 | 51.2 (the same) | 20.8 | 277 (8.8) |
+| ROME, 1 (before) | cold | 16.3 | 15.7 | 3.9 | 2.7 | 8.6 (13 steps) | 0.8 |
+| ROME, 1 (before) | warm | 11.3 | 9.3 | 0 | 0 | 8.8 | 0.5 |
+| MEMIT, 8 (before) | cold | 131.1 | 102.9 | 6.9 | 2.8 | 63.7 | 50.8 |
+| MEMIT, 8 (before) | warm | 132.7 | 92.9 | 0 | 0 | 64.0 | 34.2 |
+| MEMIT, 30 (before) | cold | 542.0 | 455.8 | 6.8 | 2.8 | 323.2 | 142.3 |
+| MEMIT, 30 (before) | warm | 486.9 | 426.3 | 0 | 0 | 306.4 | 147.4 |
+| EMMET, 8 | cold | 115.2 | 90.7 | 8.4 | 3.4 | 71.3 | 10.6 |
+| EMMET, 8 | warm | 113.2 | 81.0 | 0 | 0 | 73.4 | 8.0 |
+| EMMET, 30 | cold | 389.5 | 361.3 | 8.0 | 4.3 | 321.6 | 28.3 |
+| EMMET, 30 | warm | 370.8 | 345.8 | 0 | 0 | 318.7 | 28.1 |
+| AlphaEdit, 8 | cold | 93.7 | 91.0 | 7.3 | 2.8 | 66.2 | 15.2 |
+| AlphaEdit, 8 | warm | 84.2 | 81.6 | 0 | 0 | 66.5 | 15.6 |
+| AlphaEdit, 30 | cold | 390.0 | 376.8 | 7.3 | 3.3 | 323.9 | 43.6 |
+| AlphaEdit, 30 | warm | 365.4 | 353.6 | 0 | 0 | 312.1 | 42.5 |
 
-MEMIT's per-request early stop ran 116 request-steps where stopping the batch only when all converge runs 160.
-Batches of 30 and EMMET / AlphaEdit were not run in that window (they would have taken hours of wall time).
+Where a batch's time goes: **value optimisation** (v* for every request, each step a forward and backward pass of
+SmolLM2 over the request's 6 templated prompts and its KL prompt) costs about 0.55-0.7 CPU s per request-step and grows
+linearly with the batch: 64 s for 8 facts, 306-323 s for 30. Statistics (computed when cold: 7-8 s for 5 layers from
+4,096 tokens) and templates (3-4 s) are small, and the closed-form solves are under a second. The other large item was
+**reading keys and values at the edited layers** ("rest"): `module_io_at` ran the whole model, including the
+49,152-word output layer at every position, twice per edited layer, for every templated prompt of the batch. It now
+stops the forward pass at the module it reads (rows "before" ran the code without that stop, EMMET and AlphaEdit
+with it; the values are bit-identical, only the pass is shorter): the rest fell from 34-51 s to 8-11 s for 8 facts and
+from 142-147 s to 28 s for 30 (AlphaEdit's rest, 15 s and 43 s, also holds the eigendecomposition of C for each
+edited layer's null-space projector and a second read of the keys for its cache). Per fact, a batch of 30 now costs about 12-13 s of CPU (16-18 s wall before), of which
+about 11 s are its value optimisation; fewer value steps (`steps`) or templates (`templates=context_templates(m, tok, n=3)`)
+are the remaining levers, and both change the edit.
 """
 import argparse, json, os, shutil, tempfile, time, warnings
 from contextlib import contextmanager

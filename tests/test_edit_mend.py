@@ -98,3 +98,22 @@ def test_ties_merge():
     assert torch.equal(ties_merge(t0, [a, b], [0.5, 0.5], density=2 / 3), torch.tensor([3., 2., 0.]))
     base = torch.randn(4, 5); x = base + torch.randn(4, 5)
     torch.testing.assert_close(ties_merge(base, [x], [1.0], density=1.0), x)
+
+@pytest.mark.parametrize("arch,layers", [("llama", "num_hidden_layers"), ("qwen2", "num_hidden_layers"), ("gpt2", "n_layer")])
+def test_replay_below_is_exact(arch, layers):
+    from model_ops.edit.lifelong import replay_below
+    from model_ops.edit.core import _batch, _ids
+    m = tiny_model(arch, **{layers: 4}); ids, mask = _batch(TOK, [_ids(TOK, p) for p in OTHER], "cpu")
+    with torch.no_grad():
+        full = m(input_ids=ids, attention_mask=mask).logits
+        with replay_below(m, 2, input_ids=ids, attention_mask=mask): assert torch.equal(m(input_ids=ids, attention_mask=mask).logits, full)
+        assert torch.equal(m(input_ids=ids, attention_mask=mask).logits, full)    # computed again outside the block
+
+def test_wise_batch_of_requests():
+    m = tiny_model("llama", initializer_range=0.1, hidden_size=256, intermediate_size=512, num_hidden_layers=4); s0 = state(m)
+    rec = wise(m, TOK, REQS4, batch_size=4)
+    nll = [s["nll"] for s in score_targets(m, TOK, [r["prompt"] for r in REQS4], [r["target_new"] for r in REQS4])]
+    assert max(nll) < 0.1, nll
+    assert rec.info["adapter"].count == 4 and len({id(l) for l in rec.info["loss"]}) == 1     # one optimisation
+    assert wise_routes(m, TOK, [r["prompt"] for r in REQS4]) == [0] * 4 and wise_routes(m, TOK, OTHER) == [-1] * 4
+    rec.revert(); assert same(m, s0)

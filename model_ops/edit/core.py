@@ -145,15 +145,18 @@ def _first(o): return o[0] if isinstance(o, tuple) else o
 # %% ../../nbs/21_edit_core.ipynb #5f5821fa
 @torch.no_grad()
 def module_io_at(model, tok, module, texts, positions, batch_size=16) -> tuple[torch.Tensor, torch.Tensor]:
-    "Inputs and outputs of `module` (float32, (N, d_in), (N, d_out)) at token `positions[i]` of `texts[i]`."
+    """Inputs and outputs of `module` (float32, (N, d_in), (N, d_out)) at token `positions[i]` of `texts[i]`.
+    The forward pass stops at `module`: the layers above it and the output layer are not needed."""
     dev = _device(model); ins, outs = [], []
     for b in range(0, len(texts), batch_size):
         seqs = [_ids(tok, t) for t in texts[b:b + batch_size]]; pos = torch.tensor(positions[b:b + batch_size], device=dev)
         ids, mask = _batch(tok, seqs, dev); rows = torch.arange(len(seqs), device=dev); got = {}
         def hook(m, i, o):
             got["i"] = i[0][rows, pos].float() if i else None; got["o"] = _first(o)[rows, pos].float()
+            raise _Stop()
         h = module.register_forward_hook(hook)
         try: model(input_ids=ids, attention_mask=mask)
+        except _Stop: pass
         finally: h.remove()
         ins.append(got["i"]); outs.append(got["o"])
     return (torch.cat(ins) if ins[0] is not None else None), torch.cat(outs)

@@ -5,19 +5,20 @@
 # %% ../../nbs/23_edit_lifelong.ipynb #fb9c8c94
 from __future__ import annotations
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 import torch, torch.nn as nn
-from ..nn import arch_spec, weight_2d
+from ..nn import arch_spec, weight_2d, decoder_layers
 from ..delta import snapshot
 from ..eval import default_texts, perplexity
 from .core import (
     EditRecord, EditRequest, as_request, n_layers, check_causal_lm, add_to_weight, freeze, unfreeze, score_targets,
     _ids, _batch, _device, _first)
-from .locate import EDITORS
+from .locate import EDITORS, _logits_at
 
 # %% auto #0
 __all__ = ['as_qa', 'RunningMeanStd', 'UltraEditState', 'ultraedit_modules', 'ultraedit', 'GraceAdapter', 'grace', 'ties_merge',
-           'WiseAdapter', 'wise', 'wise_routes', 'get_editor', 'SequentialResult', 'sequential_edit']
+           'WiseAdapter', 'replay_below', 'wise', 'wise_routes', 'get_editor', 'SequentialResult', 'sequential_edit']
 
 # %% ../../nbs/23_edit_lifelong.ipynb #06f6c71f
 def as_qa(r) -> EditRequest:
@@ -319,21 +320,53 @@ def _wise_loc_texts(tok, n=32, max_tokens=24):
     "Irrelevant inputs for the routing loss: the first `max_tokens` tokens of offline prose paragraphs."
     return [tok.decode(_ids(tok, t, special=False)[:max_tokens]) for t in default_texts(n=n, seed=1)]
 
+# %% ../../nbs/23_edit_lifelong.ipynb #e7b6387a
+def _block_of(model, module: str) -> int:
+    "Index of the decoder layer that contains the submodule named `module`."
+    m = model.get_submodule(module)
+    for i, b in enumerate(decoder_layers(model)):
+        if any(x is m for x in b.modules()): return i
+    raise ValueError(f"{module!r} is not inside a decoder layer")
+
+@contextmanager
+def replay_below(model, layer: int, **inputs):
+    """Inside the block, the decoder layers below `layer` do not compute: they return what they gave for `inputs` on entry.
+    Exact for calls with the same `inputs` as long as nothing below `layer` changes."""
+    lower, box = decoder_layers(model)[:layer], {}
+    if not len(lower): yield; return
+    h = lower[-1].register_forward_hook(lambda m, a, o: box.update(out=o))
+    try:
+        with torch.no_grad(): model(**inputs)
+    finally: h.remove()
+    for l in lower: l.forward = lambda *a, **k: box["out"]
+    try: yield
+    finally:
+        for l in lower: del l.forward
+
+
 # %% ../../nbs/23_edit_lifelong.ipynb #1fcfdb69
+def _pos_mean(x):
+    "Mean of the positive entries of `x` (0 if none): EasyEdit's reduction of WISE's hinge terms."
+    p = x[x > 0]
+    return p.mean() if p.numel() else x.sum() * 0
+
 def wise(model, tok, requests, *, layer: int|None = None, module: str|None = None, n_iter: int = 70, edit_lr: float = 1.0,
          norm_constraint: float = 1.0, alpha: float = 5.0, beta: float = 20.0, gamma: float = 10.0, act_ratio: float = 0.88,
          mask_ratio: float = 0.2, save_freq: int = 500, merge_freq: int = 1000, density: float = 0.53, loc_texts=None,
-         seed: int = 0, log=None) -> EditRecord:
+         batch_size: int = 1, seed: int = 0, log=None) -> EditRecord:
     """WISE: edits go to a side copy of one MLP output projection, routed per input by the activation distance; the
-    weights of the model stay untouched. Memory settings (`act_ratio` … `seed`) are taken from the call that installs the adaptor."""
+    weights of the model stay untouched. `batch_size` requests are trained together (one run of `n_iter` steps, as
+    EasyEdit's batch edit). Memory settings (`act_ratio` … `seed`) are taken from the call that installs the adaptor."""
     reqs = [as_qa(r) for r in (requests if isinstance(requests, (list, tuple)) else [requests])]
     if not reqs: raise ValueError("no edit requests given")
     check_causal_lm(model)
     if merge_freq % save_freq: raise ValueError(f"merge_freq ({merge_freq}) must be a multiple of save_freq ({save_freq})")
+    if batch_size < 1: raise ValueError(f"batch_size={batch_size}: use 1 or more requests per optimisation")
+    n = n_layers(model); L = None
     if module is None:
-        n = n_layers(model); L = (n * 27) // 32 if layer is None else layer
+        L = (n * 27) // 32 if layer is None else layer
         if not -n <= L < n: raise ValueError(f"WISE layer {L} out of range: the model has {n} decoder layers")
-        module = arch_spec(model).block(L % n, "down")
+        L %= n; module = arch_spec(model).block(L, "down")
     m = model.get_submodule(module); dev = _device(model)
     created = not isinstance(m, WiseAdapter)
     if created:
@@ -341,6 +374,7 @@ def wise(model, tok, requests, *, layer: int|None = None, module: str|None = Non
         ad = WiseAdapter(m, _act_fn(model), act_ratio=act_ratio, mask_ratio=mask_ratio, save_freq=save_freq,
                          merge_freq=merge_freq, density=density, seed=seed).to(dev)
     else: ad = m
+    if L is None: L = _block_of(model, module)
     before = None if created else ad.state()
     parent, attr = _parent(model, module)
     if created:
@@ -351,37 +385,47 @@ def wise(model, tok, requests, *, layer: int|None = None, module: str|None = Non
         else: ad.load(before)
     loc = list(loc_texts) if loc_texts is not None else _wise_loc_texts(tok)
     W0 = weight_2d(ad.base).detach().float(); info = {"loss": [], "act": []}
-    flags = freeze(model)
+    flags = freeze(model); i = 0
     try:
-        for r in reqs:
+        while i < len(reqs):
             if ad.count % ad.save_freq == 0: ad.new_mask()
-            p, t = _ids(tok, r.prompt), _ids(tok, r.target_new, special=False)
-            ids, mask = _batch(tok, [p + t, _ids(tok, loc[ad.count % len(loc)])], dev)
-            pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=dev); lab = torch.tensor(t, device=dev)
+            B = min(batch_size, len(reqs) - i, ad.save_freq - ad.count % ad.save_freq)  # a batch never straddles two shards
+            batch = reqs[i:i + B]; i += B
+            seqs, rows, pos, lab = [], [], [], []
+            for j, r in enumerate(batch):
+                p, t = _ids(tok, r.prompt), _ids(tok, r.target_new, special=False); seqs.append(p + t)
+                rows += [j] * len(t); pos += range(len(p) - 1, len(p) - 1 + len(t)); lab += t
+            seqs += [_ids(tok, loc[(ad.count + j) % len(loc)]) for j in range(B)]  # one irrelevant text per request
+            ids, mask = _batch(tok, seqs, dev); valid = mask.float()
+            rows, pos, lab = (torch.tensor(x, device=dev) for x in (rows, pos, lab))
+            ntok = torch.zeros(B, device=dev).index_add(0, rows, torch.ones(len(rows), device=dev))
             Ws = ad.side.clone().requires_grad_(True); ad.train_side = Ws; ad.editing = True
             opt = torch.optim.SGD([Ws], lr=edit_lr, weight_decay=1e-5); losses = []; prev = None
-            for s in range(n_iter):
-                logits = model(input_ids=ids, attention_mask=mask).logits
-                ft = torch.nn.functional.cross_entropy(logits[0, pos].float(), lab)
-                y0, y = ad.last; valid = mask.float()
-                de, di = ad.dist(y0[:1], y[:1], valid[:1]), ad.dist(y0[1:], y[1:], valid[1:])
-                la = (di - de + gamma).clamp_min(0) + (di - alpha).clamp_min(0) + (beta - de).clamp_min(0)
-                loss = ft + la.mean(); losses.append(loss.item()); act = de.mean().item()
-                if prev is not None and abs(loss.item() - prev) <= 1e-4 and loss.item() <= 0.02: break
-                prev = loss.item()
-                opt.zero_grad(); loss.backward()
-                Ws.grad.mul_(ad.mask)                      # knowledge sharding: only this shard's random entries learn
-                opt.step()
-                with torch.no_grad(): Ws.copy_(torch.minimum(torch.maximum(Ws, W0 - norm_constraint), W0 + norm_constraint))
+            with replay_below(model, L, input_ids=ids, attention_mask=mask):     # (speed: layers below L do not see Ws)
+                for s in range(n_iter):
+                    nll = -torch.log_softmax(_logits_at(model, ids, mask, rows, pos).float(), -1).gather(1, lab[:, None])[:, 0]
+                    ft = (torch.zeros(B, device=dev).index_add(0, rows, nll) / ntok).mean()   # mean target NLL per request
+                    y0, y = ad.last
+                    de, di = ad.dist(y0[:B], y[:B], valid[:B]), ad.dist(y0[B:], y[B:], valid[B:])
+                    la = _pos_mean(di[:, None] - de[None] + gamma) + _pos_mean(di - alpha) + _pos_mean(beta - de)
+                    loss = ft + la; losses.append(loss.item()); acts = de.tolist()
+                    if prev is not None and abs(loss.item() - prev) <= 1e-4 and loss.item() <= 0.02: break
+                    prev = loss.item()
+                    opt.zero_grad(); loss.backward()
+                    Ws.grad.mul_(ad.mask)                      # knowledge sharding: only this shard's random entries learn
+                    opt.step()
+                    with torch.no_grad(): Ws.copy_(torch.minimum(torch.maximum(Ws, W0 - norm_constraint), W0 + norm_constraint))
             ad.editing = False; ad.train_side = None; ad.side = Ws.detach().clone()
-            ad.finish_edit(act); info["loss"].append(losses); info["act"].append(act)
-            if log: log(f"WISE {r.prompt!r} -> {r.target_new!r}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, Δ(edit) {act:.2f}")
+            for r, a in zip(batch, acts):
+                ad.finish_edit(a); info["loss"].append(losses); info["act"].append(a)
+                if log: log(f"WISE {r.prompt!r} -> {r.target_new!r}: loss {losses[0]:.3f} -> {losses[-1]:.3f} ({len(losses)} steps), Δ(edit) {a:.2f}")
     except Exception:
         ad.editing = False; ad.train_side = None; undo(); raise
     finally: unfreeze(model, flags)
     rec = EditRecord("wise", reqs, [module], snapshot(model, []), {**info, "adapter": ad})
     rec.undo = undo
     return rec
+
 
 # %% ../../nbs/23_edit_lifelong.ipynb #3549a469
 @torch.no_grad()
