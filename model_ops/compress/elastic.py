@@ -206,21 +206,23 @@ def _resolve(model, budget) -> Budget:
         return as_budget(info["budgets"][budget])
     return as_budget(budget)
 
+def _plan(model, b:Budget) -> tuple:
+    "(sizes, hidden index, per-block MLP index, per-block head index, blocks kept) of budget `b`: prefixes; None = all."
+    s, spec, info = budget_sizes(model, b), _llama_spec(model), elastic_info(model)
+    H, KV, d = spec.heads
+    L, g, h = spec.n_layers, H // KV, s["heads"] // KV
+    hid = None if s["hidden"] == spec.hidden else torch.arange(s["hidden"])
+    ffn = None if s["ffn"] == spec.intermediate else [torch.arange(s["ffn"])] * L
+    heads = None if s["heads"] == H else [torch.cat([j * g + torch.arange(h) for j in range(KV)])] * L
+    return s, hid, ffn, heads, sorted(info["block_order"][:s["blocks"]])
+
 def budget_state(model:nn.Module, # an elastic checkpoint (`make_elastic`)
                  budget, # a budget name stored in the checkpoint, a `Budget`, or a dict of its fields
                  grad:bool=False, # keep the autograd graph: the tensors are differentiable slices of the shared parameters
                 ) -> tuple:
     "(config, state dict) of the sub-model of `budget`: prefixes of the sorted channels, neurons and heads, and its blocks."
     b = _resolve(model, budget)
-    s, spec, info = budget_sizes(model, b), _llama_spec(model), elastic_info(model)
-    H, KV, d = spec.heads
-    L = spec.n_layers
-    pre = lambda k, n: None if k == n else torch.arange(k)
-    hid = pre(s["hidden"], spec.hidden)
-    ffn = None if s["ffn"] == spec.intermediate else [torch.arange(s["ffn"])] * L
-    g, h = H // KV, s["heads"] // KV
-    heads = None if s["heads"] == H else [torch.cat([j * g + torch.arange(h) for j in range(KV)])] * L
-    blocks = sorted(info["block_order"][:s["blocks"]])
+    s, hid, ffn, heads, blocks = _plan(model, b)
     cfg, sd = _reindex(model, hid, ffn, heads, blocks, grad=grad)
     del cfg.model_ops_elastic
     cfg.model_ops_elastic_budget = dict(asdict(b), sizes=s, blocks_kept=blocks)
@@ -277,7 +279,10 @@ class ElasticModel(nn.Module):
         self.budgets = {k: _resolve(model, k) for k in names} if isinstance(names, list) and all(isinstance(k, str) for k in names) \
                        else _budgets(names)
         self._rng = random.Random(seed)
-        self._skel = {k: _skeleton(model, budget_state(model, b)[0]) for k, b in self.budgets.items()}  # a plain dict: no parameters
+        self._skel = {}                                                  # a plain dict: the skeletons' (empty) parameters stay out
+        for k, b in self.budgets.items():
+            s, *_, blocks = _plan(model, b)
+            self._skel[k] = _skeleton(model, _config(model, s["hidden"], s["ffn"], s["heads"], blocks))
         self.train(model.training)
     @property
     def config(self): return self.model.config
