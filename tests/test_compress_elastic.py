@@ -54,6 +54,12 @@ def test_untrained_slice_is_minitron_pruning():
     assert count_params(small) == count_params(mini) == budget_params(m, BUDGETS["small"])
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_budget_params_counts_the_slice(arch):
+    el = make_elastic(_model(arch), BUDGETS, calib=IDS[:4])
+    for k, b in BUDGETS.items(): assert budget_params(el, b) == count_params(slice_budget(el, k)), (arch, k)
+
+
 def test_gradient_of_a_budget_stays_in_its_prefix():
     el = make_elastic(_model("llama"), BUDGETS, calib=IDS[:4])
     em = ElasticModel(el, ["small"])

@@ -146,6 +146,7 @@ def budget_params(model:nn.Module, # any model `make_elastic` takes (elastic or 
     s = budget_sizes(model, budget)
     cfg = _config(model, s["hidden"], s["ffn"], s["heads"], list(range(s["blocks"])))
     with torch.device("meta"), no_init_weights(): m = type(model)(cfg)
+    m.tie_weights()                                                  # a tied head is counted once, as in the real model
     return count_params(m)
 
 # %% ../../nbs/42d_compress_elastic.ipynb #72a892ff
