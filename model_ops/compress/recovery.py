@@ -15,7 +15,7 @@ from ..eval import default_texts, model_device, eval_mode
 __all__ = ['SKILLS', 'skill_pool', 'embed_texts', 'kmeans', 'spectral_clusters', 'token_jsd', 'sample_jsd', 'allocate',
            'concepts', 'ConceptGraph', 'Selection', 'random_select', 'paser_select']
 
-# %% ../../nbs/42e_compress_recovery.ipynb #r7a8fbb8
+# %% ../../nbs/42e_compress_recovery.ipynb #r087d42a
 _CAPITALS = dict(France="Paris", Japan="Tokyo", Italy="Rome", Egypt="Cairo", Kenya="Nairobi", Peru="Lima", Norway="Oslo",
                  Canada="Ottawa", Spain="Madrid", Germany="Berlin", Russia="Moscow", China="Beijing", Greece="Athens",
                  Portugal="Lisbon", Ireland="Dublin", Poland="Warsaw", Austria="Vienna", Sweden="Stockholm", Chile="Santiago",
@@ -40,8 +40,8 @@ SKILLS = ("arithmetic", "facts", "spelling", "grammar", "units", "sorting", "cod
 def _skill_item(skill:str, r:random.Random, prose:list) -> str:
     "One random item of `skill`."
     if skill == "arithmetic":
-        a, b, op = r.randint(2, 99), r.randint(2, 99), r.choice("+-*")
-        return f"Question: What is {a} {'×' if op == '*' else op} {b}?\nAnswer: {eval(f'{a}{op}{b}')}"
+        a, b, op = r.randint(2, 99), r.randint(2, 99), r.choice("+-×")
+        return f"Question: What is {a} {op} {b}?\nAnswer: {dict(zip('+-×', (a + b, a - b, a * b)))[op]}"
     if skill == "facts":
         c = r.choice(list(_CAPITALS)); q = r.choice((f"What is the capital of {c}?", f"Which city is the capital of {c}?", f"Name the capital city of {c}."))
         return f"Question: {q}\nAnswer: The capital of {c} is {_CAPITALS[c]}."
