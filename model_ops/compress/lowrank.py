@@ -192,13 +192,18 @@ def load_low_rank(path, dtype=torch.float32) -> nn.Module:
     return _load_folder(path, dtype, build)
 
 @torch.no_grad()
-def merge_low_rank(model:nn.Module) -> nn.Module:
-    "Multiply every `LowRankLinear` back into a plain `nn.Linear` (in place), so the model saves as a stock HF folder."
-    for n, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]:
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.up.device, dtype=m.up.dtype)
-        lin.weight.copy_(m.dense_weight())
+def _densify(model:nn.Module, cls:type):
+    "Replace every `cls` module (it has `dense_weight()`) by a plain `nn.Linear` holding that weight, in place."
+    for n, m in [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]:
+        W = m.dense_weight()
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=W.device, dtype=W.dtype)
+        lin.weight.copy_(W)
         if m.bias is not None: lin.bias.copy_(m.bias)
         _replace(model, n, lin)
+
+def merge_low_rank(model:nn.Module) -> nn.Module:
+    "Multiply every `LowRankLinear` back into a plain `nn.Linear` (in place), so the model saves as a stock HF folder."
+    _densify(model, LowRankLinear)
     return model
 
 # %% ../../nbs/42b_compress_lowrank.ipynb #eb9484c0
@@ -292,13 +297,8 @@ def load_shared(path, dtype=torch.float32) -> nn.Module:
             _replace(model, n, HashedLinear(m.in_features, m.out_features, bank, torch.zeros(4, dtype=torch.int64), m.bias is not None, dtype=dtype))
     return _load_folder(path, dtype, build)
 
-@torch.no_grad()
 def materialize_shared(model:nn.Module) -> nn.Module:
     "Write every `HashedLinear`'s weight into a plain `nn.Linear` (in place) and drop the bank: a stock HF model."
-    for n, m in [(n, m) for n, m in model.named_modules() if isinstance(m, HashedLinear)]:
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.bank.device, dtype=m.bank.dtype)
-        lin.weight.copy_(m.dense_weight())
-        if m.bias is not None: lin.bias.copy_(m.bias)
-        _replace(model, n, lin)
+    _densify(model, HashedLinear)
     if hasattr(model, "rps_bank"): del model.rps_bank
     return model
