@@ -222,6 +222,12 @@ def test_lineage_fast_and_off(models, tmp_path):
     two = {'merge_method': 'linear', 'dtype': 'float32', 'models': [{'model': str(tmp_path/'m2'), 'parameters': {'weight': 1.0}}]}
     p = read_lineage(merge_config(two, tmp_path/'m3', lineage='fast'))['parents'][0]
     assert p['fingerprint'] == weights_hash(tmp_path/'m2') and 'fingerprint_kind' not in p
+    # the notebook front door `merge(...)` passes the switch through
+    from model_ops.merge import merge
+    merge([tmp_path/'ft1', tmp_path/'ft2'], 'linear', out=tmp_path/'f_off', weight=[0.5, 0.5], dtype='float32', lineage='off')
+    assert read_lineage(tmp_path/'f_off') is None and weights_hash(tmp_path/'f_off') == weights_hash(out['off'])
+    merge([tmp_path/'ft1', tmp_path/'ft2'], 'linear', out=tmp_path/'f_fast', weight=[0.5, 0.5], dtype='float32', lineage='fast')
+    assert read_lineage(tmp_path/'f_fast')['parents'][0]['fingerprint_kind'] == 'sampled'
 
 def test_reproduce_all_three_steps(models, tmp_path, monkeypatch):
     from model_ops.cli import COMMANDS

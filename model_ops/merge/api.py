@@ -232,6 +232,7 @@ def merge(models:list, # models: HF folders, files, `nn.Module`s, state dicts or
           out_dtype=None, # dtype of the result
           overwrite:bool=False, # replace `out` if it exists
           progress:bool=False, # show a progress bar
+          lineage:str="full", # with `out`: the lineage record's hashing, 'full', 'fast' or 'off' (see `merge_config`)
           **params): # method parameters; a list as long as `models` for a per-model parameter gives one value per model
     "Merge `models` with `method`; returns a new `nn.Module` (when a module was given), a state dict, or a `WeightStore` of `out`."
     m = get_method(method)
@@ -254,7 +255,8 @@ def merge(models:list, # models: HF folders, files, `nn.Module`s, state dicts or
     if out_dtype is not None: cfg["out_dtype"] = str(out_dtype).replace("torch.", "")
     plan = plan_merge(cfg, out=out)
     if out is not None:
-        merge_config(plan, out, device=device, seed=seed, precise=precise, workers=workers, overwrite=overwrite, progress=progress)
+        merge_config(plan, out, device=device, seed=seed, precise=precise, workers=workers, overwrite=overwrite, progress=progress,
+                     lineage=lineage)
         return WeightStore.open(out)
     sd = dict(stream_merge(plan, device, seed, workers, True, progress, precise=precise))
     tmpl = base if isinstance(base, torch.nn.Module) else next((x for x in models if isinstance(x, torch.nn.Module)), None)
