@@ -4,16 +4,17 @@
 
 # %% ../nbs/40_prune.ipynb #75efb5d5
 from __future__ import annotations
-import copy, math, random, re, time, warnings
+import copy, math, os, random, re, time, warnings
 import torch
 from torch import nn
 
 # %% auto #0
 __all__ = ['PRUNERS', 'check_sparsity', 'parse_pattern', 'resolve_sparsity', 'unstructured_mask', 'nm_mask', 'magnitude_mask',
-           'wanda_mask', 'sparsegpt_prune', 'calib_texts', 'calib_ids', 'prunable', 'calibrated_prune', 'magnitude',
-           'wanda', 'sparsegpt', 'prune', 'count_params', 'sparsity_report', 'plot_sparsity', 'save_pruned', 'is_nm',
-           'to_semi_structured', 'importance', 'skip_blocks', 'depth_importance', 'plot_layer_importance',
-           'prune_width', 'prune_depth', 'share_blocks', 'prune_widget', 'demo_step', 'cli_prune']
+           'wanda_mask', 'sparsegpt_prune', 'calib_texts', 'calib_ids', 'self_calib_ids', 'prunable',
+           'calibrated_prune', 'magnitude', 'wanda', 'sparsegpt', 'prune', 'count_params', 'sparsity_report',
+           'plot_sparsity', 'save_pruned', 'is_nm', 'to_semi_structured', 'importance', 'skip_blocks',
+           'depth_importance', 'plot_layer_importance', 'prune_width', 'prune_depth', 'share_blocks', 'prune_widget',
+           'demo_step', 'cli_prune']
 
 # %% ../nbs/40_prune.ipynb #2d546f80
 def check_sparsity(sparsity:float, # fraction of weights to remove
@@ -153,11 +154,15 @@ def calib_texts() -> list:
     return pool
 
 def calib_ids(tok=None, # tokenizer, needed unless `calib` is already token ids
-              calib=None, # None (offline default text), texts, a text file path, or token ids (tensor / list of lists)
+              calib=None, # 'self' (sampled from `model`), None (offline default text), texts, a text file path, or token ids (tensor / list of lists)
               nsamples:int=128, # number of windows
               seqlen:int=128, # tokens per window
+              model:nn.Module=None, # the model, for calib='self'
              ) -> torch.Tensor:
     "Calibration token ids of shape (n, seqlen) (n <= nsamples; shorter if the text is short)."
+    if isinstance(calib, str) and calib == "self":
+        if model is None: raise ValueError("calib='self' samples the calibration from the model: pass model= (or give text or token ids)")
+        return self_calib_ids(model, tok, nsamples, seqlen)
     if isinstance(calib, torch.Tensor):
         ids = calib.long()
         return ids.unsqueeze(0) if ids.dim() == 1 else ids
@@ -179,6 +184,55 @@ def calib_ids(tok=None, # tokenizer, needed unless `calib` is already token ids
         warnings.warn(f"the calibration text gives {n} window(s) of {L} tokens, fewer than the {nsamples} x {seqlen} asked for; "
                       f"Wanda and SparseGPT calibrated on few tokens generalise worse (pass more text as calib=, or lower nsamples/seqlen)")
     return torch.tensor(stream[:n * L], dtype=torch.long).reshape(n, L)
+
+def _start_token(tok, model) -> int:
+    "The token self-generated text starts from: the tokenizer's document separator `<|endoftext|>` if it has one, else BOS, else EOS."
+    if tok is not None:
+        sep = tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tok.get_vocab() else None
+        for t in (sep, tok.bos_token_id, tok.eos_token_id):
+            if t is not None: return t
+    for t in (getattr(model.config, "bos_token_id", None), getattr(model.config, "eos_token_id", None)):
+        if isinstance(t, int): return t
+    return 0
+
+@torch.no_grad()
+def self_calib_ids(model:nn.Module, # a causal LM with `generate`
+                   tok=None, # its tokenizer (only to find the start token)
+                   nsamples:int=128, seqlen:int=128,
+                   *, seed:int=0, # sampling seed (torch's global generator is left as it was)
+                   temperature:float=1.0, # sampling temperature over the full vocabulary
+                   batch_size:int=32, # sequences generated at once
+                   cache:bool=True, # keep the ids in `cache_dir()/calib`, keyed by the model's weights, dtype, size, seed and temperature
+                  ) -> torch.Tensor:
+    "Self-calibration: `nsamples` windows of `seqlen` tokens sampled from `model` itself, each from the document-start token."
+    if not hasattr(model, "generate"): raise ValueError(f"calib='self' needs a causal LM with generate(); {type(model).__name__} has none: pass calib= text or token ids")
+    if not temperature > 0: raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    from model_ops.nn import cache_dir
+    from model_ops.delta import content_fingerprint
+    dev = next(model.parameters()).device
+    key = f"{content_fingerprint(model)}-{str(next(model.parameters()).dtype)[6:]}-{nsamples}x{seqlen}-seed{seed}-t{temperature:g}"
+    path = cache_dir() / "calib" / f"{key}.pt"
+    if cache and path.exists():
+        ids = torch.load(path, weights_only=True)
+        if tuple(ids.shape) == (nsamples, seqlen): return ids
+    start, rows, was = _start_token(tok, model), [], model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(seed)
+            for i in range(0, nsamples, batch_size):
+                x = torch.full((min(batch_size, nsamples - i), 1), start, dtype=torch.long, device=dev)
+                out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                     max_new_tokens=seqlen, min_new_tokens=seqlen, pad_token_id=start)
+                rows.append(out[:, 1:].cpu())
+    finally: model.train(was)
+    ids = torch.cat(rows)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(ids, tmp); os.replace(tmp, path)        # atomic: a reader never sees half a file
+    return ids
 
 # %% ../nbs/40_prune.ipynb #dea76ed1
 from .nn import decoder_layers, layers_prefix, weight_2d, is_conv1d, arch_spec, fused_rows
@@ -416,7 +470,7 @@ def wanda(model:nn.Module, # transformers model, pruned in place
           tok=None, # tokenizer for text calibration
           *, sparsity:float=None, # fraction of each row to remove, in [0, 1)
           pattern=None, # N:M pattern such as '2:4' instead of `sparsity`
-          calib=None, # calibration: None (offline default text), texts, a file, or token ids
+          calib="self", # calibration: 'self' (sampled from the model, see "Calibration defaults"), None (offline text), texts, a file, or token ids
           nsamples:int=128, seqlen:int=128, # calibration windows (128 x 128: see "Calibration defaults")
           batch_size:int=None, # calibration sequences per forward (None: 1 on CPU, bit for bit the reference code's forwards; ~4096 tokens on a GPU)
           targets:str=None, # regex restricting the pruned linears
@@ -428,7 +482,7 @@ def wanda(model:nn.Module, # transformers model, pruned in place
     "Wanda: prune by |W|·‖X_j‖ within each output row, calibrated block by block."
     s, nm, extra = _prepare(model, sparsity, pattern, targets, include_embeddings, include_head)
     _check_calib_dtype(calib_dtype)
-    ids = calib_ids(tok, calib, nsamples, seqlen)
+    ids = calib_ids(tok, calib, nsamples, seqlen, model=model)
     _prune_extra(extra, s, nm)
     def fn(name, m, st): _apply_mask(m, wanda_mask(weight_2d(m), st.xnorm, s, _pat(nm)))
     return calibrated_prune(model, ids, fn, gram=False, targets=targets, batch_size=batch_size, progress=progress, timings=timings,
@@ -439,7 +493,7 @@ def sparsegpt(model:nn.Module, # transformers model, pruned in place
               tok=None, # tokenizer for text calibration
               *, sparsity:float=None, # fraction of each matrix to remove, in [0, 1)
               pattern=None, # N:M pattern such as '2:4' instead of `sparsity`
-              calib=None, # calibration: None (offline default text), texts, a file, or token ids
+              calib="self", # calibration: 'self' (sampled from the model, see "Calibration defaults"), None (offline text), texts, a file, or token ids
               nsamples:int=128, seqlen:int=128, # calibration windows (128 x 128: see "Calibration defaults")
               batch_size:int=None, # calibration sequences per forward (None: 1 on CPU, bit for bit the reference code's forwards; ~4096 tokens on a GPU)
               blocksize:int=128, # lazy-update block width
@@ -454,7 +508,7 @@ def sparsegpt(model:nn.Module, # transformers model, pruned in place
     s, nm, extra = _prepare(model, sparsity, pattern, targets, include_embeddings, include_head)
     if nm and blocksize % nm[1]: raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm[1]}")
     _check_calib_dtype(calib_dtype)
-    ids = calib_ids(tok, calib, nsamples, seqlen)
+    ids = calib_ids(tok, calib, nsamples, seqlen, model=model)
     _prune_extra(extra, s, nm)
     def fn(name, m, st):
         Q, _ = sparsegpt_prune(weight_2d(m), st.H, s, _pat(nm), blocksize=blocksize, percdamp=percdamp)
@@ -858,8 +912,8 @@ def demo_step(model:nn.Module, tok, log=print) -> dict:
     t0 = time.time()
     texts = _demo_texts()
     m = copy.deepcopy(model)
-    log("pruning a copy with Wanda to 50% unstructured (8 calibration windows of 64 tokens)")
-    wanda(m, tok, sparsity=0.5, nsamples=8, seqlen=64, progress=False)
+    log("pruning a copy with Wanda to 50% unstructured (8 calibration windows of 64 tokens of offline text)")
+    wanda(m, tok, sparsity=0.5, calib=None, nsamples=8, seqlen=64, progress=False)   # offline text: no sampling in the demo
     rep = sparsity_report(m)
     dense, pruned = perplexity(model, tok, texts, max_length=128), perplexity(m, tok, texts, max_length=128)
     log(f"sparsity of the block linears {rep['overall']:.1%}; perplexity {dense:.2f} dense -> {pruned:.2f} pruned")
@@ -875,7 +929,7 @@ def cli_prune(model:str, # model folder, Hugging Face id, or 'smollm2'
               method:str="wanda", # magnitude, wanda or sparsegpt
               sparsity:float=None, # fraction to remove (unstructured)
               pattern:str=None, # N:M pattern, e.g. 2:4
-              calib:str=None, # calibration text file (default: offline prose)
+              calib:str="self", # calibration: 'self' (text sampled from the model) or a text file
               nsamples:int=128, # calibration windows
               seqlen:int=128, # tokens per window
               device:str="cpu", # cpu, cuda, ...

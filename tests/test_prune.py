@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from model_ops.nn import tiny_model, tiny_tokenizer, weight_2d, decoder_layers, layers_prefix
 from model_ops.prune import (magnitude, wanda, sparsegpt, prune, prunable, sparsity_report, sparsegpt_prune, magnitude_mask,
                              nm_mask, unstructured_mask, importance, prune_width, prune_depth, share_blocks, count_params,
-                             save_pruned, skip_blocks, depth_importance, demo_step, wanda_mask, _InputStats)
+                             save_pruned, skip_blocks, depth_importance, demo_step, wanda_mask, _InputStats,
+                             self_calib_ids, calib_ids, _start_token)
 from model_ops.distill import recover, sparsity_masks, kl_loss, distill
 
 IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -250,6 +251,36 @@ def test_share_blocks_counts_and_reload():
         save_pruned(m, f"{d}/s")
         r = AutoModelForCausalLM.from_pretrained(f"{d}/s", attn_implementation="eager").eval()
     with torch.no_grad(): assert torch.allclose(r(X).logits, m(X).logits, atol=1e-6)
+
+
+def test_self_calibration(tmp_path, monkeypatch):
+    "Self-calibration: the model's own samples, reproducible from the seed, cached per model, and the Wanda/SparseGPT default."
+    monkeypatch.setenv("MODEL_OPS_CACHE", str(tmp_path))
+    m, tok = tiny_model(), tiny_tokenizer()
+    rng = torch.get_rng_state()
+    a = self_calib_ids(m, tok, 6, 16, cache=False)
+    assert a.shape == (6, 16) and torch.equal(torch.get_rng_state(), rng)            # torch's global generator untouched
+    assert torch.equal(a, self_calib_ids(m, tok, 6, 16, cache=False))                  # the seed fixes the sample
+    assert not torch.equal(a, self_calib_ids(m, tok, 6, 16, seed=1, cache=False))
+    # at a vanishing temperature sampling is greedy decoding from the start token
+    s = _start_token(tok, m); x = torch.full((3, 1), s)
+    greedy = m.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=10, min_new_tokens=10, pad_token_id=s)[:, 1:]
+    assert torch.equal(self_calib_ids(m, tok, 3, 10, temperature=1e-6, cache=False), greedy)
+    # cached on disk: the second call generates nothing; other weights are another entry
+    assert torch.equal(self_calib_ids(m, tok, 6, 16), a) and len(list((tmp_path/"calib").glob("*.pt"))) == 1
+    monkeypatch.setattr(type(m), "generate", lambda *a, **k: pytest.fail("generated again"))
+    assert torch.equal(calib_ids(tok, "self", 6, 16, model=m), a)
+    monkeypatch.undo(); monkeypatch.setenv("MODEL_OPS_CACHE", str(tmp_path))
+    m2 = tiny_model(); m2.model.layers[0].mlp.down_proj.weight.data.mul_(-1)
+    self_calib_ids(m2, tok, 6, 16); assert len(list((tmp_path/"calib").glob("*.pt"))) == 2
+    # the default of wanda and sparsegpt
+    for f in (wanda, sparsegpt):
+        d = f(tiny_model(), tok, sparsity=0.5, nsamples=6, seqlen=16, progress=False)
+        e = f(tiny_model(), tok, sparsity=0.5, calib=a, progress=False)
+        assert all(torch.equal(weight_2d(p), weight_2d(e.get_submodule(n))) for n, p in prunable(d).items())
+    with pytest.raises(ValueError, match="pass model="): calib_ids(tok, "self")
+    with pytest.raises(ValueError, match="temperature"): self_calib_ids(m, tok, 2, 4, temperature=0)
+    with pytest.raises(ValueError, match="generate"): self_calib_ids(torch.nn.Linear(2, 2), tok, 2, 4)
 
 
 def test_demo_step_leaves_model_unchanged():
