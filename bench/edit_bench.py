@@ -34,7 +34,8 @@ Phases in CPU seconds except `rest` (wall); value steps are the same for every m
 | MEMIT, 8 (before) | warm | 132.7 | 92.9 | 0 | 0 | 64.0 | 34.2 |
 | MEMIT, 30 (before) | cold | 542.0 | 455.8 | 6.8 | 2.8 | 323.2 | 142.3 |
 | MEMIT, 30 (before) | warm | 486.9 | 426.3 | 0 | 0 | 306.4 | 147.4 |
-| EMMET, 8 | cold | 115.2 | 90.7 | 8.4 | 3.4 | 71.3 | 10.6 |
+| MEMIT, 8 (after) | cold | 85.5 | 81.3 | 7.2 | 2.9 | 64.5 | 6.8 |
+| MEMIT, 8 (after) | warm | 74.4 | 72.4 | 0 | 0 | 65.6 | 7.2 |
 | EMMET, 8 | warm | 113.2 | 81.0 | 0 | 0 | 73.4 | 8.0 |
 | EMMET, 30 | cold | 389.5 | 361.3 | 8.0 | 4.3 | 321.6 | 28.3 |
 | EMMET, 30 | warm | 370.8 | 345.8 | 0 | 0 | 318.7 | 28.1 |
