@@ -23,8 +23,14 @@ at most 20 value steps, statistics from 4,096 tokens x 64), `MODEL_OPS_CACHE` po
 
     /work/heavy env MODEL_OPS_CACHE=$(mktemp -d) python bench/edit_bench.py --threads 1 --methods rome,memit   # then emmet, then alphaedit
 
+MEMIT "after" rows: rerun 2026-12-07 (session 9) on the code that stops `module_io_at` at the module it reads, one
+thread, each batch its own run through `/work/heavy` (load average 2.2-2.8), cold then warm:
+
+    /work/heavy env MODEL_OPS_CACHE=$(mktemp -d) python bench/edit_bench.py --threads 1 --methods memit --batches 8   # then --batches 30
+
 Phases in CPU seconds except `rest` (wall); value steps are the same for every method (the same 30 facts, the same v*):
-8 facts take 12,12,20,15,10,11,15,20 steps (115 request-steps), the 30 facts 451 request-steps.
+8 facts take 12,12,20,15,10,11,15,20 steps (115 request-steps), the 30 facts 451 request-steps (429 in the MEMIT "after"
+runs).
 
 | call | cache | wall s | CPU s | statistics | templates | values | rest (wall) |
 |---|---|---|---|---|---|---|---|
@@ -34,6 +40,10 @@ Phases in CPU seconds except `rest` (wall); value steps are the same for every m
 | MEMIT, 8 (before) | warm | 132.7 | 92.9 | 0 | 0 | 64.0 | 34.2 |
 | MEMIT, 30 (before) | cold | 542.0 | 455.8 | 6.8 | 2.8 | 323.2 | 142.3 |
 | MEMIT, 30 (before) | warm | 486.9 | 426.3 | 0 | 0 | 306.4 | 147.4 |
+| MEMIT, 8 (after) | cold | 85.5 | 81.3 | 7.2 | 2.9 | 64.5 | 6.8 |
+| MEMIT, 8 (after) | warm | 74.4 | 72.4 | 0 | 0 | 65.6 | 7.2 |
+| MEMIT, 30 (after) | cold | 378.7 | 371.2 | 7.8 | 3.2 | 333.3 | 27.4 |
+| MEMIT, 30 (after) | warm | 365.2 | 340.0 | 0 | 0 | 313.0 | 28.3 |
 | EMMET, 8 | cold | 115.2 | 90.7 | 8.4 | 3.4 | 71.3 | 10.6 |
 | EMMET, 8 | warm | 113.2 | 81.0 | 0 | 0 | 73.4 | 8.0 |
 | EMMET, 30 | cold | 389.5 | 361.3 | 8.0 | 4.3 | 321.6 | 28.3 |
@@ -49,9 +59,10 @@ linearly with the batch: 64 s for 8 facts, 306-323 s for 30. Statistics (compute
 4,096 tokens) and templates (3-4 s) are small, and the closed-form solves are under a second. The other large item was
 **reading keys and values at the edited layers** ("rest"): `module_io_at` ran the whole model, including the
 49,152-word output layer at every position, twice per edited layer, for every templated prompt of the batch. It now
-stops the forward pass at the module it reads (rows "before" ran the code without that stop, EMMET and AlphaEdit
-with it; the values are bit-identical, only the pass is shorter): the rest fell from 34-51 s to 8-11 s for 8 facts and
-from 142-147 s to 28 s for 30 (AlphaEdit's rest, 15 s and 43 s, also holds the eigendecomposition of C for each
+stops the forward pass at the module it reads (rows "before" ran the code without that stop, EMMET, AlphaEdit and
+MEMIT "after" with it; the values are bit-identical, only the pass is shorter): the rest fell from 34-51 s to 7-11 s for
+8 facts and from 142-147 s to 27-28 s for 30, and a MEMIT batch from 131/133 s (cold/warm wall) to 85/74 s for 8 facts
+and from 542/487 s to 379/365 s for 30 (AlphaEdit's rest, 15 s and 43 s, also holds the eigendecomposition of C for each
 edited layer's null-space projector and a second read of the keys for its cache). Per fact, a batch of 30 now costs about 12-13 s of CPU (16-18 s wall before), of which
 about 11 s are its value optimisation; fewer value steps (`steps`) or templates (`templates=context_templates(m, tok, n=3)`)
 are the remaining levers, and both change the edit.

@@ -5,7 +5,10 @@ retention of the first turn's 20 facts; at the end this script adds locality (th
 SmolLM2 answered correctly before editing and still answers correctly) and, for WISE, where the prompts are routed.
 Every edit is reverted at the end and the weights checked bit for bit.
 
-    nice -n 10 python bench/lifelong_stream.py --method wise [--n 200] [--turn 20] [--kw '{"batch_size": 1}'] [--json out.json]
+    nice -n 10 python bench/lifelong_stream.py --method wise [--n 200] [--turn 20] [--kw '{"edit_lr": 0.1}'] [--json out.json]
+
+`--kw` goes to the editor; for WISE its `batch_size` (requests per optimisation, e.g. `{"batch_size": 20, "save_freq": 20}`:
+one optimisation and one shard per turn) is passed to `wise` itself, not taken as the turn size.
 
 `--method alphaedit` uses the settings of the notebook's recorded AlphaEdit run (layers 4-8, statistics from 8,192 tokens,
 3 context templates, 15 value steps).
@@ -41,7 +44,12 @@ def main():
         print(f"[{time.time() - start:.0f} s] {msg}", flush=True)
         if "edits: perplexity" in msg: turns.append(round(time.time() - t_last[0], 1)); t_last[0] = time.time()
     t0, c0 = time.time(), time.process_time()
-    res = sequential_edit(sm, stok, facts, a.method, batch_size=a.turn, every=a.turn, ppl_texts=default_texts(n=16), log=log, **kw)
+    method = a.method
+    if a.method == "wise" and "batch_size" in kw:   # WISE's own batch (requests per optimisation), not the turn size
+        import functools
+        from model_ops.edit.lifelong import wise
+        method = functools.partial(wise, batch_size=kw.pop("batch_size")); method.__name__ = "wise"
+    res = sequential_edit(sm, stok, facts, method, batch_size=a.turn, every=a.turn, ppl_texts=default_texts(n=16), log=log, **kw)
     out.update(wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1), turn_wall_s=turns,
                base_ppl=res.base_ppl, history=res.history, locality=locality(), load1=os.getloadavg()[0])
     if a.method == "wise":

@@ -350,18 +350,30 @@ def _pos_mean(x):
     p = x[x > 0]
     return p.mean() if p.numel() else x.sum() * 0
 
+def _subject_span(tok, text: str, subject: str) -> tuple[int, int]:
+    "Token positions `[first, last + 1)` of the (last occurrence of the) subject in `tok(text)`."
+    a = text.rindex(subject); b = a + len(subject)
+    idx = [i for i, (s, e) in enumerate(tok(text, return_offsets_mapping=True)["offset_mapping"]) if e > s and s < b and e > a]
+    if not idx: raise ValueError(f"could not find subject {subject!r} in the tokens of {text!r}")
+    return idx[0], idx[-1] + 1
+
 def wise(model, tok, requests, *, layer: int|None = None, module: str|None = None, n_iter: int = 70, edit_lr: float = 1.0,
          norm_constraint: float = 1.0, alpha: float = 5.0, beta: float = 20.0, gamma: float = 10.0, act_ratio: float = 0.88,
          mask_ratio: float = 0.2, save_freq: int = 500, merge_freq: int = 1000, density: float = 0.53, loc_texts=None,
-         batch_size: int = 1, seed: int = 0, log=None) -> EditRecord:
+         templates: list[str]|None = None, subject_act: bool = False, batch_size: int = 1, seed: int = 0, log=None) -> EditRecord:
     """WISE: edits go to a side copy of one MLP output projection, routed per input by the activation distance; the
     weights of the model stay untouched. `batch_size` requests are trained together (one run of `n_iter` steps, as
-    EasyEdit's batch edit). Memory settings (`act_ratio` … `seed`) are taken from the call that installs the adaptor."""
+    EasyEdit's batch edit). Each request is trained under every context in `templates` (`'{}'` is the bare prompt; the
+    default `['{}']`). With `subject_act`, a request that names its subject is trained to fire on the subject's tokens and
+    not on the rest of its prompt (EasyEdit's factual-editing masks); one without a subject is contrasted with an
+    irrelevant text from `loc_texts`. Memory settings (`act_ratio` … `seed`) are taken from the call that installs the adaptor."""
     reqs = [as_qa(r) for r in (requests if isinstance(requests, (list, tuple)) else [requests])]
     if not reqs: raise ValueError("no edit requests given")
     check_causal_lm(model)
     if merge_freq % save_freq: raise ValueError(f"merge_freq ({merge_freq}) must be a multiple of save_freq ({save_freq})")
     if batch_size < 1: raise ValueError(f"batch_size={batch_size}: use 1 or more requests per optimisation")
+    tpls = ["{}"] if templates is None else list(templates)
+    if not tpls or not all("{}" in t for t in tpls): raise ValueError("templates: give a non-empty list of strings that each contain '{}' (where the prompt goes)")
     n = n_layers(model); L = None
     if module is None:
         L = (n * 27) // 32 if layer is None else layer
@@ -391,24 +403,36 @@ def wise(model, tok, requests, *, layer: int|None = None, module: str|None = Non
             if ad.count % ad.save_freq == 0: ad.new_mask()
             B = min(batch_size, len(reqs) - i, ad.save_freq - ad.count % ad.save_freq)  # a batch never straddles two shards
             batch = reqs[i:i + B]; i += B
-            seqs, rows, pos, lab = [], [], [], []
-            for j, r in enumerate(batch):
-                p, t = _ids(tok, r.prompt), _ids(tok, r.target_new, special=False); seqs.append(p + t)
-                rows += [j] * len(t); pos += range(len(p) - 1, len(p) - 1 + len(t)); lab += t
-            seqs += [_ids(tok, loc[(ad.count + j) % len(loc)]) for j in range(B)]  # one irrelevant text per request
+            seqs, rows, pos, lab, spans = [], [], [], [], []
+            for r in batch:                                                       # rows: request-major, one per template
+                t = _ids(tok, r.target_new, special=False)
+                for tpl in tpls:
+                    text = tpl.replace("{}", r.prompt); p = _ids(tok, text); k = len(seqs); seqs.append(p + t)
+                    rows += [k] * len(t); pos += range(len(p) - 1, len(p) - 1 + len(t)); lab += t
+                    spans.append(_subject_span(tok, text, r.subject) if subject_act and r.subject else None)
+            E = len(seqs)                                                         # B × len(templates) edit rows
+            free = [j for j, r in enumerate(batch) if not (subject_act and r.subject)]
+            seqs += [_ids(tok, loc[(ad.count + j) % len(loc)]) for j in free]     # an irrelevant text per subject-less request
             ids, mask = _batch(tok, seqs, dev); valid = mask.float()
+            act_m, out_m = valid[:E].clone(), valid[:E].clone()   # in scope: subject tokens (or all); out of scope: the rest
+            for k, sp in enumerate(spans):
+                if sp: act_m[k] = 0; act_m[k, sp[0]:sp[1]] = 1; out_m[k, sp[0]:sp[1]] = 0
+            sub = [k for k, sp in enumerate(spans) if sp]
             rows, pos, lab = (torch.tensor(x, device=dev) for x in (rows, pos, lab))
-            ntok = torch.zeros(B, device=dev).index_add(0, rows, torch.ones(len(rows), device=dev))
+            ntok = torch.zeros(E, device=dev).index_add(0, rows, torch.ones(len(rows), device=dev))
             Ws = ad.side.clone().requires_grad_(True); ad.train_side = Ws; ad.editing = True
             opt = torch.optim.SGD([Ws], lr=edit_lr, weight_decay=1e-5); losses = []; prev = None
             with replay_below(model, L, input_ids=ids, attention_mask=mask):     # (speed: layers below L do not see Ws)
                 for s in range(n_iter):
                     nll = -torch.log_softmax(_logits_at(model, ids, mask, rows, pos).float(), -1).gather(1, lab[:, None])[:, 0]
-                    ft = (torch.zeros(B, device=dev).index_add(0, rows, nll) / ntok).mean()   # mean target NLL per request
+                    ft = (torch.zeros(E, device=dev).index_add(0, rows, nll) / ntok).mean()   # mean target NLL per row
                     y0, y = ad.last
-                    de, di = ad.dist(y0[:B], y[:B], valid[:B]), ad.dist(y0[B:], y[B:], valid[B:])
+                    de = ad.dist(y0[:E], y[:E], act_m)
+                    di = torch.cat([ad.dist(y0[sub], y[sub], out_m[sub]), ad.dist(y0[E:], y[E:], valid[E:])])
                     la = _pos_mean(di[:, None] - de[None] + gamma) + _pos_mean(di - alpha) + _pos_mean(beta - de)
-                    loss = ft + la; losses.append(loss.item()); acts = de.tolist()
+                    loss = ft + la; losses.append(loss.item())
+                    # Δ(e) for the threshold: over all tokens, as routing measures it at inference; mean over contexts
+                    acts = ad.dist(y0[:E], y[:E], valid[:E]).detach().view(B, -1).mean(1).tolist()
                     if prev is not None and abs(loss.item() - prev) <= 1e-4 and loss.item() <= 0.02: break
                     prev = loss.item()
                     opt.zero_grad(); loss.backward()
