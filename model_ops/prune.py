@@ -13,8 +13,8 @@ __all__ = ['PRUNERS', 'check_sparsity', 'parse_pattern', 'resolve_sparsity', 'un
            'wanda_mask', 'sparsegpt_prune', 'calib_texts', 'calib_ids', 'self_calib_ids', 'prunable',
            'calibrated_prune', 'magnitude', 'wanda', 'sparsegpt', 'prune', 'count_params', 'sparsity_report',
            'plot_sparsity', 'save_pruned', 'is_nm', 'to_semi_structured', 'importance', 'skip_blocks',
-           'depth_importance', 'plot_layer_importance', 'prune_width', 'prune_depth', 'share_blocks', 'prune_widget',
-           'demo_step', 'cli_prune']
+           'depth_importance', 'plot_layer_importance', 'slice_state', 'prune_width', 'prune_depth', 'share_blocks',
+           'prune_widget', 'demo_step', 'cli_prune']
 
 # %% ../nbs/40_prune.ipynb #2d546f80
 def check_sparsity(sparsity:float, # fraction of weights to remove
@@ -732,6 +732,76 @@ def _check_count(what, new, old, multiple=1):
         raise ValueError(f"{what} must be an integer in 1..{old} (the current size), got {new!r}")
     if new % multiple: raise ValueError(f"{what}={new} must be a multiple of {multiple}")
 
+# %% ../nbs/40_prune.ipynb #5a1ce5f1
+def _sliced_config(model:nn.Module, hidden:int, ffn:int, heads:int, blocks:list):
+    "The config of the sub-model of `model` with these sizes and these blocks (head size kept, written explicitly)."
+    spec, cfg = _llama_spec(model), copy.deepcopy(model.config)
+    L = spec.n_layers
+    cfg.head_dim = spec.heads[2]
+    cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers = hidden, heads, len(blocks)
+    setattr(cfg, "intermediate_size" if hasattr(cfg, "intermediate_size") else "n_inner", ffn)
+    for k in ("layer_types", "sliding_window_pattern_list"):       # per-block lists follow the blocks kept
+        v = getattr(cfg, k, None)
+        if isinstance(v, list) and len(v) == L: setattr(cfg, k, [v[i] for i in blocks])
+    return cfg
+
+def slice_state(model:nn.Module, # decoder-only causal LM; parts located by `model_ops.nn.arch_spec`
+                hidden=None, # index of the hidden channels to keep, in their new order (None: all, as they are)
+                ffn=None, # per block of `model`: index of the MLP neurons to keep (None: all)
+                heads=None, # per block: index of the query heads, each key/value group's heads inside that group (None: all)
+                blocks=None, # the blocks kept, in order (None: all)
+                grad:bool=False, # keep the autograd graph (tensors are differentiable views of the parameters)
+               ) -> tuple:
+    "(config, state dict) of the model made of the given channels, neurons, heads and blocks of `model`: one gather per tensor."
+    spec = _llama_spec(model)
+    H, KV, d = spec.heads
+    L = spec.n_layers
+    ffn, heads = ffn or [None] * L, heads or [None] * L
+    if spec.qkv_layout == "per_head" and any(h is not None for h in heads):
+        raise ValueError(f"heads= needs grouped key/value heads; {type(model).__name__} stores q, k, v head by head")
+    blocks = list(range(L)) if blocks is None else list(blocks)
+    new_i = {old: j for j, old in enumerate(blocks)}
+    def sl(t, dim, idx): return t if idx is None else t.index_select(dim, idx.to(t.device))
+    o_, i_ = (1, 0) if spec.conv1d else (0, 1)           # (out, in) dims of a stored weight: Conv1D keeps (in, out)
+    def lin(t, kind, out, inp): return sl(sl(t, o_, out), i_, inp) if kind == "weight" else sl(t, 0, out)
+    def rows(q): return None if q is None else (q[:, None] * d + torch.arange(d)).flatten()
+    def qkv_rows(q):   # rows kept in a fused qkv: the kept query rows, every key/value row
+        return None if q is None else torch.cat([fused_rows(spec, "q")[q], fused_rows(spec, "k"), fused_rows(spec, "v")])
+    def gu(f): return None if f is None else torch.cat([fused_rows(spec, "gate")[f], fused_rows(spec, "up")[f]])
+    pos_emb = {f"{n}.weight" for n, e in model.named_modules() if isinstance(e, nn.Embedding) and e.embedding_dim == spec.hidden}
+    head = f"{spec.lm_head}.weight" if spec.lm_head else None
+    sd = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not grad: t = t.detach()
+        m = re.match(re.escape(spec.layers) + r"\.(\d+)\.(.+)$", name)
+        if m:
+            i, rest = int(m.group(1)), m.group(2)
+            if i not in new_i: continue
+            mod, _, kind = rest.rpartition(".")
+            q = rows(heads[i])
+            if kind not in ("weight", "bias"): pass                         # a buffer inside a block: kept as it is
+            elif mod == spec.attn.get("q"): t = lin(t, kind, q, hidden)
+            elif mod in (spec.attn.get("k"), spec.attn.get("v")): t = lin(t, kind, None, hidden)
+            elif mod == spec.attn.get("qkv"): t = lin(t, kind, qkv_rows(q), hidden)
+            elif mod == spec.attn["o"]: t = lin(t, kind, hidden, q)
+            elif mod in (spec.mlp.get("up"), spec.mlp.get("gate")): t = lin(t, kind, ffn[i], hidden)
+            elif mod == spec.mlp.get("gate_up"): t = lin(t, kind, gu(ffn[i]), hidden)
+            elif mod == spec.mlp["down"]: t = lin(t, kind, hidden, ffn[i])
+            elif mod in spec.norms.values(): t = sl(t, 0, hidden)
+            else: raise ValueError(f"slice_state does not know how to slice {name} {tuple(t.shape)}")
+            name = f"{spec.layers}.{new_i[i]}.{rest}"
+        elif name == head and spec.tied: continue                          # tied to the embedding: the same tensor (below)
+        elif name in (f"{spec.embed}.weight", head) or name in pos_emb: t = sl(t, 1, hidden)
+        elif spec.final_norm and name.startswith(spec.final_norm + "."): t = sl(t, 0, hidden)
+        elif t.dim() > 0 and hidden is not None and spec.hidden in t.shape and not name.endswith("inv_freq"):
+            raise ValueError(f"slice_state does not know how to slice {name} {tuple(t.shape)}")
+        sd[name] = t
+    if spec.tied: sd[head] = sd[f"{spec.embed}.weight"]
+    cfg = _sliced_config(model, len(hidden) if hidden is not None else spec.hidden,
+                         len(ffn[0]) if ffn[0] is not None else spec.intermediate,
+                         len(heads[0]) if heads[0] is not None else H, blocks)
+    return cfg, sd
+
 # %% ../nbs/40_prune.ipynb #77fb236e
 @torch.no_grad()
 def prune_width(model:nn.Module, # decoder-only causal LM (left unchanged); parts located by `model_ops.nn.arch_spec`
@@ -754,52 +824,13 @@ def prune_width(model:nn.Module, # decoder-only causal LM (left unchanged); part
     if hidden is None and intermediate is None and heads is None: raise ValueError("give at least one of hidden=, intermediate=, heads=")
     sc = scores or importance(model, tok, calib=calib, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
     keep = lambda s, k: torch.topk(s, k).indices.sort().values
-    L, dev = len(decoder_layers(model)), _device(model)
+    L, g = len(decoder_layers(model)), H // KV
     hk = keep(sc["hidden"], hidden) if hidden else None
-    fk = [keep(sc["ffn"][i], intermediate) if intermediate else None for i in range(L)]
-    qk = []   # per layer: kept query heads, chosen within each KV group
-    for i in range(L):
-        if not heads: qk.append(None); continue
-        g = sc["heads"][i].reshape(KV, H // KV)
-        qk.append(torch.cat([j * (H // KV) + keep(g[j], heads // KV) for j in range(KV)]))
-    rows = lambda hs: (hs[:, None] * d + torch.arange(d)).flatten()
-    def qkv_rows(q):   # rows kept in a fused qkv: the kept query rows, every key/value row
-        if q is None: return None
-        if spec.qkv_layout == "per_head": raise ValueError(f"heads= needs grouped key/value heads; {type(model).__name__} stores q, k, v head by head")
-        return torch.cat([fused_rows(spec, "q")[q], fused_rows(spec, "k"), fused_rows(spec, "v")])
-    gu = lambda f: None if f is None else torch.cat([fused_rows(spec, "gate")[f], fused_rows(spec, "up")[f]])
-    prefix = layers_prefix(model)
-    sd = {}
-    def sl(t, dim, idx): return t if idx is None else t.index_select(dim, idx.to(t.device))
-    pos_emb = {f"{n}.weight" for n, e in model.named_modules() if isinstance(e, nn.Embedding) and e.embedding_dim == c.hidden_size}
-    o_, i_ = (1, 0) if spec.conv1d else (0, 1)          # (out, in) dims of a stored weight: Conv1D keeps (in, out)
-    def lin(t, kind, out, inp): return sl(sl(t, o_, out), i_, inp) if kind == "weight" else sl(t, 0, out)
-    for name, t in model.state_dict().items():
-        t = t.detach()
-        mt = re.match(re.escape(prefix) + r"\.(\d+)\.(.+)\.(weight|bias)$", name)
-        if mt:
-            i, mod, kind = int(mt.group(1)), mt.group(2), mt.group(3)
-            q = rows(qk[i]) if qk[i] is not None else None
-            if mod == spec.attn.get("q"): t = lin(t, kind, q, hk)
-            elif mod in (spec.attn.get("k"), spec.attn.get("v")): t = lin(t, kind, None, hk)
-            elif mod == spec.attn.get("qkv"): t = lin(t, kind, qkv_rows(q), hk)
-            elif mod == spec.attn["o"]: t = lin(t, kind, hk, q)
-            elif mod in (spec.mlp.get("up"), spec.mlp.get("gate")): t = lin(t, kind, fk[i], hk)
-            elif mod == spec.mlp.get("gate_up"): t = lin(t, kind, gu(fk[i]), hk)
-            elif mod == spec.mlp["down"]: t = lin(t, kind, hk, fk[i])
-            elif mod in spec.norms.values(): t = sl(t, 0, hk)
-            else: raise ValueError(f"prune_width does not know how to slice {name}")
-        elif name in (f"{spec.embed}.weight", f"{spec.lm_head}.weight") or name in pos_emb: t = sl(t, 1, hk)
-        elif spec.final_norm and name.startswith(spec.final_norm + "."): t = sl(t, 0, hk)
-        elif t.dim() > 0 and hk is not None and c.hidden_size in t.shape and not name.endswith("inv_freq"):
-            raise ValueError(f"prune_width does not know how to slice {name} {tuple(t.shape)}")
-        sd[name] = t.clone()
-    cfg = copy.deepcopy(c)
-    cfg.head_dim = d
-    if hidden: cfg.hidden_size = hidden
-    if intermediate: setattr(cfg, "intermediate_size" if hasattr(cfg, "intermediate_size") else "n_inner", intermediate)
-    if heads: cfg.num_attention_heads = heads
-    return _new_model(model, cfg, sd)
+    fk = [keep(sc["ffn"][i], intermediate) for i in range(L)] if intermediate else None
+    qk = [torch.cat([j * g + keep(sc["heads"][i].reshape(KV, g)[j], heads // KV) for j in range(KV)])   # within each KV group
+          for i in range(L)] if heads else None
+    cfg, sd = slice_state(model, hk, fk, qk)
+    return _new_model(model, cfg, {k: v.clone() for k, v in sd.items()})
 
 # %% ../nbs/40_prune.ipynb #dba4dba9
 @torch.no_grad()

@@ -158,3 +158,25 @@ def test_fold_shares_parent_weights_trains_only_scalers_and_unfolds():
         assert not any(isinstance(m, ScaledLinear) for m in flat.modules())
         assert flat.model.layers[1].mlp.up_proj.weight is not flat.model.layers[0].mlp.up_proj.weight
         assert torch.allclose(flat(input_ids=IDS).logits, ref, atol=1e-5)
+
+
+def test_fold_is_exact_where_it_should_be_and_lsq_scalers_start_closest():
+    from model_ops.compress import fold_blocks
+    from model_ops.compress.depth import lsq_scale
+    from model_ops.nn import decoder_layers
+    t4 = tiny_model("llama", num_hidden_layers=4)
+    with torch.no_grad():
+        ref = t4(input_ids=IDS).logits
+        assert torch.equal(fold_blocks(t4, group=1)(input_ids=IDS).logits, ref)              # groups of one: nothing folded
+        tw = copy.deepcopy(t4)
+        for i in (1, 3): decoder_layers(tw)[i].load_state_dict(decoder_layers(tw)[i - 1].state_dict())
+        for init in ("lsq", "ones"):                                                          # identical pairs fold without loss
+            assert torch.allclose(fold_blocks(tw, group=2, init=init)(input_ids=IDS).logits, tw(input_ids=IDS).logits, atol=1e-6)
+    fd = fold_blocks(t4, group=2)
+    child, own = decoder_layers(fd)[1].mlp.down_proj, decoder_layers(t4)[1].mlp.down_proj.weight
+    assert torch.equal(decoder_layers(fd)[0].mlp.down_proj.scale, torch.ones(64))            # the parent: exactly as it was
+    err = lambda s: float(((s[:, None] * child.lin.weight - own) ** 2).sum())
+    s = child.scale.detach()
+    assert err(s) < err(torch.ones_like(s)) and all(err(s + d * torch.eye(64)[c]) > err(s) for c in (0, 7) for d in (-1e-2, 1e-2))
+    assert torch.allclose(s, lsq_scale(child.lin, own))
+    with pytest.raises(ValueError, match="'lsq' or 'ones'"): fold_blocks(t4, init="zero")

@@ -109,3 +109,24 @@ def test_slicing_needs_an_elastic_checkpoint_and_a_known_budget():
     el = make_elastic(m, BUDGETS, calib=IDS[:4])
     with pytest.raises(ValueError, match="no budget named 'huge'"): slice_budget(el, "huge")
     with pytest.raises(ValueError, match="'sum' or 'sample'"): elastic_distill(el, m, IDS, mode="each")
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_prune_width_and_elastic_slice_give_the_same_tensors(arch):
+    "Scores decreasing with the index: sorting is the identity, so the elastic slice and prune_width + prune_depth keep the same units in the same order."
+    m = _model(arch)
+    from model_ops.nn import arch_spec
+    s = arch_spec(m)
+    H, L = s.heads[0], s.n_layers
+    down = lambda n: -torch.arange(n, dtype=torch.float32)
+    sc = dict(hidden=down(s.hidden), ffn=[down(s.intermediate)] * L, heads=[down(H)] * L, depth=down(L))
+    el = make_elastic(m, BUDGETS, scores=sc)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), el.state_dict().values()))
+    for k, b in BUDGETS.items():
+        if k == "full": continue
+        z = budget_sizes(m, b)
+        mini = prune_width(m, scores=sc, hidden=z["hidden"], intermediate=z["ffn"], heads=z["heads"])
+        mini = prune_depth(mini, drop=list(range(z["blocks"], L)))
+        small, ref = slice_budget(el, k).state_dict(), mini.state_dict()
+        assert list(small) == list(ref), (arch, k)
+        for n in ref: assert torch.equal(small[n], ref[n]), (arch, k, n)

@@ -336,3 +336,27 @@ def test_prune_never_overwrites_its_input(tmp_path):
         assert {f.name: f.read_bytes() for f in src.iterdir()} == before
     cli_prune(str(src), str(tmp_path / "sparse"), method="magnitude", sparsity=0.5)
     assert sparsity_report(AutoModelForCausalLM.from_pretrained(str(tmp_path / "sparse")))["overall"] == 0.5
+
+
+def test_slice_state_blocks_grad_and_tied_head():
+    "`slice_state` (the one gather behind prune_width and the elastic models): blocks as prune_depth keeps them, a tied head once, differentiable views."
+    from model_ops.prune import slice_state
+    m = tiny_model("qwen2", num_hidden_layers=4)                     # tied embedding and head, q/k/v biases
+    cfg, sd = slice_state(m, blocks=[0, 2, 3])
+    ref = prune_depth(m, drop=[1]).state_dict()
+    assert cfg.num_hidden_layers == 3 and list(sd) == list(ref)
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert sd["lm_head.weight"] is sd["model.embed_tokens.weight"]
+    assert not any(t.requires_grad for t in sd.values())
+    _, sd = slice_state(m, hidden=torch.arange(32), grad=True)
+    sd["model.layers.0.mlp.up_proj.weight"].sum().backward()
+    g = m.model.layers[0].mlp.up_proj.weight.grad
+    assert g[:, :32].abs().sum() > 0 and g[:, 32:].abs().sum() == 0
+
+
+def test_heads_need_grouped_kv_heads():
+    from model_ops.prune import slice_state
+    m = tiny_model("gpt_neox")                                       # fused q/k/v stored head by head
+    H, L = m.config.num_attention_heads, m.config.num_hidden_layers
+    with pytest.raises(ValueError, match="stores q, k, v head by head"): slice_state(m, heads=[torch.arange(H)] * L)
+    with pytest.raises(ValueError, match="stores q, k, v head by head"): prune_width(m, calib=IDS, heads=H)

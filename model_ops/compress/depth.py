@@ -14,7 +14,7 @@ from ..prune import calib_ids, skip_blocks, prune_depth, share_blocks
 from ..distill import distill
 
 # %% auto #0
-__all__ = ['token_kl', 'depth_contributions', 'plot_depth', 'ScaledLinear', 'fold_blocks', 'fold_recover', 'unfold']
+__all__ = ['token_kl', 'depth_contributions', 'plot_depth', 'ScaledLinear', 'lsq_scale', 'fold_blocks', 'fold_recover', 'unfold']
 
 # %% ../../nbs/42a_compress_depth.ipynb #9de49e2e
 def _lens(model:nn.Module):
@@ -113,32 +113,47 @@ def plot_depth(res:dict, # `depth_contributions` output
 # %% ../../nbs/42a_compress_depth.ipynb #8dac8c63
 class ScaledLinear(nn.Module):
     "A (possibly shared) linear layer followed by a learnable per-output-channel scaler: `y = scale ⊙ lin(x)`."
-    def __init__(self, lin:nn.Linear):
+    def __init__(self, lin:nn.Linear, scale:torch.Tensor=None): # initial scaler (None: ones)
         super().__init__()
         self.lin = lin
-        self.scale = nn.Parameter(torch.ones(lin.out_features, device=lin.weight.device, dtype=lin.weight.dtype))
+        s = torch.ones(lin.out_features) if scale is None else scale.detach()
+        self.scale = nn.Parameter(s.to(device=lin.weight.device, dtype=lin.weight.dtype).clone())
     def forward(self, x): return self.lin(x) * self.scale
+
+def lsq_scale(shared:nn.Linear, # the group's shared linear
+              weight:torch.Tensor, bias:torch.Tensor=None, # the block's own weight (out, in) and bias before folding
+             ) -> torch.Tensor:
+    "Per output channel c, the scaler s_c minimising ‖s_c·[W_c | b_c] − [V_c | β_c]‖² (shared W, b; own V, β): ⟨V_c, W_c⟩ / ‖W_c‖²."
+    a, v = shared.weight.detach().float(), weight.detach().float()
+    if shared.bias is not None: a, v = torch.cat([a, shared.bias.detach().float()[:, None]], 1), torch.cat([v, bias.detach().float()[:, None]], 1)
+    return (a * v).sum(1) / (a * a).sum(1).clamp_min(1e-30)
 
 @torch.no_grad()
 def fold_blocks(model:nn.Module, # Llama-family causal LM (left unchanged)
                 tok=None, *, drop:int=0, # blocks to remove first (the least important)
-                group:int=2, # blocks per shared group after the removal
+                group:int=2, # blocks per shared group after the removal (1: no sharing)
                 scores=None, # (L,) block importance; None: `depth_contributions(...)["kl_skip"]`
                 calib=None, nsamples:int=16, seqlen:int=128,
+                init:str="lsq", # scalers: 'lsq' (closest to each block's own weights, `lsq_scale`) or 'ones' (a copy of the shared block)
+                how:str="first", # shared weight: the group's 'first' block's (FoldGPT's parent) or their 'mean'
                ) -> nn.Module:
     "FoldGPT: a new model without the `drop` least important blocks, the rest sharing weights in groups of `group`, with per-block scalers."
+    if init not in ("lsq", "ones"): raise ValueError(f"init must be 'lsq' or 'ones', got {init!r}")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1: raise ValueError(f"group must be a positive integer, got {group!r}")
     if drop:
         if scores is None: scores = depth_contributions(model, tok, calib=calib, nsamples=nsamples, seqlen=seqlen)["kl_skip"]
         new = prune_depth(model, n=drop, scores=scores)
     else: new = copy.deepcopy(model)
-    share_blocks(new, size=group, how="first")
     layers = decoder_layers(new)
     groups = [list(range(i, min(i + group, len(layers)))) for i in range(0, len(layers), group)]
+    own = {(i, n): (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+           for g in groups if len(g) > 1 for i in g for n, m in layers[i].named_modules() if isinstance(m, nn.Linear)}
+    if group > 1: share_blocks(new, size=group, how=how)
     for g in groups:
         if len(g) < 2: continue
         for i in g:
             for n, m in list(layers[i].named_modules()):
-                if isinstance(m, nn.Linear): _replace(layers[i], n, ScaledLinear(m))
+                if isinstance(m, nn.Linear): _replace(layers[i], n, ScaledLinear(m, lsq_scale(m, *own[i, n]) if init == "lsq" else None))
     new.fold_groups = groups
     return new
 

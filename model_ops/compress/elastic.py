@@ -4,13 +4,13 @@
 
 # %% ../../nbs/42d_compress_elastic.ipynb #dd019af8
 from __future__ import annotations
-import copy, random, re
+import random
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 import torch
 from torch import nn
-from ..nn import decoder_layers, fused_rows
-from ..prune import importance, depth_importance, count_params, _llama_spec, _new_model
+from ..nn import decoder_layers
+from ..prune import importance, depth_importance, count_params, slice_state, _llama_spec, _new_model, _sliced_config
 from ..distill import distill, kl_loss, DistillResult
 from ..lineage import save_pretrained
 
@@ -64,71 +64,6 @@ def budget_sizes(model:nn.Module, # the full (elastic) model
     return dict(out, heads=round(h), blocks=n)
 
 # %% ../../nbs/42d_compress_elastic.ipynb #2e99c96d
-def _config(model:nn.Module, hidden:int, ffn:int, heads:int, blocks:list):
-    "The config of the sub-model of `model` with these sizes and these blocks (head size kept)."
-    spec, cfg = _llama_spec(model), copy.deepcopy(model.config)
-    L = spec.n_layers
-    cfg.head_dim = spec.heads[2]
-    cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers = hidden, heads, len(blocks)
-    setattr(cfg, "intermediate_size" if hasattr(cfg, "intermediate_size") else "n_inner", ffn)
-    for k in ("layer_types", "sliding_window_pattern_list"):       # per-block lists follow the blocks kept
-        v = getattr(cfg, k, None)
-        if isinstance(v, list) and len(v) == L: setattr(cfg, k, [v[i] for i in blocks])
-    return cfg
-
-def _reindex(model:nn.Module, # decoder-only causal LM
-             hid=None, # index of the hidden channels to keep, in their new order (None: all, as they are)
-             ffn=None, # per block: index of the MLP neurons (None: all)
-             heads=None, # per block: index of the query heads, each key/value group's heads inside that group (None: all)
-             blocks=None, # the blocks kept, in order (None: all)
-             grad:bool=False, # keep the autograd graph (tensors are differentiable views of the parameters)
-            ) -> tuple:
-    "(config, state dict) of the model made of the given channels, neurons, heads and blocks of `model`: one gather per tensor."
-    spec = _llama_spec(model)
-    H, KV, d = spec.heads
-    L = spec.n_layers
-    ffn, heads = ffn or [None] * L, heads or [None] * L
-    blocks = list(range(L)) if blocks is None else list(blocks)
-    new_i = {old: j for j, old in enumerate(blocks)}
-    def sl(t, dim, idx): return t if idx is None else t.index_select(dim, idx.to(t.device))
-    o_, i_ = (1, 0) if spec.conv1d else (0, 1)           # (out, in) dims of a stored weight: Conv1D keeps (in, out)
-    def lin(t, kind, out, inp): return sl(sl(t, o_, out), i_, inp) if kind == "weight" else sl(t, 0, out)
-    def rows(q): return None if q is None else (q[:, None] * d + torch.arange(d)).flatten()
-    def qkv_rows(q): return None if q is None else torch.cat([fused_rows(spec, "q")[q], fused_rows(spec, "k"), fused_rows(spec, "v")])
-    def gu(f): return None if f is None else torch.cat([fused_rows(spec, "gate")[f], fused_rows(spec, "up")[f]])
-    pos_emb = {f"{n}.weight" for n, e in model.named_modules() if isinstance(e, nn.Embedding) and e.embedding_dim == spec.hidden}
-    head = f"{spec.lm_head}.weight" if spec.lm_head else None
-    sd = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if not grad: t = t.detach()
-        m = re.match(re.escape(spec.layers) + r"\.(\d+)\.(.+)$", name)
-        if m:
-            i, rest = int(m.group(1)), m.group(2)
-            if i not in new_i: continue
-            mod, _, kind = rest.rpartition(".")
-            q = rows(heads[i]) if heads[i] is not None else None
-            if kind not in ("weight", "bias"): pass                         # a buffer inside a block: kept as it is
-            elif mod == spec.attn.get("q"): t = lin(t, kind, q, hid)
-            elif mod in (spec.attn.get("k"), spec.attn.get("v")): t = lin(t, kind, None, hid)
-            elif mod == spec.attn.get("qkv"): t = lin(t, kind, qkv_rows(q), hid)
-            elif mod == spec.attn["o"]: t = lin(t, kind, hid, q)
-            elif mod in (spec.mlp.get("up"), spec.mlp.get("gate")): t = lin(t, kind, ffn[i], hid)
-            elif mod == spec.mlp.get("gate_up"): t = lin(t, kind, gu(ffn[i]), hid)
-            elif mod == spec.mlp["down"]: t = lin(t, kind, hid, ffn[i])
-            elif mod in spec.norms.values(): t = sl(t, 0, hid)
-            else: raise ValueError(f"elastic slicing does not know how to slice {name} {tuple(t.shape)}")
-            name = f"{spec.layers}.{new_i[i]}.{rest}"
-        elif name == head and spec.tied: continue                          # tied to the embedding: the same tensor (below)
-        elif name in (f"{spec.embed}.weight", head) or name in pos_emb: t = sl(t, 1, hid)
-        elif spec.final_norm and name.startswith(spec.final_norm + "."): t = sl(t, 0, hid)
-        elif t.dim() > 0 and hid is not None and spec.hidden in t.shape and not name.endswith("inv_freq"):
-            raise ValueError(f"elastic slicing does not know how to slice {name} {tuple(t.shape)}")
-        sd[name] = t
-    if spec.tied: sd[head] = sd[f"{spec.embed}.weight"]
-    cfg = _config(model, len(hid) if hid is not None else spec.hidden, len(ffn[0]) if ffn[0] is not None else spec.intermediate,
-                  len(heads[0]) if heads[0] is not None else H, blocks)
-    return cfg, sd
-
 def _build(model, cfg, sd):
     "A new model of `type(model)` from `cfg` and the tensors `sd` (the blocks' `layer_idx` renumbered)."
     new = _new_model(model, cfg, {k: v.detach().clone() for k, v in sd.items()})
@@ -144,7 +79,7 @@ def budget_params(model:nn.Module, # any model `make_elastic` takes (elastic or 
     "Number of parameters of the sub-model of `budget` (an empty model on the meta device is counted; nothing is sliced)."
     from transformers.initialization import no_init_weights
     s = budget_sizes(model, budget)
-    cfg = _config(model, s["hidden"], s["ffn"], s["heads"], list(range(s["blocks"])))
+    cfg = _sliced_config(model, s["hidden"], s["ffn"], s["heads"], list(range(s["blocks"])))
     with torch.device("meta"), no_init_weights(): m = type(model)(cfg)
     m.tie_weights()                                                  # a tied head is counted once, as in the real model
     return count_params(m)
@@ -186,7 +121,7 @@ def make_elastic(model:nn.Module, # decoder-only causal LM (left unchanged); par
     ffn = [_order(sc["ffn"][i]) for i in range(L)]
     heads = None if spec.qkv_layout == "per_head" else \
         [torch.cat([j * g + _order(sc["heads"][i].reshape(KV, g)[j]) for j in range(KV)]) for i in range(L)]
-    cfg, sd = _reindex(model, hid, ffn, heads)
+    cfg, sd = slice_state(model, hid, ffn, heads)
     cfg.model_ops_elastic = dict(budgets={k: asdict(b) for k, b in bs.items()}, sizes=sizes,
                                  block_order=_order(sc["depth"]).tolist() if "depth" in sc else list(range(L)),
                                  depth_metric=how)
@@ -224,7 +159,7 @@ def budget_state(model:nn.Module, # an elastic checkpoint (`make_elastic`)
     "(config, state dict) of the sub-model of `budget`: prefixes of the sorted channels, neurons and heads, and its blocks."
     b = _resolve(model, budget)
     s, hid, ffn, heads, blocks = _plan(model, b)
-    cfg, sd = _reindex(model, hid, ffn, heads, blocks, grad=grad)
+    cfg, sd = slice_state(model, hid, ffn, heads, blocks, grad=grad)
     del cfg.model_ops_elastic
     cfg.model_ops_elastic_budget = dict(asdict(b), sizes=s, blocks_kept=blocks)
     return cfg, sd
@@ -283,7 +218,7 @@ class ElasticModel(nn.Module):
         self._skel = {}                                                  # a plain dict: the skeletons' (empty) parameters stay out
         for k, b in self.budgets.items():
             s, *_, blocks = _plan(model, b)
-            self._skel[k] = _skeleton(model, _config(model, s["hidden"], s["ffn"], s["heads"], blocks))
+            self._skel[k] = _skeleton(model, _sliced_config(model, s["hidden"], s["ffn"], s["heads"], blocks))
         self.train(model.training)
     @property
     def config(self): return self.model.config
