@@ -117,7 +117,9 @@ def test_ctrl_c_is_one_line_exit_130(tmp_path):
     (tmp_path / 'slow_cmd.py').write_text('import time\n\ndef wait():\n    "Wait."\n    print("ready", flush=True); time.sleep(60)\n')
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import model_ops.cli as C; "
             "C.COMMANDS['wait'] = 'slow_cmd:wait'; C.main(['wait'])")
-    p = subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the child gets SIGINT's default disposition even when this runs as a background job (where the shell ignores SIGINT)
+    p = subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.stdout.readline().strip() == 'ready'
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
