@@ -8,7 +8,7 @@ import hashlib, os, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
-from ..nn import decoder_layers, mlp_down, weight_2d, set_weight_2d
+from ..nn import decoder_layers, mlp_down, weight_2d, set_weight_2d, cache_dir
 from ..eval import default_texts
 
 # %% auto #0
@@ -196,7 +196,8 @@ class LayerStats:
 
 # %% ../../nbs/21_edit_core.ipynb #ae0916c1
 def stats_dir() -> Path:
-    return Path(os.environ.get("MODEL_OPS_CACHE", Path.home() / ".cache" / "model_ops")) / "edit_stats"
+    "Where layer statistics are cached: `edit_stats` under `model_ops.nn.cache_dir()`."
+    return cache_dir() / "edit_stats"
 
 # %% ../../nbs/21_edit_core.ipynb #1179b384
 def _stats_path(cache_dir, fp, module_name, n_tokens, max_length, src) -> Path:
