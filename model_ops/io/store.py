@@ -208,7 +208,7 @@ def resolve_model(ref)->Path:
         return got
     except LocalEntryNotFoundError:
         why = ("HF_HUB_OFFLINE is set, so nothing is downloaded: download it where there is a network "
-               f"(`hf download {repo}`) or unset HF_HUB_OFFLINE") if offline else "and it could not be downloaded (no network?)"
+               f"(`hf download {repo}`) or unset HF_HUB_OFFLINE") if offline else "downloading it failed (no network?)"
         raise ModelIOError(f"{ref}: no such local path, and the Hugging Face cache ({cache}) does not hold model {repo!r}"
                            f"{f' at revision {rev!r}' if rev else ''}; {why}") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
