@@ -366,10 +366,11 @@ def _cfg_changes(ca, cb):
 def _probe_flips(a, b, tok, probes) -> dict:
     "`flip_metrics` of models `a` -> `b` (folders or modules) on multiple-choice `probes`"
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from model_ops.io import resolve_model
     if tok is None: raise ValueError("probes need a tokenizer: pass tok= (a tokenizer or its folder)")
-    if isinstance(tok, (str, Path)): tok = AutoTokenizer.from_pretrained(tok)
+    if isinstance(tok, (str, Path)): tok = AutoTokenizer.from_pretrained(resolve_model(tok))
     if isinstance(probes, (str, Path)): probes = json.loads(Path(probes).read_text())
-    load = lambda m: m if isinstance(m, nn.Module) else AutoModelForCausalLM.from_pretrained(m).eval()
+    load = lambda m: m if isinstance(m, nn.Module) else AutoModelForCausalLM.from_pretrained(resolve_model(m)).eval()
     return flip_metrics(mc_labels(probes), mc_predict(load(a), tok, probes), mc_predict(load(b), tok, probes))
 
 def diff(a, # the old model (anything `WeightStore.open` reads)

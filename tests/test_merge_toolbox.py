@@ -250,3 +250,20 @@ def test_omp_recovers_a_sparse_combination():
     assert abs(got[3] - 0.7) < 1e-4 and abs(got[50] + 1.2) < 1e-4 and abs(got[199] - 0.4) < 1e-4
     assert idx[1, 0] == 7 and abs(coef[1, 0] - 1) < 1e-4
     assert torch.allclose(torch.bmm(coef.unsqueeze(1), P[idx]).squeeze(1), y, atol=1e-4)
+
+def test_hub_ids_from_the_cache(experts, tmp_path, monkeypatch):
+    """`moe` and `tokensurgeon` take Hub ids `org/name`: read from the Hugging Face cache (laid out by hand, offline),
+    with the same result as the folders themselves (before, their tokenizer/config loads went to transformers with the id)."""
+    from mergekit_runs import hub_cache
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf")); monkeypatch.setenv("HF_HUB_OFFLINE", "1"); monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    for n in ("base", "a", "b"): hub_cache(tmp_path / "hf", f"org/{n}", experts[n], n * 40 if n != "base" else "c" * 40)
+    ids = {n: f"org/{n}" for n in ("base", "a", "b")}
+    for name, P in (("folders", experts), ("ids", ids)):
+        (tmp_path / f"{name}.yml").write_text(_moe_recipe(P, "random"))
+        torch.manual_seed(0); moe(tmp_path / f"{name}.yml", tmp_path / f"moe_{name}")
+    a, b = WeightStore.open(tmp_path / "moe_folders"), WeightStore.open(tmp_path / "moe_ids")
+    assert sorted(a.keys()) == sorted(b.keys()) and all(torch.equal(a[k], b[k]) for k in a.keys())
+    tokensurgeon("org/a", "org/b", tmp_path / "ts_ids", k=4); tokensurgeon(experts["a"], experts["b"], tmp_path / "ts_folders", k=4)
+    a, b = WeightStore.open(tmp_path / "ts_folders"), WeightStore.open(tmp_path / "ts_ids")
+    assert sorted(a.keys()) == sorted(b.keys()) and all(torch.equal(a[k], b[k]) for k in a.keys())
+    with pytest.raises(Exception, match="does not hold model 'org/absent'"): tokensurgeon("org/absent", "org/b", tmp_path / "x")

@@ -8,7 +8,7 @@ import json, logging, math, re
 from pathlib import Path
 import torch
 from fastcore.script import call_parse
-from ..io import WeightStore, atomic_dir, check_output, write_safetensors
+from ..io import WeightStore, atomic_dir, check_output, write_safetensors, resolve_model
 
 _log = logging.getLogger("model_ops.merge")
 
@@ -243,10 +243,11 @@ def moe(config, # mergekit-moe recipe: dict, YAML text or path
     c = _moe_config(config)
     base, experts = str(c["base_model"]), c["experts"]
     check_output(out, [base] + [str(e["source_model"]) for e in experts])
+    base, paths = str(resolve_model(base)), [resolve_model(e["source_model"]) for e in experts]   # Hub ids: HF cache folders
     bs = WeightStore.open(base)
-    srcs = [WeightStore.open(str(e["source_model"])) for e in experts]
+    srcs = [WeightStore.open(p) for p in paths]
     bcfg = transformers.AutoConfig.from_pretrained(base)
-    types = {bcfg.model_type} | {transformers.AutoConfig.from_pretrained(str(e["source_model"])).model_type for e in experts}
+    types = {bcfg.model_type} | {transformers.AutoConfig.from_pretrained(str(p)).model_type for p in paths}
     if types - {"llama", "mistral"} or len(types) > 1:
         raise ValueError(f"moe: the base and every expert must be Llama or Mistral models of one type, got {sorted(types)}")
     tok = transformers.AutoTokenizer.from_pretrained(base)
@@ -384,6 +385,7 @@ def tokensurgeon(model, # the model to move (HF folder with its tokenizer)
     import tempfile, transformers
     from model_ops.io import ShardWriter
     check_output(out, [model, donor])
+    model, donor = resolve_model(model), resolve_model(donor)     # Hub ids: their folders in the HF cache
     ms, ds = WeightStore.open(model), WeightStore.open(donor)
     mt, dtk = transformers.AutoTokenizer.from_pretrained(str(model)), transformers.AutoTokenizer.from_pretrained(str(donor))
     ov, dv = _normalized_vocab(mt), _normalized_vocab(dtk)
