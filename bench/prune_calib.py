@@ -1,6 +1,6 @@
 """How much calibration Wanda and SparseGPT need: SmolLM2-135M at 50% unstructured, perplexity on unseen English.
 
-    OMP_NUM_THREADS=1 python bench/prune_calib.py                      # the table of nbs/40_prune.ipynb, "Calibration defaults"
+    OMP_NUM_THREADS=1 python bench/prune_calib.py                      # the table of nbs/40b_prune_calib.ipynb, "Calibration defaults"
     python bench/prune_calib.py --runs wanda:32x128,sparsegpt:128x128:0.01
 
 Calibration comes from the offline default text (`calib_texts()`, `--calib text`), from text sampled from the model itself

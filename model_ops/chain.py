@@ -51,7 +51,7 @@ def op_unlearn(params:dict, parents:dict, out):
 
 _PRUNE_KEYS = ('sparsity', 'pattern', 'calib', 'nsamples', 'seqlen', 'targets', 'calib_dtype')
 def op_prune(params:dict, parents:dict, out):
-    from model_ops.prune import prune, sparsity_report
+    from model_ops.prune.unstructured import prune, sparsity_report
     m, tok = _load(_first(parents))
     prune(m, tok, method=params.get('method', 'magnitude'), progress=False,
           **{k: v for k, v in params.items() if k in _PRUNE_KEYS and v is not None})

@@ -7,8 +7,10 @@ from transformers import AutoModelForCausalLM
 from model_ops.nn import tiny_model, tiny_tokenizer, weight_2d, decoder_layers, layers_prefix
 from model_ops.prune import (magnitude, wanda, sparsegpt, prune, prunable, sparsity_report, sparsegpt_prune, magnitude_mask,
                              nm_mask, unstructured_mask, importance, prune_width, prune_depth, share_blocks, count_params,
-                             save_pruned, skip_blocks, depth_importance, demo_step, wanda_mask, _InputStats,
-                             self_calib_ids, calib_ids, _start_token)
+                             save_pruned, skip_blocks, depth_importance, demo_step, wanda_mask,
+                             self_calib_ids, calib_ids)
+from model_ops.prune.unstructured import _InputStats
+from model_ops.prune.calib import _start_token
 from model_ops.distill import recover, sparsity_masks, kl_loss, distill
 
 IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from ..nn import arch_spec, decoder_layers
-from ..prune import calib_ids, skip_blocks, prune_depth, share_blocks
+from ..prune.calib import calib_ids
+from ..prune.structured import skip_blocks, prune_depth, share_blocks
 from ..distill import distill
 
 # %% auto #0

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from ..nn import decoder_layers
-from ..prune import importance, depth_importance, count_params, slice_state, _llama_spec, _new_model, _sliced_config
+from ..prune.unstructured import count_params
+from ..prune.structured import importance, depth_importance, slice_state, _llama_spec, _new_model, _sliced_config
 from ..distill import distill, kl_loss, DistillResult
 from ..lineage import save_pretrained
 

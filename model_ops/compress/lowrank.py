@@ -10,7 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from ..nn import arch_spec, layers_prefix
-from ..prune import count_params
+from ..prune.unstructured import count_params
 from ..distill import kl_loss, hidden_loss, text_windows
 from .depth import _replace
 

@@ -6,7 +6,8 @@
 from __future__ import annotations
 import torch
 from torch import nn
-from ..prune import calib_ids, magnitude_mask, wanda_mask, sparsegpt_prune
+from ..prune.calib import calib_ids
+from ..prune.core import magnitude_mask, wanda_mask, sparsegpt_prune
 
 # %% auto #0
 __all__ = ['compare_pruning', 'plot_pruning', 'layer_inputs', 'pruning_widget']
@@ -64,7 +65,7 @@ def layer_inputs(model:nn.Module, tok=None, name:str=None, # full module name of
 def pruning_widget(model:nn.Module, tok=None, *, calib=None, nsamples:int=4, seqlen:int=64):
     "ipywidgets demo: pick a layer, a sparsity and a pattern; see what magnitude, Wanda and SparseGPT remove. Returns the `interactive`."
     import ipywidgets as widgets
-    from model_ops.prune import prunable
+    from model_ops.prune.unstructured import prunable
     from model_ops.nn import weight_2d
     names, cache = list(prunable(model)), {}
     def run(layer=names[-1], sparsity=0.5, pattern="unstructured"):
