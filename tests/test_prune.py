@@ -340,6 +340,20 @@ def test_prune_never_overwrites_its_input(tmp_path):
     assert sparsity_report(AutoModelForCausalLM.from_pretrained(str(tmp_path / "sparse")))["overall"] == 0.5
 
 
+def test_cli_prune_checks_its_arguments_before_loading(tmp_path, monkeypatch):
+    "A careless command line fails in a second: method, sparsity/pattern, calibration file and dtype are checked before the model is read."
+    import model_ops.nn
+    from model_ops.prune import cli_prune
+    monkeypatch.setattr(model_ops.nn, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking the arguments"))
+    out = str(tmp_path / "out")
+    for kw, says in [(dict(method="foo", sparsity=0.5), "unknown pruning method 'foo'"), (dict(sparsity=1.5), r"in \[0, 1\)"),
+                     (dict(pattern="2:4", sparsity=0.3), "means sparsity 0.5"), (dict(pattern="4:2"), "0 < N < M"),
+                     (dict(sparsity=0.5, calib=str(tmp_path / "typo.txt")), "typo.txt: no such file"),
+                     (dict(sparsity=0.5, calib_dtype="int8"), "calib_dtype")]:
+        with pytest.raises(ValueError, match=says): cli_prune("smollm2", out, **kw)
+    assert not (tmp_path / "out").exists()
+
+
 def test_slice_state_blocks_grad_and_tied_head():
     "`slice_state` (the one gather behind prune_width and the elastic models): blocks as prune_depth keeps them, a tied head once, differentiable views."
     from model_ops.prune import slice_state
