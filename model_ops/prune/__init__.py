@@ -92,12 +92,12 @@ def cli_prune(model:str, # model folder, Hugging Face id, or 'smollm2'
     from pathlib import Path
     from model_ops.nn import load_model, cache_dir
     from model_ops.io import check_output
-    # every argument is checked before the model is read (loading a large model takes minutes)
+    # everything is checked before the model is read (loading a large model takes minutes): no input overwritten,
+    check_output(out, [cache_dir()/"smollm2" if model == "smollm2" else model])
     if method not in PRUNERS: raise ValueError(f"unknown pruning method {method!r}; choose one of {', '.join(PRUNERS)}")
-    if method == "magnitude" or calib == "self": pass
+    if method == "magnitude" or calib == "self": pass                     # then the arguments
     elif not Path(calib).is_file(): raise ValueError(f"--calib {calib}: no such file; give a text file, or 'self' (text sampled from the model)")
     resolve_sparsity(sparsity, pattern); _check_calib_dtype(calib_dtype)
-    check_output(out, [cache_dir()/"smollm2" if model == "smollm2" else model])   # no input overwritten
     m, tk = load_model(model, device=device)
     t0 = time.time()
     prune(m, tk, method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen, calib_dtype=calib_dtype)
