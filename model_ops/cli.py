@@ -101,9 +101,10 @@ def _resolve(name):
 
 def _usage():
     lines = ['usage: model-ops [--debug] COMMAND [ARGS]   (model-ops COMMAND --help for its options; --debug: a traceback instead of the one-line error)', '', 'commands:']
+    w = max(map(len, COMMANDS))                      # the longest name sets the column
     for k in COMMANDS:
         f = _resolve(k)
-        if f is not None: lines.append(f"  {k:<10} {(f.__doc__ or '').strip().splitlines()[0] if f.__doc__ else ''}")
+        if f is not None: lines.append(f"  {k:<{w}}  {(f.__doc__ or '').strip().splitlines()[0] if f.__doc__ else ''}")
     return '\n'.join(lines)
 
 class _UsageError(ValueError):
