@@ -43,7 +43,7 @@ def op_edit(params:dict, parents:dict, out):
     save_pretrained(m, out, op='edit', params=params, parents=parents)
 
 def op_unlearn(params:dict, parents:dict, out):
-    import model_ops.unlearn as U
+    import model_ops.unlearn.methods as U
     p = dict(params); method = p.pop('method', 'gradient_ascent')
     m, tok = _load(_first(parents))
     getattr(U, method)(m, tok, **p)
