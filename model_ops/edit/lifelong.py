@@ -262,6 +262,7 @@ class WiseAdapter(nn.Module):
         self.side = W.clone()       # the side memory being edited (out, in)
         self.acts: list[float] = [] # Δ(e) reached by the edits of the current side memory
         self.memories: list = []; self.mem_acts: list[float] = []  # finished shards (or merged shards) and their min Δ(e)
+        self.texts: list[str] = []; self.past: list[str] = []  # texts of the edits in the current side memory / in shards
         self.mask = None; self.count = 0; self.merges = 0
         self.editing = False; self.train_side = None; self.last = None; self.amask = None
     def _out(self, x, W):
@@ -296,18 +297,19 @@ class WiseAdapter(nn.Module):
             W = self.side if j == 0 else self.memories[j - 1]
             out = torch.where((pick == j)[:, None, None], self._out(x, W), out)
         return out
-    def state(self): return (self.side, list(self.acts), list(self.memories), list(self.mem_acts), self.mask, self.count, self.merges, self.gen.get_state())
+    def state(self): return (self.side, list(self.acts), list(self.memories), list(self.mem_acts), self.mask, self.count, self.merges,
+                             self.gen.get_state(), list(self.texts), list(self.past))
     def load(self, s):
         self.side, self.acts, self.memories, self.mem_acts, self.mask, self.count, self.merges = s[0], list(s[1]), list(s[2]), list(s[3]), s[4], s[5], s[6]
-        self.gen.set_state(s[7])
+        self.gen.set_state(s[7]); self.texts, self.past = list(s[8]), list(s[9])
     def new_mask(self):
         self.mask = (torch.rand(self.side.shape, generator=self.gen) < self.mask_ratio).to(self.side.device)
-    def finish_edit(self, act: float):
+    def finish_edit(self, act: float, text: str = ""):
         "Book one edit; every `save_freq` edits shelve the side memory as a shard, every `merge_freq` TIES-merge that period's shards."
-        self.acts.append(act); self.count += 1
+        self.acts.append(act); self.texts.append(text); self.count += 1
         if self.count % self.save_freq == 0:
             self.memories.append(self.side); self.mem_acts.append(min(self.acts))
-            self.side = weight_2d(self.base).detach().float().clone(); self.acts = []
+            self.side = weight_2d(self.base).detach().float().clone(); self.acts = []; self.past += self.texts; self.texts = []
         if self.count % self.merge_freq == 0:
             n = self.merge_freq // self.save_freq
             if n > 1 and len(self.memories) >= n:
@@ -398,13 +400,14 @@ def _subject_span(tok, text: str, subject: str) -> tuple[int, int]:
 def wise(model, tok, requests, *, layer: int|None = None, module: str|None = None, n_iter: int = 70, edit_lr: float = 1.0,
          norm_constraint: float = 1.0, alpha: float = 5.0, beta: float = 20.0, gamma: float = 10.0, act_ratio: float = 0.88,
          mask_ratio: float = 0.2, save_freq: int = 500, merge_freq: int = 1000, density: float = 0.53, loc_texts: str|list[str] = "prose",
-         templates: list[str]|None = None, subject_act: bool = False, batch_size: int = 1, seed: int = 0, log=None) -> EditRecord:
+         templates: list[str]|None = None, subject_act: bool = False, shard_negatives: bool = False, batch_size: int = 1, seed: int = 0, log=None) -> EditRecord:
     """WISE: edits go to a side copy of one MLP output projection, routed per input by the activation distance; the
     weights of the model stay untouched. `batch_size` requests are trained together (one run of `n_iter` steps, as
     EasyEdit's batch edit). Each request is trained under every context in `templates` (`'{}'` is the bare prompt; the
     default `['{}']`). With `subject_act`, a request that names its subject is trained to fire on the subject's tokens and
     not on the rest of its prompt (EasyEdit's factual-editing masks); one without a subject is contrasted with an
-    irrelevant text from `loc_texts` (a list, or a kind of `wise_loc_texts`). Memory settings (`act_ratio` … `seed`) are taken from the call that installs the adaptor."""
+    irrelevant text from `loc_texts` (a list, or a kind of `wise_loc_texts`). With `shard_negatives` every request is also
+    contrasted with an edit of the shards already shelved, so that a new shard does not fire on their edits. Memory settings (`act_ratio` … `seed`) are taken from the call that installs the adaptor."""
     reqs = [as_qa(r) for r in (requests if isinstance(requests, (list, tuple)) else [requests])]
     if not reqs: raise ValueError("no edit requests given")
     check_causal_lm(model)
@@ -452,6 +455,7 @@ def wise(model, tok, requests, *, layer: int|None = None, module: str|None = Non
             E = len(seqs)                                                         # B × len(templates) edit rows
             free = [j for j, r in enumerate(batch) if not (subject_act and r.subject)]
             seqs += [_ids(tok, loc[(ad.count + j) % len(loc)]) for j in free]     # an irrelevant text per subject-less request
+            if shard_negatives and ad.past: seqs += [_ids(tok, ad.past[(ad.count + j) % len(ad.past)]) for j in range(B)]
             ids, mask = _batch(tok, seqs, dev); valid = mask.float()
             act_m, out_m = valid[:E].clone(), valid[:E].clone()   # in scope: subject tokens (or all); out of scope: the rest
             for k, sp in enumerate(spans):
@@ -480,7 +484,7 @@ def wise(model, tok, requests, *, layer: int|None = None, module: str|None = Non
                     with torch.no_grad(): Ws.copy_(torch.minimum(torch.maximum(Ws, W0 - norm_constraint), W0 + norm_constraint))
             ad.editing = False; ad.train_side = None; ad.side = Ws.detach().clone()
             for r, a in zip(batch, acts):
-                ad.finish_edit(a); info["loss"].append(losses); info["act"].append(a)
+                ad.finish_edit(a, r.prompt + r.target_new); info["loss"].append(losses); info["act"].append(a)
                 if log: log(f"WISE {r.prompt!r} -> {r.target_new!r}: loss {losses[0]:.3f} -> {losses[-1]:.3f} ({len(losses)} steps), Δ(edit) {a:.2f}")
     except Exception:
         ad.editing = False; ad.train_side = None; undo(); raise
