@@ -399,7 +399,7 @@ def _subject_span(tok, text: str, subject: str) -> tuple[int, int]:
 
 def wise(model, tok, requests, *, layer: int|None = None, module: str|None = None, n_iter: int = 70, edit_lr: float = 1.0,
          norm_constraint: float = 1.0, alpha: float = 5.0, beta: float = 20.0, gamma: float = 10.0, act_ratio: float = 0.88,
-         mask_ratio: float = 0.2, save_freq: int = 500, merge_freq: int = 1000, density: float = 0.53, loc_texts: str|list[str] = "prose",
+         mask_ratio: float = 0.2, save_freq: int = 500, merge_freq: int = 1000, density: float = 0.53, loc_texts: str|list[str] = "mixed",
          templates: list[str]|None = None, subject_act: bool = False, shard_negatives: bool = False, batch_size: int = 1, seed: int = 0, log=None) -> EditRecord:
     """WISE: edits go to a side copy of one MLP output projection, routed per input by the activation distance; the
     weights of the model stay untouched. `batch_size` requests are trained together (one run of `n_iter` steps, as
