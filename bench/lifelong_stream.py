@@ -9,6 +9,8 @@ Every edit is reverted at the end and the weights checked bit for bit.
 
 `--kw` goes to the editor; for WISE its `batch_size` (requests per optimisation, e.g. `{"batch_size": 20, "save_freq": 20}`:
 one optimisation and one shard per turn) is passed to `wise` itself, not taken as the turn size.
+WISE's irrelevant inputs default to `loc_texts='mixed'` (session 10); the runs recorded before used `{"loc_texts": "prose"}`.
+`{"batch_size": 20, "save_freq": 20, "shard_negatives": true}` also trains each shard against the earlier shards' edits.
 
 `--method alphaedit` uses the settings of the notebook's recorded AlphaEdit run (layers 4-8, statistics from 8,192 tokens,
 3 context templates, 15 value steps).

@@ -117,3 +117,46 @@ def test_wise_batch_of_requests():
     assert rec.info["adapter"].count == 4 and len({id(l) for l in rec.info["loss"]}) == 1     # one optimisation
     assert wise_routes(m, TOK, [r["prompt"] for r in REQS4]) == [0] * 4 and wise_routes(m, TOK, OTHER) == [-1] * 4
     rec.revert(); assert same(m, s0)
+
+SREQS = [{"prompt": "Where is the Eiffel Tower", "target_new": " R"}, {"prompt": "Who wrote Hamlet", "target_new": " Q"}]
+SAME_FORM = ["Where is the Big Ben", "Who wrote Faust"]
+
+def test_wise_fact_shaped_irrelevant_inputs_keep_other_subjects_on_the_main_memory():
+    negs = ["Where is the Louvre? Paris", "Who wrote Ulysses? Joyce", "Where is the Prado? Madrid", "Who wrote Emma? Austen"]
+    routes = {}
+    for name, loc in (("prose", "prose"), ("facts", negs)):
+        m = tiny_model("llama", initializer_range=0.1, hidden_size=256, intermediate_size=512, num_hidden_layers=4); s0 = state(m)
+        rec = wise(m, TOK, SREQS, loc_texts=loc)
+        assert max(s["nll"] for s in score_targets(m, TOK, [r["prompt"] for r in SREQS], [" R", " Q"])) < 0.1
+        routes[name] = (wise_routes(m, TOK, [r["prompt"] for r in SREQS]), wise_routes(m, TOK, SAME_FORM))
+        rec.revert(); assert same(m, s0)
+    assert routes["prose"] == ([0, 0], [0, 0]), routes     # against prose, the edits' form about other subjects reaches the side
+    assert routes["facts"] == ([0, 0], [-1, -1]), routes   # against same-form facts it does not; the edits still do
+    with pytest.raises(ValueError, match="loc_texts"): wise(m, TOK, SREQS, loc_texts="news")
+
+def test_wise_loc_texts_disjoint_from_locality_pool_and_stream():
+    import re
+    from model_ops.edit.lifelong import WISE_FACTS, wise_loc_texts
+    from model_ops.edit.evaluate import neighbor_pool, invented_facts
+    inv, pool = invented_facts(200), neighbor_pool()
+    words = {f["subject"] for f in pool} | {f["answer"].strip() for f in pool} | {f["target_new"].strip() for f in inv} | {w for f in inv for w in f["subject"].split()}
+    assert not [(t, w) for t in WISE_FACTS for w in words if re.search(rf"\b{re.escape(w)}\b", t)]
+    assert wise_loc_texts(TOK, "facts") == WISE_FACTS and wise_loc_texts(TOK)[1::2][:5] == WISE_FACTS[:5]
+
+def test_wise_shard_negatives_keep_a_new_shard_off_earlier_edits():
+    from model_ops.edit.core import _batch, _ids
+    reqs = SREQS + [{"prompt": p, "target_new": t} for p, t in zip(SAME_FORM, (" S", " T"))]
+    texts = [r["prompt"] + r["target_new"] for r in reqs]; res = {}
+    for sn in (False, True):
+        m = tiny_model("llama", initializer_range=0.1, hidden_size=256, intermediate_size=512, num_hidden_layers=4); s0 = state(m)
+        rec = wise(m, TOK, reqs, save_freq=2, batch_size=2, shard_negatives=sn); ad = rec.info["adapter"]
+        assert ad.past == texts and len(ad.memories) == 2
+        box = {}; h = ad.register_forward_pre_hook(lambda mod, a: box.update(x=a[0]))
+        with torch.no_grad():
+            ids, mask = _batch(TOK, [_ids(TOK, t) for t in texts], "cpu"); m(input_ids=ids, attention_mask=mask)
+        h.remove(); y0 = ad.base(box["x"])
+        res[sn] = [ad.dist(y0, ad._out(box["x"], W), mask.float()).tolist() for W in ad.memories], [a * ad.act_ratio for a in ad.mem_acts]
+        rec.revert(); assert same(m, s0)
+    (d0, t0), (d1, t1) = res[False], res[True]
+    assert max(d1[1][:2]) < 0.5 * t1[1] < min(d1[1][2:]), res   # shard 2 stays far below its threshold on shard 1's edits
+    assert min(d0[1][:2]) > 0.8 * t0[1], res                    # which it does not without the option

@@ -17,8 +17,9 @@ from .core import (
 from .locate import EDITORS, _logits_at
 
 # %% auto #0
-__all__ = ['as_qa', 'RunningMeanStd', 'UltraEditState', 'ultraedit_modules', 'ultraedit', 'GraceAdapter', 'grace', 'ties_merge',
-           'WiseAdapter', 'replay_below', 'wise', 'wise_routes', 'get_editor', 'SequentialResult', 'sequential_edit']
+__all__ = ['WISE_FACTS', 'as_qa', 'RunningMeanStd', 'UltraEditState', 'ultraedit_modules', 'ultraedit', 'GraceAdapter', 'grace',
+           'ties_merge', 'WiseAdapter', 'wise_loc_texts', 'replay_below', 'wise', 'wise_routes', 'get_editor',
+           'SequentialResult', 'sequential_edit']
 
 # %% ../../nbs/23_edit_lifelong.ipynb #06f6c71f
 def as_qa(r) -> EditRequest:
@@ -261,6 +262,7 @@ class WiseAdapter(nn.Module):
         self.side = W.clone()       # the side memory being edited (out, in)
         self.acts: list[float] = [] # Δ(e) reached by the edits of the current side memory
         self.memories: list = []; self.mem_acts: list[float] = []  # finished shards (or merged shards) and their min Δ(e)
+        self.texts: list[str] = []; self.past: list[str] = []  # texts of the edits in the current side memory / in shards
         self.mask = None; self.count = 0; self.merges = 0
         self.editing = False; self.train_side = None; self.last = None; self.amask = None
     def _out(self, x, W):
@@ -295,18 +297,19 @@ class WiseAdapter(nn.Module):
             W = self.side if j == 0 else self.memories[j - 1]
             out = torch.where((pick == j)[:, None, None], self._out(x, W), out)
         return out
-    def state(self): return (self.side, list(self.acts), list(self.memories), list(self.mem_acts), self.mask, self.count, self.merges, self.gen.get_state())
+    def state(self): return (self.side, list(self.acts), list(self.memories), list(self.mem_acts), self.mask, self.count, self.merges,
+                             self.gen.get_state(), list(self.texts), list(self.past))
     def load(self, s):
         self.side, self.acts, self.memories, self.mem_acts, self.mask, self.count, self.merges = s[0], list(s[1]), list(s[2]), list(s[3]), s[4], s[5], s[6]
-        self.gen.set_state(s[7])
+        self.gen.set_state(s[7]); self.texts, self.past = list(s[8]), list(s[9])
     def new_mask(self):
         self.mask = (torch.rand(self.side.shape, generator=self.gen) < self.mask_ratio).to(self.side.device)
-    def finish_edit(self, act: float):
+    def finish_edit(self, act: float, text: str = ""):
         "Book one edit; every `save_freq` edits shelve the side memory as a shard, every `merge_freq` TIES-merge that period's shards."
-        self.acts.append(act); self.count += 1
+        self.acts.append(act); self.texts.append(text); self.count += 1
         if self.count % self.save_freq == 0:
             self.memories.append(self.side); self.mem_acts.append(min(self.acts))
-            self.side = weight_2d(self.base).detach().float().clone(); self.acts = []
+            self.side = weight_2d(self.base).detach().float().clone(); self.acts = []; self.past += self.texts; self.texts = []
         if self.count % self.merge_freq == 0:
             n = self.merge_freq // self.save_freq
             if n > 1 and len(self.memories) >= n:
@@ -316,9 +319,46 @@ class WiseAdapter(nn.Module):
                 self.memories = self.memories[:-n] + [merged]; self.mem_acts = self.mem_acts[:-n] + [a]; self.merges += 1
 
 # %% ../../nbs/23_edit_lifelong.ipynb #e3c1145b
-def _wise_loc_texts(tok, n=32, max_tokens=24):
-    "Irrelevant inputs for the routing loss: the first `max_tokens` tokens of offline prose paragraphs."
-    return [tok.decode(_ids(tok, t, special=False)[:max_tokens]) for t in default_texts(n=n, seed=1)]
+# Facts about real things in the shape of the edits (a prompt followed by its answer; statements and questions), as
+# EasyEdit's ZsRE runs use Natural Questions with their answers. Written for this notebook; no subject, prompt or
+# relation of `neighbor_pool` (capitals, landmarks, languages, makers) and no target of `invented_facts` occurs in it.
+WISE_FACTS = [
+ "The chemical symbol of gold is Au", "The chemical symbol of iron is Fe", "The chemical symbol of sodium is Na",
+ "The chemical symbol of silver is Ag", "The largest planet in the solar system is Jupiter",
+ "The planet closest to the sun is Mercury", "The planet known as the Red Planet is Mars",
+ "Pride and Prejudice was written by Jane Austen", "War and Peace was written by Leo Tolstoy",
+ "Don Quixote was written by Miguel de Cervantes", "The novel Nineteen Eighty-Four was written by George Orwell",
+ "The Magic Flute was composed by Wolfgang Amadeus Mozart", "Albert Einstein was born in the town of Ulm",
+ "Ludwig van Beethoven was born in Bonn", "William Shakespeare was born in Stratford-upon-Avon",
+ "Napoleon Bonaparte was born on the island of Corsica", "Isaac Newton worked as a physicist and mathematician",
+ "Marie Curie worked as a physicist and chemist", "Neil Armstrong worked as an astronaut",
+ "Michael Phelps is known as a swimmer", "Babe Ruth played the sport of baseball", "Michael Jordan played basketball",
+ "The longest river in Africa is the Nile", "The highest mountain on Earth is Mount Everest",
+ "The largest ocean on Earth is the Pacific", "The largest hot desert in the world is the Sahara",
+ "A spider has eight legs", "The largest mammal is the blue whale", "Honey is made by bees",
+ "Water boils at 100 degrees Celsius at sea level", "The square root of eighty-one is nine", "A triangle has three sides",
+ "The First World War began in 1914", "The telephone was invented by Alexander Graham Bell",
+ "Penicillin was discovered by Alexander Fleming", "The Mona Lisa was painted by Leonardo da Vinci",
+ "The Starry Night was painted by Vincent van Gogh", "The theory of evolution by natural selection is due to Charles Darwin",
+ "Q: Who discovered gravity when an apple fell? A: Isaac Newton", "Q: What gas do plants absorb from the air? A: carbon dioxide",
+ "Q: How many days are there in a leap year? A: 366", "Q: Who was the first person to walk on the Moon? A: Neil Armstrong",
+ "Q: What is the hardest natural substance? A: diamond", "Q: Who painted the ceiling of the Sistine Chapel? A: Michelangelo",
+ "Q: What is the freezing point of water in Fahrenheit? A: 32 degrees", "Q: Who composed the Four Seasons? A: Antonio Vivaldi",
+ "Q: Which organ pumps blood through the body? A: the heart", "Q: How many continents are there? A: seven",
+]
+
+def wise_loc_texts(tok, kind: str = "mixed", n: int = 32, max_tokens: int = 24) -> list[str]:
+    """Irrelevant inputs for WISE's routing loss: `'prose'`, the first `max_tokens` tokens of `n` offline paragraphs;
+    `'facts'`, `WISE_FACTS`; `'mixed'` (the default), the two interleaved."""
+    if kind not in ("prose", "facts", "mixed"): raise ValueError(f"loc_texts={kind!r}: use 'prose', 'facts', 'mixed' or a list of texts")
+    prose = [tok.decode(_ids(tok, t, special=False)[:max_tokens]) for t in default_texts(n=n, seed=1)]
+    if kind == "prose": return prose
+    if kind == "facts": return list(WISE_FACTS)
+    out = []
+    for i in range(max(len(prose), len(WISE_FACTS))):
+        out += ([prose[i]] if i < len(prose) else []) + ([WISE_FACTS[i]] if i < len(WISE_FACTS) else [])
+    return out
+
 
 # %% ../../nbs/23_edit_lifelong.ipynb #e7b6387a
 def _block_of(model, module: str) -> int:
@@ -359,14 +399,15 @@ def _subject_span(tok, text: str, subject: str) -> tuple[int, int]:
 
 def wise(model, tok, requests, *, layer: int|None = None, module: str|None = None, n_iter: int = 70, edit_lr: float = 1.0,
          norm_constraint: float = 1.0, alpha: float = 5.0, beta: float = 20.0, gamma: float = 10.0, act_ratio: float = 0.88,
-         mask_ratio: float = 0.2, save_freq: int = 500, merge_freq: int = 1000, density: float = 0.53, loc_texts=None,
-         templates: list[str]|None = None, subject_act: bool = False, batch_size: int = 1, seed: int = 0, log=None) -> EditRecord:
+         mask_ratio: float = 0.2, save_freq: int = 500, merge_freq: int = 1000, density: float = 0.53, loc_texts: str|list[str] = "mixed",
+         templates: list[str]|None = None, subject_act: bool = False, shard_negatives: bool = False, batch_size: int = 1, seed: int = 0, log=None) -> EditRecord:
     """WISE: edits go to a side copy of one MLP output projection, routed per input by the activation distance; the
     weights of the model stay untouched. `batch_size` requests are trained together (one run of `n_iter` steps, as
     EasyEdit's batch edit). Each request is trained under every context in `templates` (`'{}'` is the bare prompt; the
     default `['{}']`). With `subject_act`, a request that names its subject is trained to fire on the subject's tokens and
     not on the rest of its prompt (EasyEdit's factual-editing masks); one without a subject is contrasted with an
-    irrelevant text from `loc_texts`. Memory settings (`act_ratio` … `seed`) are taken from the call that installs the adaptor."""
+    irrelevant text from `loc_texts` (a list, or a kind of `wise_loc_texts`). With `shard_negatives` every request is also
+    contrasted with an edit of the shards already shelved, so that a new shard does not fire on their edits. Memory settings (`act_ratio` … `seed`) are taken from the call that installs the adaptor."""
     reqs = [as_qa(r) for r in (requests if isinstance(requests, (list, tuple)) else [requests])]
     if not reqs: raise ValueError("no edit requests given")
     check_causal_lm(model)
@@ -395,7 +436,8 @@ def wise(model, tok, requests, *, layer: int|None = None, module: str|None = Non
     def undo():
         if created: ad.hook.remove(); setattr(parent, attr, ad.base)
         else: ad.load(before)
-    loc = list(loc_texts) if loc_texts is not None else _wise_loc_texts(tok)
+    loc = wise_loc_texts(tok, loc_texts) if isinstance(loc_texts, str) else list(loc_texts)
+    if not loc: raise ValueError("loc_texts: give at least one irrelevant text")
     W0 = weight_2d(ad.base).detach().float(); info = {"loss": [], "act": []}
     flags = freeze(model); i = 0
     try:
@@ -413,6 +455,7 @@ def wise(model, tok, requests, *, layer: int|None = None, module: str|None = Non
             E = len(seqs)                                                         # B × len(templates) edit rows
             free = [j for j, r in enumerate(batch) if not (subject_act and r.subject)]
             seqs += [_ids(tok, loc[(ad.count + j) % len(loc)]) for j in free]     # an irrelevant text per subject-less request
+            if shard_negatives and ad.past: seqs += [_ids(tok, ad.past[(ad.count + j) % len(ad.past)]) for j in range(B)]
             ids, mask = _batch(tok, seqs, dev); valid = mask.float()
             act_m, out_m = valid[:E].clone(), valid[:E].clone()   # in scope: subject tokens (or all); out of scope: the rest
             for k, sp in enumerate(spans):
@@ -441,7 +484,7 @@ def wise(model, tok, requests, *, layer: int|None = None, module: str|None = Non
                     with torch.no_grad(): Ws.copy_(torch.minimum(torch.maximum(Ws, W0 - norm_constraint), W0 + norm_constraint))
             ad.editing = False; ad.train_side = None; ad.side = Ws.detach().clone()
             for r, a in zip(batch, acts):
-                ad.finish_edit(a); info["loss"].append(losses); info["act"].append(a)
+                ad.finish_edit(a, r.prompt + r.target_new); info["loss"].append(losses); info["act"].append(a)
                 if log: log(f"WISE {r.prompt!r} -> {r.target_new!r}: loss {losses[0]:.3f} -> {losses[-1]:.3f} ({len(losses)} steps), Δ(edit) {a:.2f}")
     except Exception:
         ad.editing = False; ad.train_side = None; undo(); raise
