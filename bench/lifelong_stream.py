@@ -28,7 +28,9 @@ def main():
     from model_ops.nn import load_model
     from model_ops.eval import default_texts
     from model_ops.edit.evaluate import invented_facts, neighbor_pool, greedy
-    from model_ops.edit.lifelong import sequential_edit, wise_routes, as_qa
+    from model_ops.edit.core import as_qa
+    from model_ops.edit.lifelong import sequential_edit
+    from model_ops.edit.wise import wise_routes
     sm, stok = load_model("smollm2"); s0 = {n: p.clone() for n, p in sm.named_parameters()}
     kw = json.loads(a.kw)
     if a.method == "alphaedit":
@@ -49,7 +51,7 @@ def main():
     method = a.method
     if a.method == "wise" and "batch_size" in kw:   # WISE's own batch (requests per optimisation), not the turn size
         import functools
-        from model_ops.edit.lifelong import wise
+        from model_ops.edit.wise import wise
         method = functools.partial(wise, batch_size=kw.pop("batch_size")); method.__name__ = "wise"
     res = sequential_edit(sm, stok, facts, method, batch_size=a.turn, every=a.turn, ppl_texts=default_texts(n=16), log=log, **kw)
     out.update(wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1), turn_wall_s=turns,

@@ -1,11 +1,12 @@
-"Tests for MEND (model_ops.edit.mend) and WISE (model_ops.edit.lifelong.wise) on tiny models."
+"Tests for MEND (model_ops.edit.mend) and WISE (model_ops.edit.wise) on tiny models."
 import warnings
 import pytest, torch
 from model_ops.nn import tiny_model, tiny_tokenizer, weight_2d
 from model_ops.edit.core import score_targets, as_request
 from model_ops.edit.mend import (mend_modules, grad_factors, MendEditor, train_mend, mend, make_cases, split_facts,
                                  MEND_RELATIONS, mend_losses)
-from model_ops.edit.lifelong import wise, wise_routes, WiseAdapter, ties_merge, get_editor
+from model_ops.edit.wise import wise, wise_routes, WiseAdapter, ties_merge
+from model_ops.edit.lifelong import get_editor
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message="target_new")
@@ -101,7 +102,7 @@ def test_ties_merge():
 
 @pytest.mark.parametrize("arch,layers", [("llama", "num_hidden_layers"), ("qwen2", "num_hidden_layers"), ("gpt2", "n_layer")])
 def test_replay_below_is_exact(arch, layers):
-    from model_ops.edit.lifelong import replay_below
+    from model_ops.edit.wise import replay_below
     from model_ops.edit.core import _batch, _ids
     m = tiny_model(arch, **{layers: 4}); ids, mask = _batch(TOK, [_ids(TOK, p) for p in OTHER], "cpu")
     with torch.no_grad():
@@ -136,7 +137,7 @@ def test_wise_fact_shaped_irrelevant_inputs_keep_other_subjects_on_the_main_memo
 
 def test_wise_loc_texts_disjoint_from_locality_pool_and_stream():
     import re
-    from model_ops.edit.lifelong import WISE_FACTS, wise_loc_texts
+    from model_ops.edit.wise import WISE_FACTS, wise_loc_texts
     from model_ops.edit.evaluate import neighbor_pool, invented_facts
     inv, pool = invented_facts(200), neighbor_pool()
     words = {f["subject"] for f in pool} | {f["answer"].strip() for f in pool} | {f["target_new"].strip() for f in inv} | {w for f in inv for w in f["subject"].split()}

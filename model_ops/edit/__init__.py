@@ -6,21 +6,21 @@
 __all__ = []
 
 # %% ../../nbs/20_edit.ipynb #5496ef3c
-from model_ops.edit.core import (
+from .core import (
     EditRequest, as_request, as_requests, n_layers, default_layers, check_causal_lm, subject_last_index, module_io_at,
     model_fingerprint, LayerStats, stats_dir, layer_stats, stats_agreement, shrink_alpha, edit_leakage, EditRecord,
-    score_targets)
+    score_targets, as_qa)
 from .locate import (
     context_templates, optimize_values, rome_solve, memit_solve, emmet_solve, nullspace_projector, alphaedit_solve,
     rome, memit, emmet, AlphaEditCache, alphaedit, ft, EDITORS)
 from .lifelong import (
-    as_qa, RunningMeanStd, UltraEditState, ultraedit_modules, ultraedit, GraceAdapter, grace, get_editor,
+    RunningMeanStd, UltraEditState, ultraedit_modules, ultraedit, GraceAdapter, grace, get_editor,
     SequentialResult, sequential_edit)
 from .evaluate import (
     greedy, as_case, evaluate_edits, counterfact_candidates, known_cases, neighbor_pool, outside_neighbors,
     invented_facts, general_abilities, ability_drop, recall_facts, demo_step, edit_widget)
 
-from .lifelong import wise, WiseAdapter, wise_routes, ties_merge
+from .wise import wise, WiseAdapter, wise_routes, ties_merge
 from .mend import (
     mend, train_mend, MendEditor, MendNet, grad_factors, mend_modules, mend_losses, probe_facts, split_facts,
     make_cases, MEND_RELATIONS)
@@ -31,12 +31,12 @@ __all__ = [# WISE and MEND
            # core
            'EditRequest', 'as_request', 'as_requests', 'n_layers', 'default_layers', 'check_causal_lm', 'subject_last_index',
            'module_io_at', 'model_fingerprint', 'LayerStats', 'stats_dir', 'layer_stats', 'stats_agreement', 'shrink_alpha', 'edit_leakage', 'EditRecord',
-           'score_targets',
+           'score_targets', 'as_qa',
            # locate
            'context_templates', 'optimize_values', 'rome_solve', 'memit_solve', 'emmet_solve', 'nullspace_projector',
            'alphaedit_solve', 'rome', 'memit', 'emmet', 'AlphaEditCache', 'alphaedit', 'ft', 'EDITORS',
            # lifelong
-           'as_qa', 'RunningMeanStd', 'UltraEditState', 'ultraedit_modules', 'ultraedit', 'GraceAdapter', 'grace',
+           'RunningMeanStd', 'UltraEditState', 'ultraedit_modules', 'ultraedit', 'GraceAdapter', 'grace',
            'get_editor', 'SequentialResult', 'sequential_edit',
            # evaluate
            'greedy', 'as_case', 'evaluate_edits', 'counterfact_candidates', 'known_cases', 'neighbor_pool',

@@ -12,7 +12,7 @@ from ..nn import decoder_layers, mlp_down, weight_2d, set_weight_2d, cache_dir
 from ..eval import default_texts
 
 # %% auto #0
-__all__ = ['EditRequest', 'as_request', 'as_requests', 'n_layers', 'default_layers', 'check_causal_lm', 'edit_module',
+__all__ = ['EditRequest', 'as_request', 'as_requests', 'as_qa', 'n_layers', 'default_layers', 'check_causal_lm', 'edit_module',
            'param_name', 'add_to_weight', 'subject_last_index', 'module_io_at', 'model_fingerprint', 'LayerStats',
            'stats_dir', 'layer_stats', 'stats_agreement', 'shrink_alpha', 'edit_leakage', 'EditRecord', 'freeze',
            'unfreeze', 'score_targets']
@@ -55,6 +55,18 @@ def as_requests(requests) -> list[EditRequest]:
     reqs = [as_request(r) for r in requests]
     if not reqs: raise ValueError("no edit requests given")
     return reqs
+
+# %% ../../nbs/21_edit_core.ipynb #06f6c71f
+def as_qa(r) -> EditRequest:
+    "A subject-free request (UltraEdit, GRACE): `prompt` and `target_new` are enough; a `{}` needs `subject`."
+    if isinstance(r, EditRequest) and not r.subject: r = dict(prompt=r.prompt, target_new=r.target_new, target_true=r.target_true)
+    if isinstance(r, dict) and not r.get("subject"):
+        p, t = r.get("prompt"), r.get("target_new")
+        if not isinstance(p, str) or not p.strip(): raise ValueError(f"edit request {r!r} has an empty prompt")
+        if "{}" in p: raise ValueError(f"prompt {p!r} is a template but the request has no subject")
+        if not isinstance(t, str) or not t.strip(): raise ValueError(f"edit request for {p!r} has an empty target_new")
+        return EditRequest(p, "", t, r.get("target_true"))
+    return as_request(r)
 
 # %% ../../nbs/21_edit_core.ipynb #1ad98086
 def n_layers(model) -> int: return len(decoder_layers(model))
@@ -102,6 +114,10 @@ def add_to_weight(module, dW: torch.Tensor):
 
 # %% ../../nbs/21_edit_core.ipynb #b79b56a1
 def _w2d(module) -> torch.Tensor: return weight_2d(module).detach().float()
+
+# %% ../../nbs/21_edit_core.ipynb #c86f6242
+def _parent(model, name):
+    parent, _, attr = name.rpartition("."); return (model.get_submodule(parent) if parent else model), attr
 
 # %% ../../nbs/21_edit_core.ipynb #6d93b7f3
 def _ids(tok, text, special=True) -> list[int]: return tok(text, add_special_tokens=special)["input_ids"]
