@@ -461,7 +461,7 @@ def _convert_smollm2(dest:Path):
     return atomic_dir(dest, write)
 
 def load_model(name:str="smollm2",        # 'smollm2', 'minilm', a local folder, or a Hub id `org/name[@revision]`
-               dtype:torch.dtype=torch.float32, # dtype of the returned weights
+               dtype:torch.dtype|str=torch.float32, # dtype of the returned weights; "auto": the one the checkpoint stores
                device:str|torch.device="cpu",   # where to put the model
               ):
     "Load a model and its tokenizer, in eval mode: `(model, tok)`."

@@ -10,7 +10,7 @@ def test_usage_lists_commands():
     r = run()
     assert r.returncode == 0 and 'inspect' in r.stdout and 'demo' in r.stdout
     rows = [l for l in r.stdout.splitlines()[3:] if l.strip()]          # one row per command, descriptions in one column
-    assert len(rows) >= 10 and len({len(l) - len(l[2:].split(' ', 1)[1].lstrip()) for l in rows}) == 1, rows
+    assert len(rows) >= 10 and len({len(l) - len(l.split(None, 1)[1]) for l in rows}) == 1, rows   # where each description starts
 
 def test_inspect_text_and_json(tmp_path):
     save_model({'model.embed_tokens.weight': torch.zeros(10, 4), 'model.layers.0.mlp.down_proj.weight': torch.zeros(4, 8, dtype=torch.bfloat16)},

@@ -266,4 +266,4 @@ def test_hub_ids_from_the_cache(experts, tmp_path, monkeypatch):
     tokensurgeon("org/a", "org/b", tmp_path / "ts_ids", k=4); tokensurgeon(experts["a"], experts["b"], tmp_path / "ts_folders", k=4)
     a, b = WeightStore.open(tmp_path / "ts_folders"), WeightStore.open(tmp_path / "ts_ids")
     assert sorted(a.keys()) == sorted(b.keys()) and all(torch.equal(a[k], b[k]) for k in a.keys())
-    with pytest.raises(Exception, match="does not hold model 'org/absent'"): tokensurgeon("org/absent", "org/b", tmp_path / "x")
+    with pytest.raises(ValueError, match="does not hold model 'org/absent'"): tokensurgeon("org/absent", "org/b", tmp_path / "x")

@@ -191,3 +191,16 @@ def test_windows_score_every_token_once(n, max_length, data):
         assert 0 < len(w) <= max_length and 0 < k <= len(w)
         scored += w[len(w) - k:]
     assert scored == ids          # in order, each exactly once (position 0 is skipped later: it has no context)
+
+
+def test_load_model_reads_hub_ids_from_the_cache(tmp_path, monkeypatch):
+    "A Hub id `org/name[@revision]` loads from the Hugging Face cache (laid out by hand, offline); an id it lacks is named."
+    from mergekit_runs import hub_cache
+    from model_ops.nn import tiny_model, tiny_tokenizer, load_model
+    tm = tiny_model("qwen2"); tm.save_pretrained(tmp_path / "tiny"); tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    hub_cache(tmp_path / "hf", "org/tiny", tmp_path / "tiny", "c" * 40)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf")); monkeypatch.setenv("HF_HUB_OFFLINE", "1"); monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    for ref in ("org/tiny", "org/tiny@" + "c" * 40):
+        m, _ = load_model(ref)
+        assert type(m).__name__ == "Qwen2ForCausalLM" and all(torch.equal(p, q) for p, q in zip(m.state_dict().values(), tm.state_dict().values()))
+    with pytest.raises(ValueError, match="does not hold model 'org/absent'"): load_model("org/absent")

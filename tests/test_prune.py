@@ -340,6 +340,17 @@ def test_prune_never_overwrites_its_input(tmp_path):
     assert sparsity_report(AutoModelForCausalLM.from_pretrained(str(tmp_path / "sparse")))["overall"] == 0.5
 
 
+def test_cli_prune_keeps_the_stored_dtype(tmp_path):
+    "`model-ops prune` on a bf16 folder writes bf16 (it used to load and save float32, twice the size)."
+    from safetensors import safe_open
+    from model_ops.prune import cli_prune
+    m = tiny_model().to(torch.bfloat16); m.save_pretrained(tmp_path / "bf"); tiny_tokenizer().save_pretrained(tmp_path / "bf")
+    cli_prune(str(tmp_path / "bf"), str(tmp_path / "out"), method="wanda", sparsity=0.5, calib=None, nsamples=4, seqlen=16)
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert sparsity_report(AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype="auto"))["overall"] == 0.5
+
+
 def test_cli_prune_checks_its_arguments_before_loading(tmp_path, monkeypatch):
     "A careless command line fails in a second: method, sparsity/pattern, calibration file and dtype are checked before the model is read."
     import model_ops.nn

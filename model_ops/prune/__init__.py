@@ -11,7 +11,7 @@ from .core import magnitude_mask, wanda_mask, sparsegpt_prune
 from .calib import calib_texts, calib_ids, self_calib_ids
 from .unstructured import prunable, calibrated_prune, magnitude, wanda, sparsegpt, PRUNERS, prune
 from .unstructured import count_params, sparsity_report, plot_sparsity, save_pruned, is_nm
-from .unstructured import to_semi_structured, _check_calib_dtype
+from .unstructured import to_semi_structured, _check_calib_dtype, _pruner
 from .structured import importance, skip_blocks, depth_importance, plot_layer_importance, slice_state
 from .structured import prune_width, prune_depth, share_blocks
 
@@ -94,11 +94,11 @@ def cli_prune(model:str, # model folder, Hugging Face id, or 'smollm2'
     from model_ops.io import check_output
     # everything is checked before the model is read (loading a large model takes minutes): no input overwritten,
     check_output(out, [cache_dir()/"smollm2" if model == "smollm2" else model])
-    if method not in PRUNERS: raise ValueError(f"unknown pruning method {method!r}; choose one of {', '.join(PRUNERS)}")
-    if method == "magnitude" or calib == "self": pass                     # then the arguments
+    _pruner(method)
+    if method == "magnitude" or calib in (None, "self"): pass                  # then the arguments
     elif not Path(calib).is_file(): raise ValueError(f"--calib {calib}: no such file; give a text file, or 'self' (text sampled from the model)")
     resolve_sparsity(sparsity, pattern); _check_calib_dtype(calib_dtype)
-    m, tk = load_model(model, device=device)
+    m, tk = load_model(model, dtype="auto", device=device)   # pruned and saved in the dtype it is stored in
     t0 = time.time()
     prune(m, tk, method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen, calib_dtype=calib_dtype)
     rep = sparsity_report(m)

@@ -301,8 +301,12 @@ PRUNERS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
 
 def prune(model:nn.Module, tok=None, *, method:str="wanda", **kwargs) -> nn.Module:
     "Dispatch to one of `PRUNERS` by name."
+    return _pruner(method)(model, tok, **kwargs)
+
+def _pruner(method:str):
+    "The pruner called `method`, or a clear error."
     if method not in PRUNERS: raise ValueError(f"unknown pruning method {method!r}; choose one of {', '.join(PRUNERS)}")
-    return PRUNERS[method](model, tok, **kwargs)
+    return PRUNERS[method]
 
 # %% ../../nbs/40c_prune_unstructured.ipynb #0a9db6b6
 def count_params(model:nn.Module) -> int:
